@@ -1,0 +1,19 @@
+"""onnx_pathwise: exact explanations of piecewise-linear (ReLU) ONNX models.
+
+See :class:`Explainer` for the Python API and ``onnx-pathwise --help`` for the CLI.
+"""
+
+from .errors import DeviceError, InputError, ModelError, PathwiseError, UnsupportedModelError
+from .explainer import Explainer, RadiusResult, UnwrapResult
+
+__all__ = [
+    "DeviceError",
+    "Explainer",
+    "InputError",
+    "ModelError",
+    "PathwiseError",
+    "RadiusResult",
+    "UnsupportedModelError",
+    "UnwrapResult",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,235 @@
+"""A small interpreter over the input→output cone: frozen forward, forward tangents and the
+backward (transpose) sweep.
+
+The backward sweep walks the nodes in reverse of one deterministic topological order,
+keeps an environment of cotangents keyed by tensor name, adds on fan-out and knows nothing
+about any op: every op-specific step is a rule from :mod:`onnx_pathwise.rules`. Besides the
+input cotangent it accumulates the *offset* term ⟨ȳ, c⟩ of every affine node
+(c = the node's output at zero input), so one sweep gives both W and b of the frozen network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from .ir import GATE, ROUTING, ModelIR, Node
+from .rules import RULES, Ctx
+from .rules.elementwise import GateState
+
+Array = np.ndarray
+#: A hook sees the cotangents (m, n, *s) arriving at a node's first output and returns them
+#: (possibly masked) before the node's offset and transpose are applied.
+Hook = Callable[[Node, Array], Array]
+
+
+class RuleError(RuntimeError):
+    """A rule returned something of the wrong arity or shape: a bug, reported with its node."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """The activation record at a batch x: every gate's and routing node's frozen state and
+    the explained scores, from one onnxruntime forward pass."""
+
+    x: Array
+    scores: Array  # (n, K)
+    states: Mapping[str, Any]
+    preactivations: Mapping[str, Array]  # gate node name → z (n, *s)
+
+    @property
+    def n(self) -> int:
+        return int(self.x.shape[0])
+
+
+class Engine:
+    """Frozen-network numerics for one :class:`ModelIR`."""
+
+    def __init__(self, ir: ModelIR, kernels: Any = None, dtype: Any = np.float32) -> None:
+        self.ir = ir
+        self.dtype = np.dtype(dtype)
+        self.kernels = kernels
+        self.nodes = list(ir.nodes)
+        self.ctx: dict[str, Ctx] = {}
+        for node in self.nodes:
+            if node.op_type not in RULES:
+                raise KeyError(f"no rule for {node.op_type}")
+            self.ctx[node.name] = Ctx(
+                n=1,
+                in_shapes=tuple(ir.shapes.get(t) if d else None for t, d in zip(node.inputs, node.data)),
+                out_shapes=tuple(ir.shapes.get(t) for t in node.outputs),
+                const=tuple(
+                    None if d or not t else ir.constants[t] for t, d in zip(node.inputs, node.data)
+                ),
+                kernels=kernels,
+            )
+        self.gate_nodes = [n for n in self.nodes if n.role == GATE]
+        self.routing_nodes = [n for n in self.nodes if n.role == ROUTING]
+        self.offsets = self._static_offsets()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _ctx(self, node: Node, n: int, state: Any = None) -> Ctx:
+        return replace(self.ctx[node.name], n=n, state=state)
+
+    def _inputs(self, node: Node, env: Mapping[str, Array]) -> list[Array | None]:
+        out: list[Array | None] = []
+        for t, d in zip(node.inputs, node.data):
+            if d:
+                out.append(env[t])
+            elif t:
+                out.append(self.ir.constants[t])
+            else:
+                out.append(None)
+        return out
+
+    def _static_offsets(self) -> dict[str, list[Array | None]]:
+        """c = node(0) for every non-gate node, in float64, None where it is zero."""
+        offsets: dict[str, list[Array | None]] = {}
+        for node in self.nodes:
+            if node.role in (GATE, ROUTING):
+                continue
+            env = {t: np.zeros((1,) + self.ir.shapes[t], np.float64) for t in node.data_inputs}
+            outs = RULES[node.op_type].forward(node, self._inputs(node, env), self._ctx(node, 1))
+            offsets[node.name] = [
+                o.astype(self.dtype) if o.size and np.any(o != 0) else None for o in outs
+            ]
+        return offsets
+
+    # ------------------------------------------------------------------ record
+
+    def states_from(self, values: Mapping[str, Array]) -> tuple[dict[str, Any], dict[str, Array]]:
+        """Frozen states from recorded values of gate and routing inputs."""
+        states: dict[str, Any] = {}
+        pre: dict[str, Array] = {}
+        for node in self.gate_nodes + self.routing_nodes:
+            rule = RULES[node.op_type]
+            assert rule.record is not None
+            env = {t: np.asarray(values[t]) for t in node.data_inputs}
+            n = next(iter(env.values())).shape[0]
+            states[node.name] = rule.record(node, self._inputs(node, env), self._ctx(node, n))
+            if node.role == GATE:
+                pre[node.name] = env[node.data_inputs[0]]
+        return states, pre
+
+    def recorded_tensors(self) -> list[str]:
+        """Tensors the forward record must expose: gate/routing inputs and the scores."""
+        names = [t for n in self.gate_nodes + self.routing_nodes for t in n.data_inputs]
+        return list(dict.fromkeys(names + [self.ir.output_name]))
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        x: Array,
+        record: Record | None = None,
+        masks: Mapping[str, Array] | None = None,
+        keep: bool = False,
+    ) -> dict[str, Array]:
+        """Evaluate the cone in numpy: at the recorded gates (``record``), or free when None.
+        ``masks`` multiplies gate outputs (n, *s) — the masked network of a path."""
+        n = x.shape[0]
+        env: dict[str, Array] = {self.ir.input_name: x}
+        for node in self.nodes:
+            state = record.states[node.name] if record is not None and node.name in record.states else None
+            outs = RULES[node.op_type].forward(node, self._inputs(node, env), self._ctx(node, n, state))
+            if masks is not None and node.name in masks:
+                outs[0] = outs[0] * masks[node.name]
+            env.update(zip(node.outputs, outs))
+        return env if keep else {self.ir.output_name: env[self.ir.output_name]}
+
+    def tangent_env(self, t: Array, record: Record) -> dict[str, Array]:
+        """Push tangents t (D, n, *input shape) through the frozen linear part of the network;
+        returns every tensor's tangents as rows (D·n, *s)."""
+        D, n = t.shape[:2]
+        env: dict[str, Array] = {self.ir.input_name: t.reshape((D * n,) + t.shape[2:])}
+        for node in self.nodes:
+            state = record.states.get(node.name)
+            outs = RULES[node.op_type].forward(node, self._inputs(node, env), self._ctx(node, n, state))
+            if node.role == GATE:
+                st: GateState = state
+                if st.offset is not None:
+                    outs[0] = (outs[0].reshape((D, n) + outs[0].shape[1:]) - st.offset).reshape(outs[0].shape)
+            else:
+                for i, off in enumerate(self.offsets.get(node.name, [])):
+                    if off is not None:
+                        outs[i] = outs[i] - off
+            env.update(zip(node.outputs, outs))
+        return env
+
+    def tangents(self, t: Array, record: Record) -> dict[str, Array]:
+        """Tangents (D, n, *s) of every gate's pre-activation for input tangents t (D, n, ...)."""
+        D, n = t.shape[:2]
+        env = self.tangent_env(t, record)
+        out = {}
+        for node in self.gate_nodes:
+            z = env[node.data_inputs[0]]
+            out[node.name] = z.reshape((D, n) + z.shape[1:])
+        return out
+
+    # ------------------------------------------------------------------ backward
+
+    def backward(
+        self,
+        seeds: Mapping[str, Array],
+        record: Record,
+        hooks: Mapping[str, Hook] | None = None,
+        input_hook: Hook | None = None,
+    ) -> tuple[Array, Array]:
+        """Transpose sweep from ``seeds`` {tensor: (m, n, *s)} down to the input.
+
+        Returns (cotangent at the input (m, n, *input shape), offset term (m, n)): for seeds
+        at the scores, W and b of the frozen network's scores.
+        """
+        n = record.n
+        m = next(iter(seeds.values())).shape[0]
+        rows = m * n
+        env: dict[str, Array] = {
+            t: np.asarray(s, self.dtype).reshape((rows,) + self.ir.shapes[t]) for t, s in seeds.items()
+        }
+        bias = np.zeros((m, n), np.float64)
+        for node in reversed(self.nodes):
+            cots = [env.pop(o, None) for o in node.outputs]
+            if all(c is None for c in cots):
+                continue
+            if hooks is not None and node.name in hooks and cots[0] is not None:
+                g = cots[0]
+                cots[0] = hooks[node.name](node, g.reshape((m, n) + g.shape[1:])).reshape(g.shape)
+            state = record.states.get(node.name)
+            if node.role == GATE:
+                st: GateState = state
+                if st.offset is not None and cots[0] is not None:
+                    bias += np.einsum("mnk,nk->mn", cots[0].reshape(m, n, -1), st.offset.reshape(n, -1))
+            else:
+                for c, off in zip(cots, self.offsets.get(node.name, [])):
+                    if c is not None and off is not None:
+                        cm = c.reshape((m, n) + c.shape[1:])
+                        contrib = cm * off.reshape((1,) + off.shape)
+                        bias += contrib.reshape(m, n, -1).sum(axis=2)
+            ins = RULES[node.op_type].transpose(node, cots, self._ctx(node, n, state))
+            if len(ins) != len(node.inputs):
+                raise RuleError(
+                    f"rule for {node.name} ({node.op_type}) returned {len(ins)} cotangents "
+                    f"for {len(node.inputs)} inputs"
+                )
+            for t, d, c in zip(node.inputs, node.data, ins):
+                if not d:
+                    continue
+                if c is None:
+                    continue
+                want = (rows,) + self.ir.shapes[t]
+                if c.shape != want:
+                    raise RuleError(
+                        f"rule for {node.name} ({node.op_type}) returned a cotangent of shape "
+                        f"{c.shape} for input {t!r} of shape {want}"
+                    )
+                env[t] = env[t] + c if t in env else c
+        shape = (m, n) + self.ir.input_shape
+        g = env.get(self.ir.input_name)
+        w = np.zeros(shape, self.dtype) if g is None else g.reshape(shape)
+        if input_hook is not None:
+            w = input_hook(None, w)  # type: ignore[arg-type]
+        return w, bias

@@ -1,0 +1,273 @@
+"""The Python API: ``Explainer(model).unwrap(x)`` and friends.
+
+>>> import numpy as np
+>>> from onnx_pathwise import Explainer
+>>> from onnx_pathwise.samples import tiny_mlp
+>>> ex = Explainer(tiny_mlp(), device="cpu")
+>>> [layer.units for layer in ex.gate_layers]
+[3]
+>>> res = ex.unwrap(np.array([[1.0, 2.0]], np.float32))
+>>> res.weight.shape, res.bias.shape
+((1, 2, 2), (1, 2))
+>>> bool(res.delta.max() < 1e-5)
+True
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import networkx as nx
+import numpy as np
+import onnx
+
+from . import graph as graph_mod
+from . import runtime, serde
+from .engine import Engine, Record
+from .errors import InputError
+from .ir import ModelIR
+from .passes import run_passes
+
+#: Rows (cotangents × samples × largest tensor) handled at once in a sweep.
+MAX_SWEEP_ELEMENTS = 64_000_000
+
+
+@dataclass(frozen=True)
+class UnwrapResult:
+    """The local affine model f(x') = W x' + b on the activation region of each sample."""
+
+    weight: np.ndarray  # (N, K, *input shape)
+    bias: np.ndarray  # (N, K)
+    output: np.ndarray  # (N, K) onnxruntime's explained scores
+    delta: np.ndarray  # (N,) max |W x + b − output|
+
+    def __repr__(self) -> str:
+        return (f"UnwrapResult(weight={self.weight.shape}, bias={self.bias.shape}, "
+                f"max delta={float(self.delta.max(initial=0)):.3g})")
+
+
+@dataclass(frozen=True)
+class RadiusResult:
+    """Certified radii: the largest L2 / L∞ balls around x inside its activation region."""
+
+    l2: np.ndarray  # (N,)
+    linf: np.ndarray  # (N,)
+    l2_unit: list[str]  # the binding unit per sample ("node[index]")
+    linf_unit: list[str]
+
+
+class Explainer:
+    """Exact local explanations of a piecewise-linear ONNX model.
+
+    Model in the constructor, data in the call. ``device`` is ``"auto"`` (CUDA when
+    onnxruntime can use it, else the CPU), ``"cpu"`` or ``"cuda"``.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | onnx.ModelProto,
+        device: str = "auto",
+        *,
+        input_name: str | None = None,
+        output_name: str | None = None,
+    ) -> None:
+        self.device = runtime.resolve_device(device)
+        self.proto, raw_ir = serde.load(model, input_name=input_name, output_name=output_name)
+        self.source_ir: ModelIR = raw_ir
+        self.ir: ModelIR = run_passes(raw_ir)
+        self.kernels = runtime.OpKernels(self.device)
+        self.engine = Engine(self.ir, kernels=self.kernels)
+        self._recorder: runtime.Recorder | None = None
+
+    # ------------------------------------------------------------------ structure
+
+    @cached_property
+    def layer_graph(self) -> nx.DiGraph:
+        """networkx.DiGraph of the analysed cone (after folding)."""
+        return graph_mod.layer_graph(self.ir)
+
+    @cached_property
+    def gate_layers(self) -> list[graph_mod.GateLayer]:
+        return graph_mod.gate_layers(self.ir)
+
+    @cached_property
+    def segments(self) -> list[graph_mod.Segment]:
+        return graph_mod.segments(self.ir)
+
+    @property
+    def input_name(self) -> str:
+        return self.ir.input_name
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Per-sample input shape (without the batch axis)."""
+        return self.ir.input_shape
+
+    @property
+    def num_classes(self) -> int:
+        return self.ir.num_classes
+
+    # ------------------------------------------------------------------ data
+
+    def check_input(self, x: Any, name: str = "input") -> np.ndarray:
+        """Validate and batch an input: shape (with or without the batch axis), float dtype,
+        finite values. Returns a C-contiguous array of the model's input dtype."""
+        if not isinstance(x, np.ndarray):
+            try:
+                x = np.asarray(x)
+            except Exception as exc:
+                raise InputError(f"{name}: cannot be read as an array ({exc})") from None
+        if x.dtype.kind not in "fiu" or x.dtype == np.bool_:
+            raise InputError(f"{name}: dtype {x.dtype} is not numeric; the model takes {self.ir.input_dtype}")
+        shape = self.input_shape
+        if tuple(x.shape) == shape:
+            x = x[None]
+        elif tuple(x.shape[1:]) != shape or x.ndim != len(shape) + 1:
+            raise InputError(
+                f"{name}: shape {tuple(x.shape)} does not fit input {self.input_name!r}: "
+                f"expected {shape} or (N, {', '.join(map(str, shape))})"
+            )
+        if x.shape[0] == 0:
+            raise InputError(f"{name}: empty batch")
+        if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+            bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+            raise InputError(f"{name}: {bad} value(s) are NaN or infinite")
+        return np.ascontiguousarray(x, dtype=self.ir.input_dtype)
+
+    def _recorder_for(self) -> runtime.Recorder:
+        if self._recorder is None:
+            self._recorder = runtime.Recorder(
+                self.proto, self.ir.input_name, self.engine.recorded_tensors(), self.device,
+                self.ir.batch_fixed,
+            )
+        return self._recorder
+
+    def record(self, x: Any) -> Record:
+        """One onnxruntime forward pass: every gate's and max-pool's frozen state, the scores."""
+        x = self.check_input(x)
+        values = self._recorder_for().run(x)
+        states, pre = self.engine.states_from(values)
+        scores = np.asarray(values[self.ir.output_name]).reshape(x.shape[0], -1)
+        return Record(x=x, scores=scores, states=states, preactivations=pre)
+
+    def _class_chunk(self, n: int) -> int:
+        biggest = max((int(np.prod(s, dtype=np.int64)) for s in self.ir.shapes.values()), default=1)
+        return max(1, MAX_SWEEP_ELEMENTS // max(1, n * biggest))
+
+    def _score_seeds(self, classes: np.ndarray, n: int) -> dict[str, np.ndarray]:
+        """Seeds e_k at the scores: (len(classes), n, *score shape)."""
+        K = self.num_classes
+        seed = np.zeros((len(classes), n, K), self.engine.dtype)
+        seed[np.arange(len(classes)), :, classes] = 1.0
+        return {self.ir.output_name: seed.reshape((len(classes), n) + self.ir.shapes[self.ir.output_name])}
+
+    def unwrap(self, x: Any, record: Record | None = None) -> UnwrapResult:
+        """The local affine model W_x, b_x of every sample, checked against onnxruntime."""
+        rec = record if record is not None else self.record(x)
+        n, K = rec.scores.shape
+        ws, bs = [], []
+        step = self._class_chunk(n)
+        for start in range(0, K, step):
+            classes = np.arange(start, min(K, start + step))
+            w, b = self.engine.backward(self._score_seeds(classes, n), rec)
+            ws.append(w)
+            bs.append(b)
+        W = np.concatenate(ws).swapaxes(0, 1)  # (n, K, *in)
+        b = np.concatenate(bs).T.astype(np.float64)
+        fx = np.einsum("nkd,nd->nk", W.reshape(n, K, -1).astype(np.float64), rec.x.reshape(n, -1).astype(np.float64)) + b
+        delta = np.abs(fx - rec.scores).max(axis=1)
+        return UnwrapResult(W, b.astype(W.dtype), rec.scores, delta)
+
+    def certified_radius(self, x: Any, record: Record | None = None, max_input_size: int = 4096) -> RadiusResult:
+        """The largest L2 and L∞ balls around each x inside its activation region (DESIGN §3).
+
+        min over gate units of |z_i| / ‖∇z_i‖₂ (‖∇z_i‖₁ for L∞), and for max pools the margin
+        between each window's recorded maximum and every other element. Costs one forward
+        tangent per input element; inputs larger than ``max_input_size`` elements must opt in
+        by raising it.
+        """
+        rec = record if record is not None else self.record(x)
+        D = int(np.prod(self.input_shape, dtype=np.int64))
+        if D > max_input_size:
+            raise InputError(
+                f"certified radius needs {D} forward tangents (one per input element); "
+                f"pass max_input_size>={D} to opt in"
+            )
+        n = rec.n
+        eye = np.eye(D, dtype=self.engine.dtype)
+        t = np.broadcast_to(eye[:, None, :], (D, n, D)).reshape((D, n) + self.input_shape)
+        env_t = self.engine.tangent_env(np.ascontiguousarray(t), rec)
+        tangents = {g.name: env_t[g.data_inputs[0]] for g in self.engine.gate_nodes}
+        best2 = np.full(n, np.inf)
+        bestinf = np.full(n, np.inf)
+        unit2 = [""] * n
+        unitinf = [""] * n
+        for name, tz in tangents.items():
+            z = rec.preactivations[name].reshape(n, -1).astype(np.float64)
+            g = tz.reshape(D, n, -1).astype(np.float64)
+            node = self.ir.node(name)
+            kinks = [0.0]
+            if node.op_type == "Clip":
+                kinks = [k for k in (node.attrs["min"], node.attrs["max"]) if np.isfinite(k)]
+            for kink in kinks:
+                margin = np.abs(z - kink)
+                n2 = np.sqrt((g**2).sum(axis=0))
+                n1 = np.abs(g).sum(axis=0)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    r2 = np.where(n2 > 0, margin / n2, np.inf)
+                    r1 = np.where(n1 > 0, margin / n1, np.inf)
+                for i in range(n):
+                    j2, j1 = int(np.argmin(r2[i])), int(np.argmin(r1[i]))
+                    if r2[i, j2] < best2[i]:
+                        best2[i], unit2[i] = r2[i, j2], f"{name}[{j2}]"
+                    if r1[i, j1] < bestinf[i]:
+                        bestinf[i], unitinf[i] = r1[i, j1], f"{name}[{j1}]"
+        self._pool_margins(rec, env_t, best2, bestinf, unit2, unitinf, D)
+        return RadiusResult(best2, bestinf, unit2, unitinf)
+
+    def _pool_margins(self, rec: Record, env_t: dict[str, np.ndarray], best2: np.ndarray, bestinf: np.ndarray,
+                      unit2: list[str], unitinf: list[str], D: int) -> None:
+        """Max-pool windows: the recorded max must stay above every other window element."""
+        from .rules.pooling import _geometry, _window_index
+
+        routing = [n for n in self.ir.nodes if n.role == "routing"]
+        if not routing:
+            return
+        n = rec.n
+        values = self.engine.forward(rec.x, rec, keep=True)
+        for node in routing:
+            src = node.data_inputs[0]
+            v = values[src].reshape(n, -1).astype(np.float64)
+            tv = env_t[src].reshape(D, n, -1).astype(np.float64)
+            ctx = self.engine._ctx(node, n, rec.states[node.name])
+            if node.op_type == "MaxPool":
+                spatial, out, kernel, strides, dilations, pads = _geometry(node, ctx)
+                table = _window_index(spatial, out, kernel, strides, dilations, pads)
+            else:
+                S = int(np.prod(self.ir.shapes[src][1:], dtype=np.int64))
+                table = np.arange(S)[None, :]
+            C = self.ir.shapes[src][0]
+            S = int(np.prod(self.ir.shapes[src][1:], dtype=np.int64))
+            arg = rec.states[node.name].argmax.reshape(n, C, -1)  # (n, C, P)
+            for c in range(C):
+                idx = np.where(table >= 0, table + c * S, -1)  # (P, K)
+                winners = arg[:, c, :]  # (n, P)
+                for i in range(n):
+                    valid = idx >= 0
+                    others = np.where(valid, idx, 0)
+                    margin = v[i, winners[i]][:, None] - v[i, others]  # (P, K)
+                    dg = tv[:, i, winners[i]][:, :, None] - tv[:, i, others]  # (D, P, K)
+                    n2 = np.sqrt((dg**2).sum(axis=0))
+                    n1 = np.abs(dg).sum(axis=0)
+                    mask = valid & (others != winners[i][:, None]) & (n2 > 0)
+                    if not mask.any():
+                        continue
+                    r2 = np.where(mask, margin / np.where(mask, n2, 1), np.inf)
+                    r1 = np.where(mask, margin / np.where(mask, n1, 1), np.inf)
+                    if r2.min() < best2[i]:
+                        best2[i], unit2[i] = r2.min(), f"{node.name}[window {np.unravel_index(r2.argmin(), r2.shape)[0]} ch {c}]"
+                    if r1.min() < bestinf[i]:
+                        bestinf[i], unitinf[i] = r1.min(), f"{node.name}[window {np.unravel_index(r1.argmin(), r1.shape)[0]} ch {c}]"

@@ -1,0 +1,170 @@
+"""Elementwise ops: affine arithmetic with constants (Add, Sub, Mul, Div, Sum), merges of
+computed tensors (Add/Sum), pass-throughs (Identity, Dropout, Cast) and gates (Relu,
+LeakyRelu, PRelu, Clip, Max(x, 0)) frozen at the recorded slopes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..ir import Node
+from . import Ctx, register, unbroadcast
+
+Array = np.ndarray
+
+
+def _full(ctx: Ctx, i: int, rows: int) -> tuple[int, ...]:
+    return (rows,) + tuple(ctx.in_shapes[i] or ())
+
+
+def _cast(v: Array, like: Array) -> Array:
+    return v.astype(like.dtype, copy=False)
+
+
+@register("Add", "Sub", "Sum")
+class AddSub:
+    """Y = A + B (Sub: A − B; Sum: Σ inputs), numpy broadcasting; constants add an offset.
+    Adjoint: each computed input gets ±Ȳ summed over the axes it was broadcast along.
+    https://onnx.ai/onnx/operators/onnx__Add.html"""
+
+    @staticmethod
+    def forward(node: Node, inputs: list[Array | None], ctx: Ctx) -> list[Array]:
+        like = next(x for x, d in zip(inputs, node.data) if d)
+        assert like is not None
+        vals = [_cast(v, like) for v in inputs if v is not None]
+        if node.op_type == "Sub":
+            return [vals[0] - vals[1]]
+        y = vals[0]
+        for v in vals[1:]:
+            y = y + v
+        return [y]
+
+    @staticmethod
+    def transpose(node: Node, cots: list[Array | None], ctx: Ctx) -> list[Array | None]:
+        (g,) = cots
+        assert g is not None
+        out: list[Array | None] = []
+        for i, d in enumerate(node.data):
+            if not d:
+                out.append(None)
+                continue
+            gi = -g if node.op_type == "Sub" and i == 1 else g
+            out.append(unbroadcast(gi, _full(ctx, i, g.shape[0])))
+        return out
+
+
+@register("Mul", "Div")
+class MulDiv:
+    """Y = X·c or X/c with c constant (broadcast). Adjoint: X̄ = Ȳ·c (Ȳ/c), un-broadcast.
+    https://onnx.ai/onnx/operators/onnx__Mul.html"""
+
+    @staticmethod
+    def forward(node: Node, inputs: list[Array | None], ctx: Ctx) -> list[Array]:
+        a, b = inputs
+        assert a is not None and b is not None
+        like = a if node.data[0] else b
+        a, b = _cast(a, like), _cast(b, like)
+        return [a * b if node.op_type == "Mul" else a / b]
+
+    @staticmethod
+    def transpose(node: Node, cots: list[Array | None], ctx: Ctx) -> list[Array | None]:
+        (g,) = cots
+        assert g is not None
+        i = 0 if node.data[0] else 1
+        c = ctx.const[1 - i]
+        assert c is not None
+        c = _cast(c, g)
+        gi = g * c if node.op_type == "Mul" else g / c
+        out: list[Array | None] = [None, None]
+        out[i] = unbroadcast(gi, _full(ctx, i, g.shape[0]))
+        return out
+
+
+@register("Identity", "Dropout", "Cast")
+class PassThrough:
+    """Y = X (Dropout in inference; Cast between float types is the identity on values up to
+    rounding, and the engine keeps one dtype). Adjoint: X̄ = Ȳ.
+    https://onnx.ai/onnx/operators/onnx__Dropout.html"""
+
+    @staticmethod
+    def forward(node: Node, inputs: list[Array | None], ctx: Ctx) -> list[Array]:
+        x = inputs[0]
+        assert x is not None
+        extra = [np.ones(x.shape, bool)] if node.op_type == "Dropout" and len(node.outputs) > 1 else []
+        return [x] + extra
+
+    @staticmethod
+    def transpose(node: Node, cots: list[Array | None], ctx: Ctx) -> list[Array | None]:
+        return [cots[0]] + [None] * (len(node.inputs) - 1)
+
+
+@dataclass(frozen=True)
+class GateState:
+    """A gate frozen at the recorded pre-activations z: h = slope·z + offset elementwise."""
+
+    slope: Array  # (n, *s)
+    offset: Array | None  # (n, *s), nonzero only where Clip holds a unit at a bound
+    value: Array  # h at the recorded pass, (n, *s)
+
+
+def _gate_params(node: Node, z: Array, ctx: Ctx) -> tuple[Array, Array | None]:
+    op = node.op_type
+    pos = z > 0
+    if op in ("Relu", "Max"):
+        return pos.astype(z.dtype), None
+    if op == "LeakyRelu":
+        return np.where(pos, 1.0, float(node.attrs.get("alpha", 0.01))).astype(z.dtype), None
+    if op == "PRelu":
+        c = ctx.const[1]
+        assert c is not None
+        return np.where(pos, np.ones((), z.dtype), _cast(c, z)).astype(z.dtype), None
+    if op == "Clip":
+        lo, hi = float(node.attrs["min"]), float(node.attrs["max"])
+        slope = ((z > lo) & (z < hi)).astype(z.dtype)
+        offset = np.where(z <= lo, lo, np.where(z >= hi, hi, 0.0)).astype(z.dtype)
+        return slope, (offset if np.any(offset != 0) else None)
+    raise KeyError(op)
+
+
+def _data_index(node: Node) -> int:
+    return next(i for i, d in enumerate(node.data) if d)
+
+
+@register("Relu", "LeakyRelu", "PRelu", "Clip", "Max")
+class Gate:
+    """Gates: Relu, LeakyRelu(α), PRelu(slope), Clip(min, max) and Max(x, 0).
+    Frozen at the recorded z: Y = slope·X + offset (offset = the bound where Clip saturates).
+    Policy: z = 0 counts as off (slope 0, or α). Adjoint: X̄ = slope·Ȳ.
+    https://onnx.ai/onnx/operators/onnx__Relu.html"""
+
+    @staticmethod
+    def record(node: Node, inputs: list[Array | None], ctx: Ctx) -> GateState:
+        z = inputs[_data_index(node)]
+        assert z is not None
+        slope, offset = _gate_params(node, z, ctx)
+        value = slope * z if offset is None else slope * z + offset
+        return GateState(slope, offset, value)
+
+    @staticmethod
+    def forward(node: Node, inputs: list[Array | None], ctx: Ctx) -> list[Array]:
+        i = _data_index(node)
+        z = inputs[i]
+        assert z is not None
+        if ctx.state is None:
+            return [Gate.record(node, inputs, ctx).value]
+        st: GateState = ctx.state
+        zm = ctx.per_sample(z)
+        y = zm * st.slope
+        if st.offset is not None:
+            y = y + st.offset
+        return [y.reshape(z.shape)]
+
+    @staticmethod
+    def transpose(node: Node, cots: list[Array | None], ctx: Ctx) -> list[Array | None]:
+        (g,) = cots
+        assert g is not None
+        st: GateState = ctx.state
+        out: list[Array | None] = [None] * len(node.inputs)
+        out[_data_index(node)] = (ctx.per_sample(g) * st.slope).reshape(g.shape)
+        return out

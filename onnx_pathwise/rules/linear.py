@@ -1,0 +1,163 @@
+"""Dense and convolutional layers: Gemm, MatMul, Conv, ConvTranspose.
+
+Heavy convolution adjoints run in onnxruntime (a ConvTranspose sharing the Conv's weights)
+when the engine provides single-op kernels and works in float32; numpy otherwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..ir import Node
+from . import Ctx, register, unbroadcast
+from .windows import conv_nd, conv_nd_adjoint
+
+Array = np.ndarray
+
+
+def _gemm_b(node: Node, ctx: Ctx) -> Array:
+    b = ctx.const[1]
+    assert b is not None
+    return b.T if node.attrs.get("transB", 0) else b
+
+
+@register("Gemm")
+class Gemm:
+    """Y = alpha·A·B' + beta·C with A computed (B' = Bᵀ when transB).
+    Adjoint: Ā = alpha·Ȳ·B'ᵀ. https://onnx.ai/onnx/operators/onnx__Gemm.html"""
+
+    @staticmethod
+    def forward(node: Node, inputs: list[Array | None], ctx: Ctx) -> list[Array]:
+        a = inputs[0]
+        assert a is not None
+        y = float(node.attrs.get("alpha", 1.0)) * (a @ _gemm_b(node, ctx).astype(a.dtype))
+        if len(inputs) > 2 and inputs[2] is not None:
+            y = y + float(node.attrs.get("beta", 1.0)) * inputs[2].astype(a.dtype)
+        return [y]
+
+    @staticmethod
+    def transpose(node: Node, cots: list[Array | None], ctx: Ctx) -> list[Array | None]:
+        (g,) = cots
+        assert g is not None
+        da = float(node.attrs.get("alpha", 1.0)) * (g @ _gemm_b(node, ctx).T.astype(g.dtype))
+        return [da] + [None] * (len(node.inputs) - 1)
+
+
+@register("MatMul")
+class MatMul:
+    """Y = X·W or Y = W·X with W constant (numpy matmul broadcasting, 1-D operands as numpy).
+    Adjoint: X̄ = Ȳ·Wᵀ (or Wᵀ·Ȳ), summed over broadcast axes.
+    https://onnx.ai/onnx/operators/onnx__MatMul.html"""
+
+    @staticmethod
+    def forward(node: Node, inputs: list[Array | None], ctx: Ctx) -> list[Array]:
+        a, b = inputs
+        assert a is not None and b is not None
+        dt = a.dtype if node.data[0] else b.dtype
+        return [np.matmul(a.astype(dt), b.astype(dt))]
+
+    @staticmethod
+    def transpose(node: Node, cots: list[Array | None], ctx: Ctx) -> list[Array | None]:
+        (g,) = cots
+        assert g is not None
+        rows = g.shape[0]
+        if node.data[0]:
+            w = ctx.const[1]
+            assert w is not None
+            w = w.astype(g.dtype)
+            if w.ndim == 1:
+                dx = g[..., None] * w
+            else:
+                dx = np.matmul(g, np.swapaxes(w, -1, -2))
+            shape = (rows,) + tuple(ctx.in_shapes[0] or ())
+            return [unbroadcast(dx, shape), None]
+        w = ctx.const[0]
+        assert w is not None
+        w = w.astype(g.dtype)
+        shape = (rows,) + tuple(ctx.in_shapes[1] or ())
+        if len(shape) == 1:
+            raise ValueError("MatMul with a computed 1-D right operand moves the batch axis")
+        if w.ndim == 1:
+            dx = w[:, None] * g[..., None, :]
+        else:
+            dx = np.matmul(np.swapaxes(w, -1, -2), g)
+        return [None, unbroadcast(dx, shape)]
+
+
+def _conv_geometry(node: Node) -> tuple[list[int], list[int], list[int], int]:
+    a = node.attrs
+    return list(a["strides"]), list(a["dilations"]), list(a["pads"]), int(a["group"])
+
+
+def _use_kernels(ctx: Ctx, x: Array) -> bool:
+    return ctx.kernels is not None and x.dtype == np.float32
+
+
+def _bias_shape(rank: int) -> tuple[int, ...]:
+    return (1, -1) + (1,) * (rank - 2)
+
+
+@register("Conv")
+class Conv:
+    """Y = W ⋆ X + b (cross-correlation, groups, strides, dilations, explicit pads).
+    Adjoint: X̄ = ConvTranspose(Ȳ; W) with the same geometry, cropped to X's size.
+    https://onnx.ai/onnx/operators/onnx__Conv.html"""
+
+    @staticmethod
+    def forward(node: Node, inputs: list[Array | None], ctx: Ctx) -> list[Array]:
+        x, w = inputs[0], ctx.const[1]
+        assert x is not None and w is not None
+        strides, dilations, pads, group = _conv_geometry(node)
+        out = tuple(ctx.out_shapes[0] or ())[1:]
+        if _use_kernels(ctx, x):
+            y = ctx.kernels.conv(x, w, strides, dilations, pads, group)
+        else:
+            y = conv_nd(x, w.astype(x.dtype), out, strides, dilations, pads, group)
+        if len(inputs) > 2 and inputs[2] is not None:
+            y = y + inputs[2].astype(x.dtype).reshape(_bias_shape(x.ndim))
+        return [y]
+
+    @staticmethod
+    def transpose(node: Node, cots: list[Array | None], ctx: Ctx) -> list[Array | None]:
+        (g,) = cots
+        w = ctx.const[1]
+        assert g is not None and w is not None
+        strides, dilations, pads, group = _conv_geometry(node)
+        spatial = tuple(ctx.in_shapes[0] or ())[1:]
+        dx = None
+        if _use_kernels(ctx, g):
+            try:
+                dx = ctx.kernels.conv_adjoint(g, w, spatial, strides, dilations, pads, group)
+            except ValueError:
+                dx = None
+        if dx is None:
+            dx = conv_nd_adjoint(g, w.astype(g.dtype), spatial, strides, dilations, pads, group)
+        return [dx] + [None] * (len(node.inputs) - 1)
+
+
+@register("ConvTranspose")
+class ConvTranspose:
+    """Y = Convᵀ(X; W) + b: the adjoint of a Conv with weights W (C_in, C_out/g, *k).
+    Adjoint: X̄ = Conv(Ȳ; W), the first X-sized windows.
+    https://onnx.ai/onnx/operators/onnx__ConvTranspose.html"""
+
+    @staticmethod
+    def forward(node: Node, inputs: list[Array | None], ctx: Ctx) -> list[Array]:
+        x, w = inputs[0], ctx.const[1]
+        assert x is not None and w is not None
+        strides, dilations, pads, group = _conv_geometry(node)
+        out_spatial = list(node.attrs["out_spatial"])
+        y = conv_nd_adjoint(x, w.astype(x.dtype), out_spatial, strides, dilations, pads, group)
+        if len(inputs) > 2 and inputs[2] is not None:
+            y = y + inputs[2].astype(x.dtype).reshape(_bias_shape(x.ndim))
+        return [y]
+
+    @staticmethod
+    def transpose(node: Node, cots: list[Array | None], ctx: Ctx) -> list[Array | None]:
+        (g,) = cots
+        w = ctx.const[1]
+        assert g is not None and w is not None
+        strides, dilations, pads, group = _conv_geometry(node)
+        spatial = tuple(ctx.in_shapes[0] or ())[1:]
+        dx = conv_nd(g, w.astype(g.dtype), spatial, strides, dilations, pads, group)
+        return [dx] + [None] * (len(node.inputs) - 1)

@@ -1,0 +1,222 @@
+"""Pooling and reductions: AveragePool, GlobalAveragePool, ReduceMean, ReduceSum (linear) and
+MaxPool, GlobalMaxPool (routing, frozen at the recorded argmax)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..ir import Node
+from . import Ctx, register
+from .windows import col2im, crop, pad_spatial, padded_size, windows
+
+Array = np.ndarray
+
+
+def _geometry(node: Node, ctx: Ctx) -> tuple[list[int], list[int], list[int], list[int], list[int], list[int]]:
+    a = node.attrs
+    spatial = list((ctx.in_shapes[0] or ())[1:])
+    out = list((ctx.out_shapes[0] or ())[1:])
+    return spatial, out, list(a["kernel_shape"]), list(a["strides"]), list(a["dilations"]), list(a["pads"])
+
+
+def _avg_divisor(node: Node, ctx: Ctx, dtype: np.dtype) -> Array:
+    """How many elements each window averages (count_include_pad counts explicit pads only)."""
+    spatial, out, kernel, strides, dilations, pads = _geometry(node, ctx)
+    ones = np.ones((1, 1) + tuple(spatial), dtype)
+    fill = 1.0 if node.attrs.get("count_include_pad", 0) else 0.0
+    n = len(spatial)
+    padded = np.pad(ones, [(0, 0), (0, 0)] + [(pads[i], pads[n + i]) for i in range(n)], constant_values=fill)
+    padded = pad_spatial(padded, [0] * (2 * n), out, kernel, strides, dilations, 0.0)
+    win = windows(padded, out, kernel, strides, dilations)
+    return win.sum(axis=tuple(range(2 + n, 2 + 2 * n)))[0, 0]
+
+
+@register("AveragePool")
+class AveragePool:
+    """Y = mean over each window (pads, strides, dilations, ceil_mode, count_include_pad).
+    Adjoint: each window's cotangent divided by its count, scattered back over the window.
+    https://onnx.ai/onnx/operators/onnx__AveragePool.html"""
+
+    @staticmethod
+    def forward(node: Node, inputs: list[Array | None], ctx: Ctx) -> list[Array]:
+        x = inputs[0]
+        assert x is not None
+        spatial, out, kernel, strides, dilations, pads = _geometry(node, ctx)
+        n = len(out)
+        xp = pad_spatial(x, pads, out, kernel, strides, dilations, 0.0)
+        s = windows(xp, out, kernel, strides, dilations).sum(axis=tuple(range(2 + n, 2 + 2 * n)))
+        return [s / _avg_divisor(node, ctx, x.dtype)]
+
+    @staticmethod
+    def transpose(node: Node, cots: list[Array | None], ctx: Ctx) -> list[Array | None]:
+        (g,) = cots
+        assert g is not None
+        spatial, out, kernel, strides, dilations, pads = _geometry(node, ctx)
+        n = len(out)
+        scaled = g / _avg_divisor(node, ctx, g.dtype)
+        cols = np.broadcast_to(scaled[(Ellipsis,) + (None,) * n], g.shape + tuple(kernel))
+        xp = col2im(cols, padded_size(spatial, pads, out, kernel, strides, dilations), strides, dilations)
+        return [crop(xp, pads, spatial)]
+
+
+@register("GlobalAveragePool")
+class GlobalAveragePool:
+    """Y[b, c] = mean of X[b, c] over the spatial axes. Adjoint: X̄ = Ȳ / size, broadcast.
+    https://onnx.ai/onnx/operators/onnx__GlobalAveragePool.html"""
+
+    @staticmethod
+    def forward(node: Node, inputs: list[Array | None], ctx: Ctx) -> list[Array]:
+        x = inputs[0]
+        assert x is not None
+        return [x.mean(axis=tuple(range(2, x.ndim)), keepdims=True)]
+
+    @staticmethod
+    def transpose(node: Node, cots: list[Array | None], ctx: Ctx) -> list[Array | None]:
+        (g,) = cots
+        assert g is not None
+        shape = (g.shape[0],) + tuple(ctx.in_shapes[0] or ())
+        size = int(np.prod(shape[2:], dtype=np.int64))
+        return [np.broadcast_to(g / size, shape).copy()]
+
+
+@register("ReduceMean", "ReduceSum")
+class Reduce:
+    """Y = sum (or mean) of X over ``axes`` (never the batch axis), keepdims as set.
+    Adjoint: Ȳ broadcast back over the reduced axes (divided by their size for the mean).
+    https://onnx.ai/onnx/operators/onnx__ReduceSum.html"""
+
+    @staticmethod
+    def forward(node: Node, inputs: list[Array | None], ctx: Ctx) -> list[Array]:
+        x = inputs[0]
+        assert x is not None
+        axes = tuple(node.attrs["axes"])
+        if not axes:
+            return [x.copy()]
+        keep = bool(node.attrs.get("keepdims", 1))
+        fn = np.mean if node.op_type == "ReduceMean" else np.sum
+        return [fn(x, axis=axes, keepdims=keep)]
+
+    @staticmethod
+    def transpose(node: Node, cots: list[Array | None], ctx: Ctx) -> list[Array | None]:
+        (g,) = cots
+        assert g is not None
+        shape = (g.shape[0],) + tuple(ctx.in_shapes[0] or ())
+        axes = tuple(node.attrs["axes"])
+        if not axes:
+            return [g] + [None] * (len(node.inputs) - 1)
+        if not node.attrs.get("keepdims", 1):
+            g = np.expand_dims(g, axes)
+        if node.op_type == "ReduceMean":
+            g = g / int(np.prod([shape[a] for a in axes], dtype=np.int64))
+        return [np.broadcast_to(g, shape).copy()] + [None] * (len(node.inputs) - 1)
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Recorded argmax of a max pooling: for each output element of each sample, the flat
+    (row-major, per-sample) index of the input element it copies."""
+
+    argmax: Array  # (n, P) int64
+
+
+def _window_index(spatial: list[int], out: list[int], kernel: list[int], strides: list[int],
+                  dilations: list[int], pads: list[int]) -> Array:
+    """Per-channel flat input index of every (output position, kernel offset); -1 in padding."""
+    n = len(spatial)
+    grids = np.meshgrid(*[np.arange(o) for o in out], *[np.arange(k) for k in kernel], indexing="ij")
+    flat = np.zeros(grids[0].shape, np.int64)
+    valid = np.ones(grids[0].shape, bool)
+    for i in range(n):
+        coord = grids[i] * strides[i] - pads[i] + grids[n + i] * dilations[i]
+        valid &= (coord >= 0) & (coord < spatial[i])
+        flat = flat * spatial[i] + coord
+    return np.where(valid, flat, -1).reshape(int(np.prod(out)), -1)
+
+
+def _gather(x: Array, state: Routing, ctx: Ctx) -> Array:
+    rows = x.shape[0]
+    flat = ctx.per_sample(x.reshape(rows, -1))  # (m, n, size)
+    idx = np.broadcast_to(state.argmax[None], (flat.shape[0],) + state.argmax.shape)
+    return np.take_along_axis(flat, idx, axis=2).reshape((rows,) + tuple(ctx.out_shapes[0] or ()))
+
+
+def _scatter(g: Array, state: Routing, ctx: Ctx) -> Array:
+    rows = g.shape[0]
+    in_shape = (rows,) + tuple(ctx.in_shapes[0] or ())
+    size = int(np.prod(in_shape[1:], dtype=np.int64))
+    m = rows // ctx.n
+    idx = np.tile(state.argmax, (m, 1)) + (np.arange(rows, dtype=np.int64) * size)[:, None]
+    out = np.bincount(idx.ravel(), weights=g.reshape(rows, -1).ravel(), minlength=rows * size)
+    return out.astype(g.dtype, copy=False).reshape(in_shape)
+
+
+@register("MaxPool")
+class MaxPool:
+    """Y = max over each window (pads, strides, dilations, ceil_mode); routing op.
+    Frozen: Y copies the input element at the recorded argmax. Ties go to the first maximum in
+    the window (row-major kernel order); padding never wins. Adjoint: scatter-add Ȳ to the argmax.
+    storage_order only affects the optional Indices output, which the cone never reads.
+    https://onnx.ai/onnx/operators/onnx__MaxPool.html"""
+
+    @staticmethod
+    def record(node: Node, inputs: list[Array | None], ctx: Ctx) -> Routing:
+        x = inputs[0]
+        assert x is not None
+        spatial, out, kernel, strides, dilations, pads = _geometry(node, ctx)
+        n = len(out)
+        xp = pad_spatial(x, pads, out, kernel, strides, dilations, -np.inf)
+        win = windows(xp, out, kernel, strides, dilations)
+        N, C = x.shape[:2]
+        P = int(np.prod(out, dtype=np.int64))
+        arg = win.reshape(N, C, P, -1).argmax(axis=3)  # first maximum
+        table = _window_index(spatial, out, kernel, strides, dilations, pads)  # (P, K)
+        within = table[np.arange(P)[None, None, :], arg]
+        S = int(np.prod(spatial, dtype=np.int64))
+        flat = within + (np.arange(C, dtype=np.int64) * S)[None, :, None]
+        del n
+        return Routing(flat.reshape(N, C * P))
+
+    @staticmethod
+    def forward(node: Node, inputs: list[Array | None], ctx: Ctx) -> list[Array]:
+        x = inputs[0]
+        assert x is not None
+        state = ctx.state if ctx.state is not None else MaxPool.record(node, inputs, ctx)
+        outs = [_gather(x, state, ctx)]
+        return outs + [np.zeros(0)] * (len(node.outputs) - 1)
+
+    @staticmethod
+    def transpose(node: Node, cots: list[Array | None], ctx: Ctx) -> list[Array | None]:
+        g = cots[0]
+        assert g is not None
+        return [_scatter(g, ctx.state, ctx)]
+
+
+@register("GlobalMaxPool")
+class GlobalMaxPool:
+    """Y[b, c] = max of X[b, c] over the spatial axes; routing op, frozen at the recorded
+    argmax (ties: first in row-major order). Adjoint: scatter-add Ȳ to the argmax.
+    https://onnx.ai/onnx/operators/onnx__GlobalMaxPool.html"""
+
+    @staticmethod
+    def record(node: Node, inputs: list[Array | None], ctx: Ctx) -> Routing:
+        x = inputs[0]
+        assert x is not None
+        N, C = x.shape[:2]
+        arg = x.reshape(N, C, -1).argmax(axis=2)
+        S = int(np.prod(x.shape[2:], dtype=np.int64))
+        return Routing(arg + (np.arange(C, dtype=np.int64) * S)[None, :])
+
+    @staticmethod
+    def forward(node: Node, inputs: list[Array | None], ctx: Ctx) -> list[Array]:
+        x = inputs[0]
+        assert x is not None
+        state = ctx.state if ctx.state is not None else GlobalMaxPool.record(node, inputs, ctx)
+        return [_gather(x, state, ctx)]
+
+    @staticmethod
+    def transpose(node: Node, cots: list[Array | None], ctx: Ctx) -> list[Array | None]:
+        (g,) = cots
+        assert g is not None
+        return [_scatter(g, ctx.state, ctx)]

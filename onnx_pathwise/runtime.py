@@ -1,0 +1,238 @@
+"""The only onnxruntime boundary: sessions, devices, the forward record and single-op kernels.
+
+Device policy: ``"auto"`` uses CUDA when onnxruntime-gpu can actually create a CUDA session
+(CUDA/cuDNN libraries loaded with :func:`onnxruntime.preload_dlls` as onnxruntime documents),
+else the CPU with one line on stderr; ``"cpu"`` forces the CPU; ``"cuda"`` without a usable
+GPU raises :class:`~onnx_pathwise.errors.DeviceError`.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from .errors import DeviceError, ModelError
+
+DEVICES = ("auto", "cpu", "cuda")
+_CPU = ["CPUExecutionProvider"]
+_CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+ort.set_default_logger_severity(3)
+
+
+def _options(threads: int = 0) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return so
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_available() -> bool:
+    """True when onnxruntime can run a session on CUDA on this machine."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception:
+            pass
+    node = helper.make_node("Relu", ["x"], ["y"])
+    graph = helper.make_graph(
+        [node],
+        "probe",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), _options(), providers=_CUDA)
+    except Exception:
+        return False
+    return "CUDAExecutionProvider" in sess.get_providers()
+
+
+_warned_fallback = False
+
+
+def resolve_device(device: str) -> str:
+    """Map ``auto``/``cpu``/``cuda`` to the device that will actually run."""
+    global _warned_fallback
+    if device not in DEVICES:
+        raise DeviceError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return "cpu"
+    if cuda_available():
+        return "cuda"
+    if device == "cuda":
+        raise DeviceError(
+            "device 'cuda' requested but onnxruntime cannot use a CUDA GPU here "
+            f"(providers: {', '.join(ort.get_available_providers())})"
+        )
+    if not _warned_fallback and "CUDAExecutionProvider" in ort.get_available_providers():
+        print("onnx-pathwise: no usable CUDA GPU, running on the CPU", file=sys.stderr)
+    _warned_fallback = True
+    return "cpu"
+
+
+def providers_for(device: str) -> list[str]:
+    return _CUDA if device == "cuda" else _CPU
+
+
+def session(model: onnx.ModelProto | bytes, device: str = "cpu", threads: int = 0) -> ort.InferenceSession:
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    try:
+        return ort.InferenceSession(data, _options(threads), providers=providers_for(device))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"onnxruntime cannot load the model: {first}") from None
+
+
+def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    existing = {o.name for o in out.graph.output}
+    del out.graph.output[:]
+    for name in names:
+        if name in existing:
+            vi = next(o for o in model.graph.output if o.name == name)
+            out.graph.output.append(vi)
+        else:
+            out.graph.output.append(onnx.ValueInfoProto(name=name))
+    return out
+
+
+def probe(model: onnx.ModelProto, names: Sequence[str], feed: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Run ``model`` once on the CPU and return the named tensors (intermediates included)."""
+    names = list(dict.fromkeys(names))
+    if not names:
+        return {}
+    sess = session(_with_outputs(model, names), "cpu")
+    try:
+        values = sess.run(names, dict(feed))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ModelError(f"onnxruntime failed to run the model: {first}") from None
+    return dict(zip(names, values))
+
+
+class Recorder:
+    """One cached session that returns the requested intermediates for a batch.
+
+    Models with a fixed batch dimension of 1 run one sample at a time.
+    """
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        input_name: str,
+        names: Sequence[str],
+        device: str,
+        batch_fixed: bool,
+    ) -> None:
+        self.names = list(dict.fromkeys(names))
+        self.input_name = input_name
+        self.device = device
+        self.batch_fixed = batch_fixed
+        self._session = session(_with_outputs(model, self.names), device)
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        if self.batch_fixed and x.shape[0] != 1:
+            parts = [self.run(x[i : i + 1]) for i in range(x.shape[0])]
+            return {k: np.concatenate([p[k] for p in parts]) for k in self.names}
+        try:
+            values = self._session.run(self.names, {self.input_name: x})
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ModelError(f"onnxruntime failed to run the model: {first}") from None
+        return {k: np.asarray(v) for k, v in zip(self.names, values)}
+
+
+class OpKernels:
+    """Single-op onnxruntime sessions for the heavy linear maps of the backward sweep.
+
+    ``conv_adjoint`` runs a ConvTranspose that shares a Conv's weights (the adjoint of the
+    convolution with respect to its input); ``conv`` runs a plain Conv. Sessions are
+    cached per (weights, geometry).
+    """
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self._cache: dict[tuple[Any, ...], ort.InferenceSession] = {}
+
+    def _single(self, key: tuple[Any, ...], op: str, w: np.ndarray, rank: int, attrs: dict[str, Any]) -> ort.InferenceSession:
+        sess = self._cache.get(key)
+        if sess is None:
+            node = helper.make_node(op, ["x", "w"], ["y"], **attrs)
+            graph = helper.make_graph(
+                [node],
+                op,
+                [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None] * rank)],
+                [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                initializer=[numpy_helper.from_array(np.ascontiguousarray(w, np.float32), "w")],
+            )
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+            model.ir_version = 8
+            sess = session(model, self.device)
+            self._cache[key] = sess
+        return sess
+
+    def conv_adjoint(
+        self,
+        y: np.ndarray,
+        w: np.ndarray,
+        in_spatial: Sequence[int],
+        strides: Sequence[int],
+        dilations: Sequence[int],
+        pads: Sequence[int],
+        group: int,
+    ) -> np.ndarray:
+        n = len(in_spatial)
+        kernel = w.shape[2:]
+        natural = [
+            s * (o - 1) + (k - 1) * d + 1 - pb - pe
+            for s, o, k, d, pb, pe in zip(strides, y.shape[2:], kernel, dilations, pads[:n], pads[n:])
+        ]
+        extra = [L - m for L, m in zip(in_spatial, natural)]
+        pads_l = list(pads)
+        output_padding = []
+        for i, e in enumerate(extra):
+            # output_padding must stay below the stride (and dilation): move the rest into a
+            # negative end pad, which ConvTranspose expresses as less cropping.
+            lim = max(strides[i], dilations[i]) - 1
+            op = min(max(e, 0), lim)
+            output_padding.append(op)
+            pads_l[n + i] -= e - op
+        if any(p < 0 for p in pads_l):
+            raise ValueError("conv adjoint geometry not expressible as ConvTranspose")
+        attrs = dict(
+            strides=list(strides), dilations=list(dilations), pads=pads_l, group=group,
+            output_padding=output_padding,
+        )
+        key = ("ConvTranspose", id(w), tuple(strides), tuple(dilations), tuple(pads_l), group, tuple(output_padding))
+        sess = self._single(key, "ConvTranspose", w, y.ndim, attrs)
+        return sess.run(None, {"x": np.ascontiguousarray(y, np.float32)})[0]
+
+    def conv(
+        self,
+        x: np.ndarray,
+        w: np.ndarray,
+        strides: Sequence[int],
+        dilations: Sequence[int],
+        pads: Sequence[int],
+        group: int,
+    ) -> np.ndarray:
+        attrs = dict(strides=list(strides), dilations=list(dilations), pads=list(pads), group=group)
+        key = ("Conv", id(w), tuple(strides), tuple(dilations), tuple(pads), group)
+        sess = self._single(key, "Conv", w, x.ndim, attrs)
+        return sess.run(None, {"x": np.ascontiguousarray(x, np.float32)})[0]

@@ -1,0 +1,755 @@
+"""The only protobuf boundary: an ONNX file or ModelProto in, a :class:`~onnx_pathwise.ir.ModelIR` out.
+
+Reading a model goes through these steps, each refusing with a :class:`ModelError`
+that names the file and the cause:
+
+1. :func:`read_model` — parse the file; external data only from inside the model's folder.
+2. choose the data input and the explained output; peel terminal Softmax / LogSoftmax /
+   Sigmoid and ``ai.onnx.ml`` post-processing so explanations target pre-activation scores.
+3. classify every tensor as *constant*, *shape* (depends on the input only through
+   ``Shape``/``Size``) or *data*; the input→output cone is the data nodes between input and
+   explained output. Every node of the cone is validated; all problems are reported at once,
+   before any numerics.
+4. one probe run in onnxruntime at batch 1 folds constant and shape subgraphs to values and
+   records every data tensor's per-sample shape.
+5. attributes get their schema defaults for the model's opset and canonical values from
+   constant inputs (Pad-11 ``pads``, Squeeze-13 ``axes``, ...), so rules see one form.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .errors import ModelError, UnsupportedModelError
+from .ir import AFFINE, GATE, MERGE, ROUTING, SHAPE, ModelIR, Node
+
+#: op_type → role, for ops of the default domain that may sit on the input→output path.
+SUPPORTED_OPS: dict[str, str] = {
+    **dict.fromkeys(
+        [
+            "Gemm", "MatMul", "Conv", "ConvTranspose", "BatchNormalization", "Add", "Sub",
+            "Mul", "Div", "Sum", "AveragePool", "GlobalAveragePool", "ReduceMean",
+            "ReduceSum", "Pad", "Dropout", "Identity", "Cast",
+        ],
+        AFFINE,
+    ),
+    **dict.fromkeys(
+        [
+            "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Split",
+            "Slice", "Gather", "Expand",
+        ],
+        SHAPE,
+    ),
+    **dict.fromkeys(["Relu", "LeakyRelu", "PRelu", "Clip", "Max"], GATE),
+    **dict.fromkeys(["MaxPool", "GlobalMaxPool"], ROUTING),
+}
+TERMINAL_OPS = frozenset({"Softmax", "LogSoftmax", "Sigmoid"})
+ML_DOMAIN = "ai.onnx.ml"
+FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+CONST, SHAPE_KIND, DATA = 0, 1, 2
+MAX_CONSTANT_BYTES = 2**31
+
+
+def read_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Parse an ONNX file, loading external data only from inside the model's folder."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelError(f"{path}: is a directory, not an ONNX file")
+    data = path.read_bytes()
+    if not data:
+        raise ModelError(f"{path}: empty file, not an ONNX model")
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise ModelError(f"{path}: not a valid ONNX protobuf ({type(exc).__name__})") from None
+    if not model.graph.node and not model.graph.output:
+        raise ModelError(f"{path}: not an ONNX model (no graph)")
+    _load_external_data(model, path)
+    return model
+
+
+def _external_tensors(model: onnx.ModelProto) -> list[TensorProto]:
+    tensors = list(model.graph.initializer)
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                tensors.append(attr.t)
+    return [t for t in tensors if t.data_location == TensorProto.EXTERNAL]
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    base = path.resolve().parent
+    for tensor in _external_tensors(model):
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        where = f"{path}: initializer {tensor.name!r} stores its data in {location!r}"
+        if not location or os.path.isabs(location) or ".." in Path(location).parts:
+            raise ModelError(f"{where}: external data must be a relative path inside the model's folder")
+        target = base / location
+        if target.is_symlink():
+            raise ModelError(f"{where}: external data may not be a symbolic link")
+        resolved = target.resolve()
+        if base not in resolved.parents:
+            raise ModelError(f"{where}: resolves outside the model's folder")
+        if not resolved.is_file():
+            raise ModelError(f"{where}: no such file")
+        if resolved.stat().st_nlink > 1:
+            raise ModelError(f"{where}: external data may not be a hard link")
+        offset = int(info.get("offset", 0) or 0)
+        length = info.get("length")
+        size = resolved.stat().st_size
+        if offset < 0 or offset > size or (length is not None and offset + int(length) > size):
+            raise ModelError(f"{where}: offset/length lie outside the file ({size} bytes)")
+    if _external_tensors(model):
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(model, str(base))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _opset(model: onnx.ModelProto, domain: str = "") -> int:
+    for imp in model.opset_import:
+        if imp.domain in (domain, "ai.onnx" if domain == "" else domain):
+            return int(imp.version)
+    return 0
+
+
+def _attr_defaults(op_type: str, domain: str, opset: int) -> dict[str, Any]:
+    try:
+        schema = onnx.defs.get_schema(op_type, opset, domain)
+    except Exception:
+        return {}
+    out: dict[str, Any] = {}
+    for name, attr in schema.attributes.items():
+        default = attr.default_value
+        if default is not None and default.type != onnx.AttributeProto.UNDEFINED:
+            out[name] = helper.get_attribute_value(default)
+    return out
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, TensorProto):
+        return numpy_helper.to_array(value)
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
+    for attr in node.attribute:
+        v = helper.get_attribute_value(attr)
+        if attr.name == "value":
+            return numpy_helper.to_array(v)
+        if attr.name == "value_float":
+            return np.array(v, np.float32)
+        if attr.name == "value_floats":
+            return np.array(v, np.float32)
+        if attr.name == "value_int":
+            return np.array(v, np.int64)
+        if attr.name == "value_ints":
+            return np.array(v, np.int64)
+    raise ModelError(f"Constant node {node.name!r} has no supported value attribute")
+
+
+def _elem_type(vi: onnx.ValueInfoProto) -> int:
+    return vi.type.tensor_type.elem_type if vi.type.HasField("tensor_type") else 0
+
+
+def _topological(nodes: Sequence[onnx.NodeProto], known: set[str]) -> list[onnx.NodeProto]:
+    """Kahn's order that keeps the file order where it is already valid."""
+    ready = set(known)
+    pending = list(nodes)
+    order: list[onnx.NodeProto] = []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i == "" or i in ready for i in n.input):
+                order.append(n)
+                ready.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            missing = sorted({i for n in rest for i in n.input if i and i not in ready})
+            raise ModelError(f"graph is not a DAG or reads undefined tensors: {missing[:5]}")
+        pending = rest
+    return order
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load(
+    source: str | os.PathLike[str] | onnx.ModelProto,
+    *,
+    input_name: str | None = None,
+    output_name: str | None = None,
+    probe: Any = None,
+) -> tuple[onnx.ModelProto, ModelIR]:
+    """Read and analyse a model; return the (external-data-loaded) ModelProto and its IR.
+
+    ``probe(model, outputs, feed)`` runs the model in onnxruntime and returns the named
+    outputs; by default :func:`onnx_pathwise.runtime.probe`.
+    """
+    if isinstance(source, onnx.ModelProto):
+        model, label = source, "model"
+    else:
+        model, label = read_model(source), str(source)
+    if probe is None:
+        from .runtime import probe as probe_fn
+
+        probe = probe_fn
+    try:
+        return model, _analyse(model, label, input_name, output_name, probe)
+    except ModelError as exc:
+        if str(exc).startswith(label):
+            raise
+        exc.args = (f"{label}: {exc.args[0]}",) + exc.args[1:]
+        raise
+
+
+def _analyse(
+    model: onnx.ModelProto,
+    label: str,
+    input_name: str | None,
+    output_name: str | None,
+    probe: Any,
+) -> ModelIR:
+    graph = model.graph
+    opset = _opset(model)
+    if opset == 0:
+        raise ModelError("model imports no default-domain opset")
+    max_known = onnx.defs.onnx_opset_version()
+    if opset > max_known:
+        raise ModelError(f"opset {opset} is newer than this onnx package knows ({max_known})")
+    if graph.sparse_initializer:
+        raise ModelError("sparse initializers are not supported")
+    if any(len(f.node) for f in model.functions) and any(
+        n.domain not in ("", "ai.onnx", ML_DOMAIN) for n in graph.node
+    ):
+        raise ModelError("models with local functions are not supported")
+
+    inits = {t.name: t for t in graph.initializer}
+    for t in graph.initializer:
+        n_bytes = int(np.prod(t.dims, dtype=np.float64)) * 4
+        if n_bytes > MAX_CONSTANT_BYTES:
+            raise ModelError(f"initializer {t.name!r} claims {n_bytes / 2**30:.1f} GiB")
+
+    # 1. the data input
+    candidates = [vi for vi in graph.input if vi.name not in inits]
+    if input_name is not None:
+        chosen = [vi for vi in candidates if vi.name == input_name]
+        if not chosen:
+            raise ModelError(
+                f"no graph input named {input_name!r}; inputs: {[vi.name for vi in candidates]}"
+            )
+        in_vi = chosen[0]
+    else:
+        floats = [vi for vi in candidates if _elem_type(vi) in FLOAT_TYPES]
+        if len(floats) != 1:
+            names = [vi.name for vi in candidates]
+            if not floats:
+                raise ModelError(f"no float input to explain; inputs: {names}")
+            raise ModelError(
+                f"{len(floats)} float inputs {[vi.name for vi in floats]}: choose one with --input-name"
+            )
+        in_vi = floats[0]
+    if _elem_type(in_vi) not in FLOAT_TYPES:
+        raise ModelError(f"input {in_vi.name!r} is not a float tensor")
+    dims = in_vi.type.tensor_type.shape.dim
+    if not dims:
+        raise ModelError(f"input {in_vi.name!r} has no static rank")
+    in_shape: list[int] = []
+    for i, d in enumerate(dims):
+        if d.HasField("dim_value") and d.dim_value > 0:
+            in_shape.append(int(d.dim_value))
+        elif i == 0:
+            in_shape.append(-1)
+        else:
+            raise ModelError(
+                f"input {in_vi.name!r} dimension {i} is symbolic ({d.dim_param or '?'}); "
+                "only the batch dimension may be"
+            )
+    if in_shape[0] > 1:
+        raise ModelError(
+            f"input {in_vi.name!r} has a fixed batch dimension of {in_shape[0]}; "
+            "export it with a symbolic batch dimension or batch 1"
+        )
+    batch_fixed = in_shape[0] == 1
+    other_inputs = {vi.name for vi in candidates if vi.name != in_vi.name}
+
+    # 2. tensor kinds
+    consts: dict[str, np.ndarray] = {}
+    kind: dict[str, int] = {in_vi.name: DATA}
+    for name in inits:
+        kind[name] = CONST
+    for name in other_inputs:
+        kind[name] = DATA  # an unfed input: anything reading it cannot be folded
+    nodes = _topological(graph.node, set(kind))
+    producer: dict[str, onnx.NodeProto] = {}
+    for node in nodes:
+        for o in node.output:
+            producer[o] = node
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            kind[node.output[0]] = CONST
+            continue
+        ins = [kind[i] for i in node.input if i]
+        if node.op_type in ("Shape", "Size"):
+            k = SHAPE_KIND if ins and ins[0] != CONST else CONST
+        else:
+            k = max(ins, default=CONST)
+            if node.op_type in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"):
+                k = DATA
+        for o in node.output:
+            if o:
+                kind[o] = k
+
+    # 3. the explained output, terminal ops peeled
+    peeled: list[str] = []
+
+    def peel(t: str) -> str:
+        while t in producer:
+            p = producer[t]
+            data_ins = [i for i in p.input if i and kind.get(i) == DATA]
+            terminal = p.op_type in TERMINAL_OPS or p.domain == ML_DOMAIN
+            if not terminal or len(data_ins) != 1:
+                break
+            peeled.append(p.op_type)
+            t = data_ins[0]
+        return t
+
+    if output_name is not None:
+        if output_name not in kind:
+            raise ModelError(
+                f"no tensor named {output_name!r}; outputs: {[o.name for o in graph.output]}"
+            )
+        explained = peel(output_name)
+        source_output = output_name
+    else:
+        found: dict[str, str] = {}
+        for o in graph.output:
+            if kind.get(o.name) != DATA:
+                continue
+            et = _elem_type(o)
+            if et and et not in FLOAT_TYPES and not (o.name in producer and producer[o.name].domain == ML_DOMAIN):
+                continue
+            peeled_before = len(peeled)
+            t = peel(o.name)
+            if t == o.name and et == 0 and o.name in producer and producer[o.name].domain == ML_DOMAIN:
+                del peeled[peeled_before:]
+                continue
+            if t in producer and producer[t].op_type in ("ArgMax", "ArgMin", "Cast") and et not in FLOAT_TYPES:
+                del peeled[peeled_before:]
+                continue
+            found.setdefault(t, o.name)
+        if len(found) != 1:
+            outs = [o.name for o in graph.output]
+            if not found:
+                raise ModelError(f"no float output depends on input {in_vi.name!r}; outputs: {outs}")
+            raise ModelError(
+                f"{len(found)} float outputs {list(found.values())}: choose one with --output"
+            )
+        explained, source_output = next(iter(found.items()))
+    if kind.get(explained) != DATA:
+        raise ModelError(f"output {explained!r} does not depend on input {in_vi.name!r}")
+
+    # 4. the cone: data nodes that the explained output reads, back to the input
+    needed: set[str] = {explained}
+    cone_nodes: list[onnx.NodeProto] = []
+    for node in reversed(nodes):
+        if not any(o in needed for o in node.output):
+            continue
+        cone_nodes.append(node)
+        for i in node.input:
+            if i and kind.get(i) == DATA:
+                needed.add(i)
+    cone_nodes.reverse()
+    if in_vi.name not in needed and explained != in_vi.name:
+        raise ModelError(f"output {explained!r} does not depend on input {in_vi.name!r}")
+
+    # validation by op type, before any numerics
+    problems: list[str] = []
+    for node in cone_nodes:
+        domain = node.domain or ""
+        v = _opset(model, domain) if domain not in ("", "ai.onnx") else opset
+        where = f"{node.name or '<unnamed>'} ({node.op_type}, {'opset ' if not domain or domain == 'ai.onnx' else domain + ' opset '}{v})"
+        unfed = [i for i in node.input if i in other_inputs]
+        if unfed:
+            problems.append(f"{where}: reads graph input(s) {unfed} that are not explained")
+        if domain not in ("", "ai.onnx") or node.op_type not in SUPPORTED_OPS:
+            reason = "not piecewise linear" if node.op_type in _NONLINEAR else "not supported"
+            if node.op_type in TERMINAL_OPS:
+                reason = "only allowed after the last layer"
+            problems.append(f"{where}: {reason}")
+            continue
+        n_data = sum(1 for i in node.input if i and kind.get(i) == DATA)
+        msg = _structural_problem(node, n_data, kind)
+        if msg:
+            problems.append(f"{where}: {msg}")
+    if problems:
+        raise UnsupportedModelError(problems, list(SUPPORTED_OPS))
+
+    # 5. one probe run: constant and shape values, per-sample shapes
+    const_needed = sorted(
+        {i for n in cone_nodes for i in n.input if i and kind.get(i) in (CONST, SHAPE_KIND)}
+    )
+    for name in const_needed:
+        if name in inits:
+            consts[name] = numpy_helper.to_array(inits[name])
+        elif name in producer and producer[name].op_type == "Constant":
+            consts[name] = _constant_node_value(producer[name])
+    data_tensors = sorted(needed)
+    to_fetch = [t for t in const_needed if t not in consts] + [
+        t for t in data_tensors if t != in_vi.name
+    ]
+    elem = _elem_type(in_vi)
+    np_dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
+    feed_shape = tuple(1 if d < 0 else d for d in in_shape)
+    values = probe(model, to_fetch, {in_vi.name: np.zeros(feed_shape, np_dtype)})
+    for t in const_needed:
+        if t not in consts:
+            consts[t] = np.asarray(values[t])
+    shapes: dict[str, tuple[int, ...]] = {in_vi.name: tuple(feed_shape[1:])}
+    for t in data_tensors:
+        if t == in_vi.name:
+            continue
+        arr = np.asarray(values[t])
+        if arr.ndim == 0 or arr.shape[0] != 1:
+            raise ModelError(f"tensor {t!r} does not keep the batch axis first (shape {arr.shape})")
+        shapes[t] = tuple(int(d) for d in arr.shape[1:])
+
+    # 6. IR nodes with canonical attributes and roles
+    ir_nodes: list[Node] = []
+    used_names: set[str] = set()
+    problems = []
+    for idx, node in enumerate(cone_nodes):
+        name = node.name or f"{node.op_type}_{idx}"
+        while name in used_names:
+            name = f"{name}_{idx}"
+        used_names.add(name)
+        attrs = _attr_defaults(node.op_type, "", opset)
+        attrs.update({a.name: _decode(helper.get_attribute_value(a)) for a in node.attribute})
+        data = tuple(bool(i) and kind.get(i) == DATA for i in node.input)
+        outputs = tuple(node.output)
+        proto_node = Node(name, node.op_type, "", opset, tuple(node.input), outputs, attrs, data)
+        try:
+            attrs = canonical_attrs(proto_node, consts, shapes)
+        except ModelError as exc:
+            problems.append(f"{name} ({node.op_type}, opset {opset}): {exc}")
+            continue
+        role = SUPPORTED_OPS[node.op_type]
+        if node.op_type in ("Add", "Sum", "Concat") and sum(data) > 1:
+            role = MERGE
+        ir_nodes.append(
+            Node(name, node.op_type, "", opset, tuple(node.input), outputs, attrs, data, role)
+        )
+    if problems:
+        raise UnsupportedModelError(problems, list(SUPPORTED_OPS))
+
+    return ModelIR(
+        nodes=ir_nodes,
+        input_name=in_vi.name,
+        output_name=explained,
+        input_shape=tuple(feed_shape[1:]),
+        input_dtype=np_dtype,
+        constants={k: consts[k] for k in const_needed},
+        shapes=shapes,
+        batch_fixed=batch_fixed,
+        peeled=tuple(peeled),
+        opset=opset,
+        source_output=source_output,
+        info={"label": label, "producer": model.producer_name, "ir_version": model.ir_version},
+    )
+
+
+_NONLINEAR = frozenset(
+    {
+        "Tanh", "Gelu", "Elu", "Selu", "Softplus", "Softsign", "HardSigmoid", "HardSwish",
+        "Exp", "Log", "Sqrt", "Pow", "Erf", "LRN", "LpNormalization", "InstanceNormalization",
+        "LayerNormalization", "GroupNormalization", "Mish", "Sin", "Cos", "Abs", "Min",
+        "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2", "ReduceL1", "ReduceLogSumExp",
+        "Softmax", "LogSoftmax", "Sigmoid", "QuantizeLinear", "DequantizeLinear", "QLinearConv",
+        "QLinearMatMul", "ConvInteger", "MatMulInteger", "If", "Loop", "Scan", "Where", "TopK",
+        "Round", "Floor", "Ceil", "Sign", "Reciprocal", "Neg",
+    }
+)
+
+
+def _structural_problem(node: onnx.NodeProto, n_data: int, kind: Mapping[str, int]) -> str:
+    op = node.op_type
+    ins = list(node.input)
+
+    def is_data(i: int) -> bool:
+        return i < len(ins) and bool(ins[i]) and kind.get(ins[i]) == DATA
+
+    if op in ("Gemm", "MatMul") and n_data > 1:
+        return f"{op} of two computed tensors is bilinear, not linear"
+    if op == "Gemm" and not is_data(0):
+        return "Gemm whose computed operand is B (not A) is not supported"
+    if op == "Gemm":
+        trans_a = next((a.i for a in node.attribute if a.name == "transA"), 0)
+        if trans_a:
+            return "Gemm with transA=1 on the computed operand would move the batch axis"
+    if op in ("Conv", "ConvTranspose", "BatchNormalization", "PRelu") and (
+        not is_data(0) or n_data > 1
+    ):
+        return f"{op} needs constant weights (its parameters depend on the input)"
+    if op == "Mul" and n_data > 1:
+        return "Mul of two computed tensors is bilinear, not linear"
+    if op == "Div" and (n_data > 1 or not is_data(0)):
+        return "Div by a computed tensor is not linear"
+    if op in ("Max", "Clip") and n_data > 1:
+        return f"{op} of computed tensors is not supported (needs constant bounds)"
+    if op == "Max" and len([i for i in ins if i]) != 2:
+        return "Max is supported with exactly two operands (x, 0)"
+    if op in ("Reshape", "Expand", "Slice", "Gather", "Pad", "Squeeze", "Unsqueeze", "Split", "Clip", "ReduceMean", "ReduceSum", "Dropout", "Transpose", "Flatten", "Identity", "Cast", "Relu", "LeakyRelu") and not is_data(0):
+        return f"{op}'s computed operand must be its first input"
+    if op in ("Reshape", "Expand", "Slice", "Gather", "Pad", "Squeeze", "Unsqueeze", "Split", "ReduceMean", "ReduceSum") and n_data > 1:
+        return f"{op} with computed indices/shape is not supported"
+    return ""
+
+
+# --------------------------------------------------------------------------- canonical attributes
+
+
+def _const_input(node: Node, i: int, consts: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    if i >= len(node.inputs) or not node.inputs[i]:
+        return None
+    if node.data[i]:
+        raise ModelError(f"input {i} must be constant")
+    return np.asarray(consts[node.inputs[i]])
+
+
+def _rank(node: Node, shapes: Mapping[str, tuple[int, ...]], i: int = 0) -> int:
+    return len(shapes[node.inputs[i]]) + 1
+
+
+def _explicit_pads(
+    attrs: dict[str, Any],
+    spatial: Sequence[int],
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+) -> list[int]:
+    n = len(spatial)
+    auto = attrs.get("auto_pad", "NOTSET") or "NOTSET"
+    if auto in ("NOTSET", ""):
+        pads = list(attrs.get("pads") or [0] * (2 * n))
+        return [int(p) for p in pads]
+    if auto == "VALID":
+        return [0] * (2 * n)
+    begins, ends = [], []
+    for L, k, s, d in zip(spatial, kernel, strides, dilations):
+        out = -(-L // s)
+        total = max(0, (out - 1) * s + (k - 1) * d + 1 - L)
+        small, big = total // 2, total - total // 2
+        if auto == "SAME_UPPER":
+            begins.append(small)
+            ends.append(big)
+        else:
+            begins.append(big)
+            ends.append(small)
+    return begins + ends
+
+
+def canonical_attrs(
+    node: Node, consts: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, Any]:
+    """Return ``node.attrs`` in the one form the rules read, whatever the opset."""
+    a: dict[str, Any] = dict(node.attrs)
+    op = node.op_type
+    if op in ("Conv", "ConvTranspose", "MaxPool", "AveragePool"):
+        spatial = shapes[node.inputs[0]][1:]
+        n = len(spatial)
+        if op in ("Conv", "ConvTranspose"):
+            w = _const_input(node, 1, consts)
+            assert w is not None
+            kernel = list(a.get("kernel_shape") or w.shape[2:])
+        else:
+            kernel = list(a["kernel_shape"])
+        strides = list(a.get("strides") or [1] * n)
+        dilations = list(a.get("dilations") or [1] * n)
+        a.update(kernel_shape=kernel, strides=strides, dilations=dilations)
+        if op == "ConvTranspose":
+            out_spatial = shapes[node.outputs[0]][1:]
+            if a.get("auto_pad", "NOTSET") not in ("NOTSET", "") or a.get("output_shape"):
+                totals = [
+                    s * (L - 1) + op_ + (k - 1) * d + 1 - o
+                    for L, s, op_, k, d, o in zip(
+                        spatial, strides, a.get("output_padding") or [0] * n, kernel, dilations, out_spatial
+                    )
+                ]
+                if a.get("auto_pad") == "SAME_UPPER":
+                    pads = [t // 2 for t in totals] + [t - t // 2 for t in totals]
+                else:
+                    pads = [t - t // 2 for t in totals] + [t // 2 for t in totals]
+            else:
+                pads = list(a.get("pads") or [0] * (2 * n))
+            a["pads"] = [int(p) for p in pads]
+            a["out_spatial"] = list(out_spatial)
+        else:
+            a["pads"] = _explicit_pads(a, spatial, kernel, strides, dilations)
+        a["auto_pad"] = "NOTSET"
+        a.setdefault("group", 1)
+    elif op == "Pad":
+        rank = _rank(node, shapes)
+        if node.opset >= 11:
+            pads = _const_input(node, 1, consts)
+            value = _const_input(node, 2, consts)
+            axes = _const_input(node, 3, consts)
+            pads_l = [int(p) for p in (pads if pads is not None else [])]
+            if axes is not None:
+                full = [0] * (2 * rank)
+                ax = [int(x) % rank for x in axes]
+                for j, x in enumerate(ax):
+                    full[x] = pads_l[j]
+                    full[rank + x] = pads_l[len(ax) + j]
+                pads_l = full
+            a["pads"] = pads_l
+            a["value"] = float(value.reshape(-1)[0]) if value is not None and value.size else 0.0
+        else:
+            a["pads"] = [int(p) for p in (a.get("pads") or a.get("paddings") or [])]
+            a["value"] = float(a.get("value", 0.0))
+        if a.get("mode", "constant") != "constant":
+            raise ModelError(f"Pad mode {a.get('mode')!r} is not supported (only 'constant')")
+        if len(a["pads"]) != 2 * rank:
+            raise ModelError(f"Pad has {len(a['pads'])} pads for rank {rank}")
+        if a["pads"][0] != 0 or a["pads"][rank] != 0:
+            raise ModelError("Pad on the batch axis is not supported")
+    elif op == "Clip":
+        if node.opset >= 11:
+            lo = _const_input(node, 1, consts)
+            hi = _const_input(node, 2, consts)
+            a["min"] = float(lo) if lo is not None else -np.inf
+            a["max"] = float(hi) if hi is not None else np.inf
+        else:
+            a["min"] = float(a.get("min", -3.4028234663852886e38))
+            a["max"] = float(a.get("max", 3.4028234663852886e38))
+    elif op in ("Squeeze", "Unsqueeze"):
+        if node.opset >= 13:
+            axes = _const_input(node, 1, consts)
+            a["axes"] = [int(x) for x in axes] if axes is not None else None
+        rank = _rank(node, shapes) + (len(a["axes"]) if op == "Unsqueeze" else 0)
+        if a.get("axes") is not None:
+            a["axes"] = [int(x) % rank for x in a["axes"]]
+            if 0 in a["axes"]:
+                raise ModelError(f"{op} on the batch axis is not supported")
+    elif op in ("ReduceMean", "ReduceSum"):
+        axes_from_input = (op == "ReduceSum" and node.opset >= 13) or (
+            op == "ReduceMean" and node.opset >= 18
+        )
+        if axes_from_input:
+            axes = _const_input(node, 1, consts)
+            a["axes"] = [int(x) for x in axes] if axes is not None and axes.size else None
+        rank = _rank(node, shapes)
+        if a.get("axes") is None:
+            if a.get("noop_with_empty_axes", 0):
+                a["axes"] = []
+            else:
+                raise ModelError(f"{op} over all axes would reduce the batch axis")
+        a["axes"] = sorted(int(x) % rank for x in a["axes"])
+        if 0 in a["axes"]:
+            raise ModelError(f"{op} over the batch axis is not supported")
+    elif op == "Split":
+        rank = _rank(node, shapes)
+        a["axis"] = int(a.get("axis", 0)) % rank
+        if a["axis"] == 0:
+            raise ModelError("Split along the batch axis is not supported")
+        a["sizes"] = [shapes[o][a["axis"] - 1] if o in shapes else None for o in node.outputs]
+    elif op == "Slice":
+        rank = _rank(node, shapes)
+        if node.opset >= 10:
+            starts = _const_input(node, 1, consts)
+            ends = _const_input(node, 2, consts)
+            axes = _const_input(node, 3, consts)
+            steps = _const_input(node, 4, consts)
+        else:
+            starts, ends = np.array(a["starts"]), np.array(a["ends"])
+            axes = np.array(a["axes"]) if a.get("axes") else None
+            steps = None
+        assert starts is not None and ends is not None
+        axes_l = [int(x) % rank for x in (axes if axes is not None else range(len(starts)))]
+        steps_l = [int(s) for s in (steps if steps is not None else [1] * len(starts))]
+        full_shape = (1,) + shapes[node.inputs[0]]
+        index: list[tuple[int, int | None, int]] = [(0, None, 1)] * rank
+        for ax, st, en, sp in zip(axes_l, starts, ends, steps_l):
+            index[ax] = _onnx_slice(int(st), int(en), sp, full_shape[ax])
+        if index[0] != (0, None, 1) and index[0] != (0, 1, 1):
+            raise ModelError("Slice of the batch axis is not supported")
+        index[0] = (0, None, 1)
+        a["index"] = index
+    elif op == "Gather":
+        idx = _const_input(node, 1, consts)
+        assert idx is not None
+        rank = _rank(node, shapes)
+        a["axis"] = int(a.get("axis", 0)) % rank
+        if a["axis"] == 0:
+            raise ModelError("Gather along the batch axis is not supported")
+        dim = shapes[node.inputs[0]][a["axis"] - 1]
+        a["indices"] = np.where(idx < 0, idx + dim, idx).astype(np.int64)
+    elif op in ("Concat", "Flatten", "LogSoftmax", "Softmax"):
+        rank = _rank(node, shapes, next(i for i, d in enumerate(node.data) if d))
+        a["axis"] = int(a.get("axis", 1)) % rank if op != "Concat" else int(a["axis"]) % rank
+        if op == "Concat" and a["axis"] == 0:
+            raise ModelError("Concat along the batch axis is not supported")
+        if op == "Flatten" and a["axis"] == 0:
+            raise ModelError("Flatten with axis=0 would merge the batch axis")
+    elif op == "Transpose":
+        rank = _rank(node, shapes)
+        perm = a.get("perm") or list(reversed(range(rank)))
+        if perm[0] != 0:
+            raise ModelError(f"Transpose perm {perm} moves the batch axis")
+        a["perm"] = [int(p) for p in perm]
+    elif op == "Gemm":
+        if a.get("transA", 0):
+            raise ModelError("Gemm transA=1 on the computed operand is not supported")
+    elif op == "Cast":
+        if a["to"] not in FLOAT_TYPES:
+            raise ModelError(
+                f"Cast to {helper.tensor_dtype_to_np_dtype(a['to'])} is not a float type"
+            )
+    elif op == "Max":
+        const_i = [i for i, d in enumerate(node.data) if not d and node.inputs[i]]
+        c = _const_input(node, const_i[0], consts) if const_i else None
+        if c is None or np.any(c != 0):
+            raise ModelError("Max is supported only as Max(x, 0)")
+    elif op == "Dropout":
+        if node.opset >= 12:
+            tm = _const_input(node, 2, consts)
+            if tm is not None and bool(np.asarray(tm).reshape(-1)[0]):
+                raise ModelError("Dropout in training mode")
+    elif op == "BatchNormalization":
+        if a.get("training_mode", 0):
+            raise ModelError("BatchNormalization in training mode")
+    elif op == "Sum":
+        pass
+    return a
+
+
+def _onnx_slice(start: int, end: int, step: int, dim: int) -> tuple[int, int | None, int]:
+    """ONNX Slice clamping (operator spec) turned into a numpy slice triple."""
+    if step == 0:
+        raise ModelError("Slice step 0")
+    if start < 0:
+        start += dim
+    if end < 0:
+        end += dim
+    if step > 0:
+        start = min(max(start, 0), dim)
+        end = min(max(end, 0), dim)
+        return (start, end, step)
+    start = min(max(start, 0), dim - 1)
+    end = min(max(end, -1), dim - 1)
+    return (start, None if end < 0 else end, step)
