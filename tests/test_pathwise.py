@@ -1,0 +1,308 @@
+"""Pathwise explanations against an independent PyTorch implementation of DESIGN §4.
+
+The oracle re-derives everything with autograd in float64: frozen gates and argmax from a
+recording pass, one full Jacobian per path layer (the published cost structure), the
+selection rule written out afresh, and the masked network's score from a real forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from onnx_pathwise import Explainer
+from onnx_pathwise.pathwise import parse_width, select_units
+from onnx_pathwise.samples import tiny_mlp
+
+torch.manual_seed(0)
+
+
+class Gated(nn.Module):
+    """Base: ``g`` and ``pool`` are ReLU and max pooling in free mode, frozen (and masked /
+    replaced by a leaf) in oracle mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mode: str | None = None
+        self.slopes: dict[str, torch.Tensor] = {}
+        self.indices: dict[str, torch.Tensor] = {}
+        self.masks: dict[str, torch.Tensor] = {}
+        self.inject: dict[str, torch.Tensor] = {}
+        self.order: list[str] = []
+
+    def g(self, name: str, z: torch.Tensor) -> torch.Tensor:
+        if self.mode is None:
+            return F.relu(z)
+        if self.mode == "record":
+            self.order.append(name)
+            self.slopes[name] = (z > 0).to(z.dtype)
+            return F.relu(z)
+        h = z * self.slopes[name]
+        if name in self.inject:
+            h = self.inject[name]
+        if name in self.masks:
+            h = h * self.masks[name]
+        return h
+
+    def pool(self, name: str, z: torch.Tensor, k: int = 2) -> torch.Tensor:
+        if self.mode is None:
+            return F.max_pool2d(z, k)
+        if self.mode == "record":
+            out, idx = F.max_pool2d(z, k, return_indices=True)
+            self.indices[name] = idx
+            return out
+        idx = self.indices[name]
+        return z.flatten(2).gather(2, idx.flatten(2)).view_as(idx)
+
+
+class MLP(Gated):
+    def __init__(self) -> None:
+        super().__init__()
+        self.f1, self.f2, self.f3 = nn.Linear(6, 12), nn.Linear(12, 10), nn.Linear(10, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.f3(self.g("r2", self.f2(self.g("r1", self.f1(x)))))
+
+
+class CNN(Gated):
+    """Conv-BN-ReLU-MaxPool twice, then a dense ReLU layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 6, 3, padding=1)
+        self.f1, self.f2 = nn.Linear(6 * 2 * 2, 8), nn.Linear(8, 5)
+        self.b1.running_mean.uniform_(-0.2, 0.2)
+        self.b1.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pool("p1", self.g("r1", self.b1(self.c1(x))))
+        h = self.pool("p2", self.g("r2", self.c2(h)))
+        return self.f2(self.g("r3", self.f1(h.flatten(1))))
+
+
+class Residual(Gated):
+    """A residual block with a strided 1×1 shortcut, joined by Add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0 = nn.Conv2d(2, 4, 3, padding=1)
+        self.c1 = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.sc = nn.Conv2d(4, 6, 1, stride=2)
+        self.fc = nn.Linear(6 * 3 * 3, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h0 = self.g("r0", self.c0(x))
+        h1 = self.g("r1", self.c1(h0))
+        h = self.g("r2", self.c2(h1) + self.sc(h0))
+        return self.fc(h.flatten(1))
+
+
+class Branches(Gated):
+    """Two parallel branches joined by Concat."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0 = nn.Conv2d(1, 3, 3, padding=1)
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 2, 1)
+        self.fc = nn.Linear(6 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.g("r0", self.c0(x))
+        ha = self.g("ra", self.a(h))
+        hb = self.g("rb", self.b(h))
+        return self.fc(torch.cat([ha, hb], 1).flatten(1))
+
+
+def oracle(model: Gated, x: np.ndarray, width: object, depth: int | None) -> dict[str, object]:
+    """DESIGN §4 written independently with autograd, in float64, one sample at a time."""
+    m = model.double().eval()
+    xt = torch.tensor(x, dtype=torch.float64)[None]
+    m.mode, m.order, m.masks, m.inject = "record", [], {}, {}
+    with torch.no_grad():
+        logits = m(xt)[0]
+    K = logits.numel()
+    c = int(logits.argmax())
+    layers = list(m.order)
+    chosen = layers if depth is None else layers[len(layers) - depth:] if depth else []
+    m.mode = "frozen"
+    kept: dict[str, np.ndarray] = {}
+    for name in reversed(chosen):
+        with torch.no_grad():
+            m.inject = {}
+            # h of the layer at x (unmasked, frozen = recorded values)
+            m.mode = "record"
+            m.order = []
+            captured: dict[str, torch.Tensor] = {}
+            orig = m.g
+
+            def cap(n: str, z: torch.Tensor) -> torch.Tensor:
+                out = orig(n, z)
+                captured[n] = out
+                return out
+
+            m.g = cap  # type: ignore[method-assign]
+            m(xt)
+            m.g = orig  # type: ignore[method-assign]
+            m.mode = "frozen"
+        h = captured[name].detach().clone().requires_grad_(True)
+        m.inject = {name: h}
+        out = m(xt)[0]
+        J = torch.stack([torch.autograd.grad(out[k], h, retain_graph=True)[0].flatten() for k in range(K)])
+        hv = h.detach().flatten()
+        C = (hv[None, :] * J).double()  # (K, u)
+        logp = C[c] - torch.logsumexp(C, dim=0)
+        u = hv.numel()
+        w = u if width is None else parse_width(width, u)  # type: ignore[arg-type]
+        order = sorted(range(u), key=lambda i: (-float(logp[i]), i))[:w]
+        keep = [i for i in order if float(logp[i]) > -math.log(K)] or order[:1]
+        mask = torch.zeros(u, dtype=torch.float64)
+        mask[keep] = 1.0
+        m.masks[name] = mask.view_as(hv).view(h.shape)
+        kept[name] = np.array(sorted(keep))
+        m.inject = {}
+    xg = xt.clone().requires_grad_(True)
+    y = m(xg)[0, c]
+    (W,) = torch.autograd.grad(y, xg)
+    m.mode = None
+    return {
+        "target": c,
+        "kept": [kept[n] for n in chosen],
+        "weight": W[0].numpy(),
+        "masked": float(y),
+        "names": chosen,
+    }
+
+
+@pytest.fixture(scope="module", params=[MLP, CNN, Residual, Branches], ids=lambda c: c.__name__)
+def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Gated, Explainer, np.ndarray]:
+    torch.manual_seed(1)
+    model = request.param().eval()
+    shape = {"MLP": (6,), "CNN": (2, 8, 8), "Residual": (2, 6, 6), "Branches": (1, 4, 4)}[request.param.__name__]
+    path = tmp_path_factory.mktemp("pw") / f"{request.param.__name__}.onnx"
+    torch.onnx.export(model, (torch.randn(1, *shape),), str(path), dynamo=False, input_names=["x"],
+                      output_names=["logits"], dynamic_axes={"x": {0: "N"}}, opset_version=17)
+    x = np.random.default_rng(3).normal(size=(3,) + shape).astype(np.float32)
+    return model, Explainer(path, device="cpu"), x
+
+
+@pytest.mark.parametrize("width,depth", [(None, None), (3, None), ("25%", None), (2, 1), (None, 0), ("10%", 2)])
+def test_matches_independent_torch(case: tuple[Gated, Explainer, np.ndarray], width: object, depth: int | None) -> None:
+    model, ex, x = case
+    res = ex.explain(x, width=width, depth=depth)  # type: ignore[arg-type]
+    for i in range(x.shape[0]):
+        ref = oracle(model, x[i].astype(np.float64), width, depth)
+        assert res.target[i] == ref["target"]
+        assert [p.node for p in res.path[i]] and len(res.path[i]) == len(ref["names"]) or not ref["names"]
+        for ours, theirs in zip(res.path[i], ref["kept"]):  # type: ignore[arg-type]
+            np.testing.assert_array_equal(ours.kept, theirs)
+        W = ref["weight"]
+        scale = np.abs(W).max() + 1e-12
+        np.testing.assert_allclose(res.weight[i], W, atol=1e-3 * scale, rtol=1e-3)
+        np.testing.assert_allclose(res.attribution[i], W * x[i], atol=1e-3 * scale * np.abs(x[i]).max(), rtol=1e-3)
+        assert abs(res.masked_score[i] - ref["masked"]) < 1e-3 * (abs(ref["masked"]) + 1)
+
+
+def test_batch_equals_per_sample(case: tuple[Gated, Explainer, np.ndarray]) -> None:
+    _, ex, x = case
+    full = ex.explain(x, width=3)
+    for i in range(x.shape[0]):
+        one = ex.explain(x[i : i + 1], width=3)
+        np.testing.assert_allclose(one.attribution[0], full.attribution[i], rtol=1e-5, atol=1e-6)
+        assert [p.kept.tolist() for p in one.path[0]] == [p.kept.tolist() for p in full.path[i]]
+
+
+def test_depth_zero_is_input_x_gradient(case: tuple[Gated, Explainer, np.ndarray]) -> None:
+    _, ex, x = case
+    e = ex.explain(x, depth=0)
+    u = ex.unwrap(x)
+    W = u.weight[np.arange(x.shape[0]), e.target]
+    np.testing.assert_allclose(e.attribution, W * x, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(e.masked_score, e.score, rtol=1e-4, atol=1e-4)
+    assert e.path[0] == []
+
+
+def test_depth_beyond_layers_means_all(case: tuple[Gated, Explainer, np.ndarray]) -> None:
+    _, ex, x = case
+    a, b = ex.explain(x, width=2), ex.explain(x, width=2, depth=99)
+    np.testing.assert_array_equal(a.attribution, b.attribution)
+
+
+def test_decomposition_sums_to_attribution(case: tuple[Gated, Explainer, np.ndarray]) -> None:
+    _, ex, x = case
+    for group in ("unit", "channel"):
+        d = ex.decompose(x, top=3, group=group, width="50%")
+        e = ex.explain(x, width="50%")
+        np.testing.assert_allclose(d.attribution, e.attribution, rtol=1e-5, atol=1e-6)
+        total = d.parts.sum(axis=1) + d.rest + d.bypass
+        np.testing.assert_allclose(total, d.attribution, rtol=1e-5, atol=1e-5)
+        assert d.delta.max() < 1e-4 * (np.abs(d.attribution).max() + 1e-6)
+        # ranked by contribution, descending
+        assert np.all(np.diff(np.where(d.part_active, d.part_score, -1e300), axis=1) <= 1e-12)
+
+
+def test_decomposition_at_every_layer_with_all_parts() -> None:
+    """Parts over every unit of a layer that every path crosses add up to the attribution."""
+    ex = Explainer(tiny_mlp(), device="cpu")
+    x = np.array([[1.0, 2.0], [3.0, -1.0]], np.float32)
+    d = ex.decompose(x, top=3)
+    assert d.crosses_all
+    np.testing.assert_allclose(d.parts.sum(axis=1) + d.rest, d.attribution, atol=1e-6)
+    np.testing.assert_allclose(d.bypass, 0, atol=1e-6)
+
+
+def test_hand_computed_tiny_mlp() -> None:
+    """At x = (1, 2): h = (1, 2, 0), J rows e_k (+5 on the off unit), logits (1.5, 1.5).
+
+    Target 0 (first argmax). Unit 0: C = (1, 0) → P = e/(e+1) > 1/2 kept; unit 1: C = (0, 2)
+    → P < 1/2 cut; unit 2: h = 0 → P = 1/2, not > 1/2, cut. W_p = (1, 0), b_p = 0.5.
+    """
+    ex = Explainer(tiny_mlp(), device="cpu")
+    e = ex.explain(np.array([1.0, 2.0], np.float32))
+    assert e.target.tolist() == [0]
+    assert e.path[0][0].kept.tolist() == [0]
+    np.testing.assert_allclose(e.weight[0], [1.0, 0.0])
+    np.testing.assert_allclose(e.bias[0], 0.5)
+    np.testing.assert_allclose(e.masked_score[0], 1.5)
+    e1 = ex.explain(np.array([1.0, 2.0], np.float32), target=1)
+    assert e1.path[0][0].kept.tolist() == [1]
+    np.testing.assert_allclose(e1.attribution[0], [0.0, 2.0])
+
+
+def test_selection_rule_ties_and_fallback() -> None:
+    h = np.array([[1.0, 1.0, 1.0, 0.0]])
+    J = np.zeros((2, 1, 4))
+    J[0, 0] = [1.0, 1.0, 1.0, 1.0]  # three equal candidates favour class 0
+    m = select_units(h, J, np.array([0]), 2)
+    assert m[0].tolist() == [True, True, False, False]  # ties → lower index
+    # nobody favours class 1: keep the first candidate only
+    m1 = select_units(h, J, np.array([1]), 4)
+    assert m1.sum() == 1 and m1[0, 3]  # P = 1/2 for the off unit beats P < 1/2 of the others
+
+
+def test_width_parsing() -> None:
+    assert parse_width("5%", 100) == 5
+    assert parse_width("0.1%", 100) == 1  # max(1, round(0.1))
+    assert parse_width("2.5%", 100) == 2  # Python's round: banker's rounding of 2.5
+    assert parse_width("3.5%", 100) == 4
+    assert parse_width(500, 10) == 10
+    assert parse_width(None, 7) == 7
+    for bad in ("x", "0%", "150%", 0, -1, 1.5):
+        with pytest.raises(Exception):
+            parse_width(bad, 10)  # type: ignore[arg-type]
+
+
+def test_targets_per_sample_and_permutation() -> None:
+    ex = Explainer(tiny_mlp(), device="cpu")
+    x = np.array([[1.0, 2.0], [3.0, -1.0]], np.float32)
+    e = ex.explain(x, target=[1, 0])
+    assert e.target.tolist() == [1, 0]
+    a = ex.explain(x[::-1].copy(), target=[0, 1])
+    np.testing.assert_allclose(a.attribution[::-1], e.attribution)
