@@ -66,18 +66,32 @@ def select_units(h: np.ndarray, J: np.ndarray, target: np.ndarray, width: int) -
     h (n, u) gate outputs, J (K, n, u) score cotangents, target (n,) classes. Scores
     P_i = softmax_k(h_i J_ik)[c] in float64 (as log P > −log K), candidates by P descending with
     ties to the lower index, the first ``width`` kept when P > 1/K, else the first candidate.
+
+    A unit with h = 0 has C = 0 for every class, so P = 1/K exactly: it never passes and only
+    its index matters for the fallback; the float64 work is done on the other units alone.
     """
     K, n, u = J.shape
-    C = h.astype(np.float64)[None] * J.astype(np.float64)  # (K, n, u)
-    top = C.max(axis=0)
-    lse = top + np.log(np.exp(C - top).sum(axis=0))
-    logp = C[target, np.arange(n)] - lse  # (n, u)
-    order = np.argsort(-logp, axis=1, kind="stable")[:, :width]
-    passes = np.take_along_axis(logp, order, axis=1) > -math.log(K)
-    passes[:, 0] |= ~passes.any(axis=1)
+    log_k = math.log(K)
     mask = np.zeros((n, u), bool)
-    rows = np.repeat(np.arange(n), order.shape[1])
-    mask[rows[passes.ravel()], order.ravel()[passes.ravel()]] = True
+    for i in range(n):
+        active = np.flatnonzero(h[i])
+        logp = np.full(u, -log_k)
+        if active.size:
+            C = h[i, active].astype(np.float64)[None] * J[:, i, active].astype(np.float64)  # (K, a)
+            top = C.max(axis=0)
+            logp[active] = C[target[i]] - top - np.log(np.exp(C - top).sum(axis=0))
+        candidates = np.flatnonzero(logp > -log_k)
+        if candidates.size == 0:
+            # nobody favours the target: keep the first candidate of the full order
+            mask[i, int(np.argmax(logp))] = True  # argmax returns the lowest index among ties
+            continue
+        if candidates.size > width:
+            vals = logp[candidates]
+            kth = np.partition(vals, candidates.size - width)[candidates.size - width]
+            candidates = candidates[vals >= kth]  # ties at the cut stay in, sorted below
+            order = np.lexsort((candidates, -logp[candidates]))[:width]
+            candidates = candidates[order]
+        mask[i, candidates] = True
     return mask
 
 

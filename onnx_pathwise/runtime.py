@@ -8,7 +8,9 @@ GPU raises :class:`~onnx_pathwise.errors.DeviceError`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -42,8 +44,10 @@ def cuda_available() -> bool:
         return False
     preload = getattr(ort, "preload_dlls", None)
     if preload is not None:
+        # preload_dlls prints its misses on stdout, which belongs to the CLI's output
         try:
-            preload()
+            with contextlib.redirect_stdout(io.StringIO()):
+                preload()
         except Exception:
             pass
     node = helper.make_node("Relu", ["x"], ["y"])
@@ -55,10 +59,14 @@ def cuda_available() -> bool:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
+    # a failed CUDA provider load logs at ERROR level; the fallback line says it better
+    ort.set_default_logger_severity(4)
     try:
         sess = ort.InferenceSession(model.SerializeToString(), _options(), providers=_CUDA)
     except Exception:
         return False
+    finally:
+        ort.set_default_logger_severity(3)
     return "CUDAExecutionProvider" in sess.get_providers()
 
 
@@ -168,11 +176,15 @@ class OpKernels:
 
     def __init__(self, device: str = "cpu") -> None:
         self.device = device
-        self._cache: dict[tuple[Any, ...], ort.InferenceSession] = {}
+        # key → (weights, session): the weights are kept so their id() cannot be reused
+        self._cache: dict[tuple[Any, ...], tuple[np.ndarray, ort.InferenceSession]] = {}
+        self._flipped: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def _single(self, key: tuple[Any, ...], op: str, w: np.ndarray, rank: int, attrs: dict[str, Any]) -> ort.InferenceSession:
-        sess = self._cache.get(key)
-        if sess is None:
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] is w:
+            return hit[1]
+        else:
             node = helper.make_node(op, ["x", "w"], ["y"], **attrs)
             graph = helper.make_graph(
                 [node],
@@ -184,7 +196,7 @@ class OpKernels:
             model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
             model.ir_version = 8
             sess = session(model, self.device)
-            self._cache[key] = sess
+            self._cache[key] = (w, sess)
         return sess
 
     def conv_adjoint(
@@ -199,6 +211,11 @@ class OpKernels:
     ) -> np.ndarray:
         n = len(in_spatial)
         kernel = w.shape[2:]
+        flip_pads = [d * (k - 1) - p for d, k, p in zip(list(dilations) * 2, list(kernel) * 2, pads)]
+        if all(s == 1 for s in strides) and min(flip_pads) >= 0 and w.shape[1] * group >= 8:
+            # stride 1: the adjoint is a plain Conv with the kernel flipped and the channel
+            # roles swapped, which onnxruntime runs faster than ConvTranspose.
+            return self.conv(y, self._flip(w, group), strides, dilations, flip_pads, group)
         natural = [
             s * (o - 1) + (k - 1) * d + 1 - pb - pe
             for s, o, k, d, pb, pe in zip(strides, y.shape[2:], kernel, dilations, pads[:n], pads[n:])
@@ -222,6 +239,17 @@ class OpKernels:
         key = ("ConvTranspose", id(w), tuple(strides), tuple(dilations), tuple(pads_l), group, tuple(output_padding))
         sess = self._single(key, "ConvTranspose", w, y.ndim, attrs)
         return sess.run(None, {"x": np.ascontiguousarray(y, np.float32)})[0]
+
+    def _flip(self, w: np.ndarray, group: int) -> np.ndarray:
+        hit = self._flipped.get(id(w))
+        if hit is not None and hit[0] is w:
+            return hit[1]
+        M, Cg = w.shape[:2]
+        k = w.shape[2:]
+        wf = w.reshape((group, M // group, Cg) + k).swapaxes(1, 2).reshape((group * Cg, M // group) + k)
+        wf = np.ascontiguousarray(wf[(slice(None), slice(None)) + (slice(None, None, -1),) * len(k)])
+        self._flipped[id(w)] = (w, wf)
+        return wf
 
     def conv(
         self,
