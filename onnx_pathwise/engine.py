@@ -206,9 +206,7 @@ class Engine:
             else:
                 for c, off in zip(cots, self.offsets.get(node.name, [])):
                     if c is not None and off is not None:
-                        cm = c.reshape((m, n) + c.shape[1:])
-                        contrib = cm * off.reshape((1,) + off.shape)
-                        bias += contrib.reshape(m, n, -1).sum(axis=2)
+                        bias += (c.reshape(rows, -1) @ off.reshape(-1)).reshape(m, n)
             ins = RULES[node.op_type].transpose(node, cots, self._ctx(node, n, state))
             if len(ins) != len(node.inputs):
                 raise RuleError(
