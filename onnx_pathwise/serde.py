@@ -134,7 +134,8 @@ def _attr_defaults(op_type: str, domain: str, opset: int) -> dict[str, Any]:
     for name, attr in schema.attributes.items():
         default = attr.default_value
         if default is not None and default.type != onnx.AttributeProto.UNDEFINED:
-            out[name] = helper.get_attribute_value(default)
+            # decoded like node attributes: string defaults (auto_pad, mode) are bytes
+            out[name] = _decode(helper.get_attribute_value(default))
     return out
 
 
@@ -188,6 +189,50 @@ def _topological(nodes: Sequence[onnx.NodeProto], known: set[str]) -> list[onnx.
     return order
 
 
+#: The oldest default-domain opset onnxruntime has kernels for (Gemm, BatchNormalization,
+#: Add, ... start at 7); older models are upgraded with onnx's version converter.
+MIN_RUNTIME_OPSET = 7
+
+
+def upgrade_old_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return ``model`` upgraded to :data:`MIN_RUNTIME_OPSET` when its opset is older (else as is).
+
+    onnx's converter refuses symbolic dimensions, so they are pinned to 1 for the conversion
+    and restored afterwards; inferred ``value_info`` (which saw the pinned sizes) is dropped.
+    """
+    opset = _opset(model)
+    if not 0 < opset < MIN_RUNTIME_OPSET:
+        return model
+    from onnx import version_converter
+
+    pinned = onnx.ModelProto()
+    pinned.CopyFrom(model)
+    params: dict[tuple[str, int], str] = {}
+    for vi in list(pinned.graph.input) + list(pinned.graph.output):
+        if not vi.type.HasField("tensor_type"):
+            continue
+        for i, d in enumerate(vi.type.tensor_type.shape.dim):
+            if not d.HasField("dim_value"):
+                params[(vi.name, i)] = d.dim_param
+                d.dim_value = 1
+    try:
+        upgraded = version_converter.convert_version(pinned, MIN_RUNTIME_OPSET)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"opset {opset} is older than onnxruntime supports ({MIN_RUNTIME_OPSET}) and onnx's "
+            f"version converter cannot upgrade it: {first}"
+        ) from None
+    for vi in list(upgraded.graph.input) + list(upgraded.graph.output):
+        if not vi.type.HasField("tensor_type"):
+            continue
+        for i, d in enumerate(vi.type.tensor_type.shape.dim):
+            if (vi.name, i) in params:
+                d.dim_param = params[(vi.name, i)] or "N"
+    del upgraded.graph.value_info[:]
+    return upgraded
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -212,6 +257,7 @@ def load(
 
         probe = probe_fn
     try:
+        model = upgrade_old_opset(model)
         return model, _analyse(model, label, input_name, output_name, probe)
     except ModelError as exc:
         if str(exc).startswith(label):
@@ -321,7 +367,16 @@ def _analyse(
 
     def peel(t: str) -> str:
         while t in producer:
-            p = producer[t]
+            # pass-throughs above a terminal op (skl2onnx: probabilities = Identity(Softmax))
+            # are post-processing too; elsewhere they stay in the cone
+            below = t
+            while below in producer and producer[below].op_type in ("Identity", "Dropout") and (
+                producer[below].input and kind.get(producer[below].input[0]) == DATA
+            ):
+                below = producer[below].input[0]
+            p = producer.get(below)
+            if p is None:
+                break
             data_ins = [i for i in p.input if i and kind.get(i) == DATA]
             terminal = p.op_type in TERMINAL_OPS or p.domain == ML_DOMAIN
             if not terminal or len(data_ins) != 1:
@@ -591,10 +646,11 @@ def canonical_attrs(
                         spatial, strides, a.get("output_padding") or [0] * n, kernel, dilations, out_spatial
                     )
                 ]
-                if a.get("auto_pad") == "SAME_UPPER":
-                    pads = [t // 2 for t in totals] + [t - t // 2 for t in totals]
-                else:
-                    pads = [t - t // 2 for t in totals] + [t // 2 for t in totals]
+                # a negative total (output_shape past the natural size): onnxruntime pads
+                # nothing and leaves the extra outputs, zeros, at the end (a negative end pad)
+                upper = a.get("auto_pad") == "SAME_UPPER"
+                begins = [max(t, 0) // 2 if upper else max(t, 0) - max(t, 0) // 2 for t in totals]
+                pads = begins + [t - b for t, b in zip(totals, begins)]
             else:
                 pads = list(a.get("pads") or [0] * (2 * n))
             a["pads"] = [int(p) for p in pads]
@@ -667,7 +723,21 @@ def canonical_attrs(
         a["axis"] = int(a.get("axis", 0)) % rank
         if a["axis"] == 0:
             raise ModelError("Split along the batch axis is not supported")
-        a["sizes"] = [shapes[o][a["axis"] - 1] if o in shapes else None for o in node.outputs]
+        # sizes from the operator's spec, not from recorded shapes: outputs outside the cone
+        # (a Split whose other pieces are unused) have none
+        dim = shapes[node.inputs[0]][a["axis"] - 1]
+        split = _const_input(node, 1, consts) if node.opset >= 13 else a.get("split")
+        k = len(node.outputs)
+        if split is not None and len(split):
+            sizes = [int(s) for s in split]
+        else:  # equal pieces; with Split-18 num_outputs the last one may be smaller
+            chunk = -(-dim // k)
+            sizes = [chunk] * (k - 1) + [dim - chunk * (k - 1)]
+        if sum(sizes) != dim or len(sizes) != k or any(
+            o in shapes and shapes[o][a["axis"] - 1] != s for o, s in zip(node.outputs, sizes)
+        ):
+            raise ModelError(f"Split sizes {sizes} do not fit axis {a['axis']} of length {dim}")
+        a["sizes"] = sizes
     elif op == "Slice":
         rank = _rank(node, shapes)
         if node.opset >= 10:
@@ -733,6 +803,12 @@ def canonical_attrs(
     elif op == "BatchNormalization":
         if a.get("training_mode", 0):
             raise ModelError("BatchNormalization in training mode")
+        scale = _const_input(node, 1, consts)
+        if scale is not None and scale.ndim != 1:
+            raise ModelError(
+                f"BatchNormalization with per-activation statistics (spatial=0, scale shape "
+                f"{scale.shape}) is not supported; only per-channel"
+            )
     elif op == "Sum":
         pass
     return a
@@ -753,3 +829,33 @@ def _onnx_slice(start: int, end: int, step: int, dim: int) -> tuple[int, int | N
     start = min(max(start, 0), dim - 1)
     end = min(max(end, -1), dim - 1)
     return (start, None if end < 0 else end, step)
+
+
+# --------------------------------------------------------------------------- edits for audits
+
+
+def last_weight(ir: ModelIR, model: onnx.ModelProto) -> str | None:
+    """The initializer holding the weights of the affine layer closest to the output."""
+    inits = {t.name for t in model.graph.initializer}
+    for node in reversed(ir.nodes):
+        if node.op_type in ("Gemm", "MatMul", "Conv", "ConvTranspose"):
+            for t, d in zip(node.inputs, node.data):
+                if t and not d and t in inits and ir.constants[t].ndim >= 2:
+                    return t
+    return None
+
+
+def randomize_initializer(model: onnx.ModelProto, name: str, seed: int = 0) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializer ``name`` is redrawn from a normal distribution with
+    the same mean and standard deviation (the randomisation sanity check)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for i, t in enumerate(out.graph.initializer):
+        if t.name == name:
+            w = numpy_helper.to_array(t)
+            rng = np.random.default_rng(seed)
+            std = float(w.std()) or 1.0
+            new = rng.normal(float(w.mean()), std, size=w.shape).astype(w.dtype)
+            out.graph.initializer[i].CopyFrom(numpy_helper.from_array(new, name))
+            return out
+    raise KeyError(name)

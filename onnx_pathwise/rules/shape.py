@@ -111,10 +111,16 @@ class Split:
 
     @staticmethod
     def transpose(node: Node, cots: list[Array | None], ctx: Ctx) -> list[Array | None]:
-        rows = next(g for g in cots if g is not None).shape[0]
         like = next(g for g in cots if g is not None)
-        parts = [g if g is not None else np.zeros(_out(ctx, rows, i), like.dtype) for i, g in enumerate(cots)]
-        return _none_after(np.concatenate(parts, axis=node.attrs["axis"]), node)
+        axis = node.attrs["axis"]
+        parts = []
+        for g, size in zip(cots, node.attrs["sizes"]):
+            if g is None:  # a piece no path reached (possibly outside the cone: no recorded shape)
+                shape = list(_in(ctx, like.shape[0]))
+                shape[axis] = size
+                g = np.zeros(shape, like.dtype)
+            parts.append(g)
+        return _none_after(np.concatenate(parts, axis=axis), node)
 
 
 @register("Slice")

@@ -68,9 +68,24 @@ def padded_size(spatial: Sequence[int], pads: Sequence[int], out: Sequence[int],
     ]
 
 
+def _split_negative_pads(pads: Sequence[int], spatial: Sequence[int]
+                         ) -> tuple[list[int], list[int], tuple[slice, ...]]:
+    """Pads with the negative ones turned into a crop: (pads ≥ 0, cropped spatial size, the
+    cropped region as an index of (B, C, *spatial))."""
+    n = len(spatial)
+    cut = [max(-int(p), 0) for p in pads]
+    cropped = [int(spatial[i]) - cut[i] - cut[n + i] for i in range(n)]
+    inner = (slice(None), slice(None)) + tuple(slice(cut[i], cut[i] + cropped[i]) for i in range(n))
+    return [max(int(p), 0) for p in pads], cropped, inner
+
+
 def conv_nd(x: Array, w: Array, out: Sequence[int], strides: Sequence[int], dilations: Sequence[int],
             pads: Sequence[int], group: int) -> Array:
-    """Cross-correlation as ONNX Conv computes it, without bias: x (B, C, *L), w (M, C/g, *k)."""
+    """Cross-correlation as ONNX Conv computes it, without bias: x (B, C, *L), w (M, C/g, *k).
+    A negative pad crops the input (ConvTranspose's output_shape can ask for one)."""
+    if min(pads, default=0) < 0:
+        pads, _, inner = _split_negative_pads(pads, x.shape[2:])
+        x = x[inner]
     B, C = x.shape[:2]
     M = w.shape[0]
     kernel = w.shape[2:]
@@ -89,7 +104,14 @@ def conv_nd(x: Array, w: Array, out: Sequence[int], strides: Sequence[int], dila
 
 def conv_nd_adjoint(y: Array, w: Array, spatial: Sequence[int], strides: Sequence[int],
                     dilations: Sequence[int], pads: Sequence[int], group: int) -> Array:
-    """Adjoint of :func:`conv_nd` with respect to x: y (B, M, *O) → (B, C, *spatial)."""
+    """Adjoint of :func:`conv_nd` with respect to x: y (B, M, *O) → (B, C, *spatial).
+    A negative pad leaves zeros where conv_nd cropped the input."""
+    if min(pads, default=0) < 0:
+        pads, cropped, inner = _split_negative_pads(pads, spatial)
+        dx = conv_nd_adjoint(y, w, cropped, strides, dilations, pads, group)
+        full = np.zeros(dx.shape[:2] + tuple(spatial), dx.dtype)
+        full[inner] = dx
+        return full
     B, M = y.shape[:2]
     out = y.shape[2:]
     kernel = w.shape[2:]

@@ -1,0 +1,295 @@
+"""Audits for CI: is a model analysable, are its explanations exact, what changed between two
+versions. Each check is a small function returning a :class:`Check`; the report renders as
+text, JSON or JUnit XML."""
+
+from __future__ import annotations
+
+import os
+import time
+import xml.etree.ElementTree as ET
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import runtime, serde
+from .errors import PathwiseError, UnsupportedModelError
+from .explainer import Explainer
+
+PASS, FAIL, SKIP = "pass", "fail", "skip"
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    detail: str
+    seconds: float = 0.0
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AuditReport:
+    model: str
+    checks: list[Check]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.status != FAIL for c in self.checks)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "passed": self.passed, "checks": [asdict(c) for c in self.checks]}
+
+    def to_junit(self) -> str:
+        suite = ET.Element(
+            "testsuite",
+            name=f"onnx-pathwise audit {os.path.basename(self.model)}",
+            tests=str(len(self.checks)),
+            failures=str(sum(c.status == FAIL for c in self.checks)),
+            skipped=str(sum(c.status == SKIP for c in self.checks)),
+            time=f"{sum(c.seconds for c in self.checks):.3f}",
+        )
+        for c in self.checks:
+            case = ET.SubElement(suite, "testcase", classname="onnx_pathwise.audit", name=c.name, time=f"{c.seconds:.3f}")
+            if c.status == FAIL:
+                ET.SubElement(case, "failure", message=c.detail).text = c.detail
+            elif c.status == SKIP:
+                ET.SubElement(case, "skipped", message=c.detail)
+            else:
+                ET.SubElement(case, "system-out").text = c.detail
+        suites = ET.Element("testsuites")
+        suites.append(suite)
+        return ET.tostring(suites, encoding="unicode", xml_declaration=True)
+
+    def to_text(self) -> str:
+        width = max(len(c.name) for c in self.checks) if self.checks else 10
+        lines = [f"audit of {self.model}"]
+        for c in self.checks:
+            lines.append(f"  {c.status.upper():4s}  {c.name:{width}s}  {c.detail}")
+        verdict = "PASSED" if self.passed else "FAILED"
+        n_fail = sum(c.status == FAIL for c in self.checks)
+        lines.append(f"{verdict}: {len(self.checks) - n_fail} of {len(self.checks)} checks passed or skipped")
+        return "\n".join(lines)
+
+
+def generated_inputs(ex: Explainer, n: int = 4, seed: int = 0) -> np.ndarray:
+    """A few standard-normal inputs of the model's shape (the default audit inputs)."""
+    return np.random.default_rng(seed).normal(size=(n,) + ex.input_shape).astype(ex.ir.input_dtype)
+
+
+def _timed(name: str, fn: Callable[[], tuple[str, str, dict[str, Any]]]) -> Check:
+    t = time.perf_counter()
+    try:
+        status, detail, values = fn()
+    except PathwiseError as exc:
+        status, detail, values = FAIL, str(exc), {}
+    return Check(name, status, detail, time.perf_counter() - t, values)
+
+
+def _relative(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / (np.abs(b).max() + 1e-12))
+
+
+def audit(
+    model: str | os.PathLike[str],
+    inputs: np.ndarray | None = None,
+    max_delta: float = 1e-4,
+    device: str = "auto",
+    width: int | str | None = None,
+) -> AuditReport:
+    """Run every check on ``model``; ``max_delta`` bounds the completeness delta relative to
+    the largest score magnitude (at least 1)."""
+    label = str(model)
+    checks: list[Check] = []
+    try:
+        proto = serde.read_model(model)
+    except PathwiseError as exc:
+        return AuditReport(label, [Check("model readable", FAIL, str(exc))])
+    ops = Counter(n.op_type for n in proto.graph.node)
+    inventory = ", ".join(f"{k}×{v}" for k, v in sorted(ops.items()))
+
+    def analysable() -> tuple[str, str, dict[str, Any]]:
+        try:
+            serde.load(proto)
+        except UnsupportedModelError as exc:
+            return FAIL, "; ".join(exc.problems), {"blockers": exc.problems, "ops": dict(ops)}
+        return PASS, f"ops: {inventory}", {"ops": dict(ops)}
+
+    checks.append(_timed("analysable", analysable))
+
+    def loads() -> tuple[str, str, dict[str, Any]]:
+        runtime.session(proto, "cpu")
+        return PASS, "onnxruntime creates a session", {}
+
+    checks.append(_timed("onnxruntime loads", loads))
+    if any(c.status == FAIL for c in checks):
+        return AuditReport(label, checks)
+
+    ex = Explainer(proto, device=device)
+    x = ex.check_input(inputs, "inputs") if inputs is not None else generated_inputs(ex)
+
+    def completeness() -> tuple[str, str, dict[str, Any]]:
+        res = ex.unwrap(x)
+        scale = max(1.0, float(np.abs(res.output).max()))
+        rel = float(res.delta.max()) / scale
+        status = PASS if rel <= max_delta else FAIL
+        return status, f"max |W x + b − f(x)| = {res.delta.max():.3g} ({rel:.3g} of the score scale; limit {max_delta:g})", {
+            "delta": res.delta.tolist(), "relative": rel}
+
+    checks.append(_timed("completeness", completeness))
+
+    def batch_equals_samples() -> tuple[str, str, dict[str, Any]]:
+        full = ex.explain(x, width=width)
+        worst = 0.0
+        same_paths = True
+        for i in range(x.shape[0]):
+            one = ex.explain(x[i : i + 1], width=width)
+            worst = max(worst, _relative(one.attribution[0], full.attribution[i]))
+            same_paths &= [p.kept.tolist() for p in one.path[0]] == [p.kept.tolist() for p in full.path[i]]
+        ok = worst < 1e-4 and same_paths
+        return (PASS if ok else FAIL), f"max relative difference {worst:.3g}, paths {'identical' if same_paths else 'differ'}", {
+            "difference": worst}
+
+    checks.append(_timed("batch equals per-sample", batch_equals_samples))
+
+    def deterministic() -> tuple[str, str, dict[str, Any]]:
+        a, b = ex.explain(x, width=width), ex.explain(x, width=width)
+        same = np.array_equal(a.attribution, b.attribution) and all(
+            [p.kept.tolist() for p in pa] == [p.kept.tolist() for p in pb] for pa, pb in zip(a.path, b.path)
+        )
+        return (PASS if same else FAIL), "two runs give identical paths and attributions" if same else "two runs differ", {}
+
+    checks.append(_timed("deterministic", deterministic))
+
+    def cuda_agreement() -> tuple[str, str, dict[str, Any]]:
+        if not runtime.cuda_available():
+            return SKIP, "no usable CUDA GPU", {}
+        cpu = Explainer(proto, device="cpu").explain(x, width=width)
+        gpu = Explainer(proto, device="cuda").explain(x, width=width)
+        diff = _relative(gpu.attribution, cpu.attribution)
+        same = all([p.kept.tolist() for p in pa] == [p.kept.tolist() for p in pb] for pa, pb in zip(cpu.path, gpu.path))
+        ok = diff < 1e-3 and same
+        return (PASS if ok else FAIL), f"attributions differ by {diff:.3g} (relative); paths {'identical' if same else 'differ'}", {
+            "difference": diff}
+
+    checks.append(_timed("cpu vs cuda", cuda_agreement))
+
+    def randomisation() -> tuple[str, str, dict[str, Any]]:
+        name = serde.last_weight(ex.source_ir, proto)
+        if name is None:
+            return SKIP, "no initializer-backed weight in the last layer", {}
+        shuffled = Explainer(serde.randomize_initializer(proto, name, seed=1), device=ex.device)
+        a = ex.explain(x, width=width).attribution.reshape(x.shape[0], -1)
+        b = shuffled.explain(x, width=width).attribution.reshape(x.shape[0], -1)
+        corr = [_correlation(a[i], b[i]) for i in range(x.shape[0])]
+        mean = float(np.nanmean(corr)) if np.isfinite(corr).any() else 0.0
+        ok = mean < 0.99
+        return (PASS if ok else FAIL), f"randomising {name!r} changes the explanations (mean correlation {mean:.3f})" if ok else (
+            f"randomising {name!r} leaves the explanations unchanged (mean correlation {mean:.3f})"), {"correlation": corr}
+
+    checks.append(_timed("randomised weights change explanations", randomisation))
+    return AuditReport(label, checks)
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.astype(np.float64) - a.mean()
+    b = b.astype(np.float64) - b.mean()
+    den = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / den) if den > 0 else float("nan")
+
+
+# --------------------------------------------------------------------------- diff
+
+
+@dataclass
+class DiffReport:
+    old: str
+    new: str
+    samples: list[dict[str, Any]]
+    layers: dict[str, float]  # mean Jaccard per matched layer
+    prediction_changes: int
+    mean_correlation: float
+    mean_jaccard: float
+    failures: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self) | {"passed": self.passed}
+
+    def to_text(self) -> str:
+        n = len(self.samples)
+        lines = [f"diff {self.old} → {self.new} on {n} sample(s)",
+                 f"  predictions changed   {self.prediction_changes} of {n}",
+                 f"  attribution corr.     {self.mean_correlation:.4f} (mean)",
+                 f"  path overlap          {self.mean_jaccard:.4f} (mean Jaccard over matched layers)"]
+        for name, j in self.layers.items():
+            lines.append(f"    {name:30s} {j:.4f}")
+        if not self.layers:
+            lines.append("    (no gate layer matches by name and shape)")
+        lines.append("FAILED: " + "; ".join(self.failures) if self.failures else "PASSED")
+        return "\n".join(lines)
+
+
+def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    sa, sb = set(a.tolist()), set(b.tolist())
+    union = len(sa | sb)
+    return len(sa & sb) / union if union else 1.0
+
+
+def diff(
+    old: str | os.PathLike[str],
+    new: str | os.PathLike[str],
+    inputs: np.ndarray,
+    width: int | str | None = None,
+    depth: int | None = None,
+    device: str = "auto",
+    min_correlation: float | None = None,
+    min_jaccard: float | None = None,
+    max_prediction_changes: int | None = None,
+) -> DiffReport:
+    """Compare the explanations of two versions of a model on the same inputs."""
+    ea, eb = Explainer(old, device=device), Explainer(new, device=device)
+    if ea.input_shape != eb.input_shape:
+        raise PathwiseError(f"input shapes differ: {ea.input_shape} vs {eb.input_shape}")
+    x = ea.check_input(inputs, "inputs")
+    ra = ea.explain(x, width=width, depth=depth)
+    rb = eb.explain(x, width=width, depth=depth)
+    shapes_b = {g.name: g.shape for g in eb.gate_layers}
+    matched = [g.name for g in ea.gate_layers if shapes_b.get(g.name) == g.shape]
+    samples = []
+    per_layer: dict[str, list[float]] = {m: [] for m in matched}
+    for i in range(x.shape[0]):
+        pa = {p.node: p.kept for p in ra.path[i]}
+        pb = {p.node: p.kept for p in rb.path[i]}
+        js = {}
+        for m in matched:
+            if m in pa and m in pb:
+                js[m] = _jaccard(pa[m], pb[m])
+                per_layer[m].append(js[m])
+        samples.append({
+            "old_prediction": int(ra.output[i].argmax()),
+            "new_prediction": int(rb.output[i].argmax()),
+            "correlation": _correlation(ra.attribution[i].ravel(), rb.attribution[i].ravel()),
+            "jaccard": js,
+        })
+    layers = {m: float(np.mean(v)) for m, v in per_layer.items() if v}
+    changes = sum(s["old_prediction"] != s["new_prediction"] for s in samples)
+    corrs = [s["correlation"] for s in samples if np.isfinite(s["correlation"])]
+    mean_corr = float(np.mean(corrs)) if corrs else float("nan")
+    mean_j = float(np.mean(list(layers.values()))) if layers else float("nan")
+    failures = []
+    if min_correlation is not None and not mean_corr >= min_correlation:
+        failures.append(f"mean attribution correlation {mean_corr:.4f} < {min_correlation}")
+    if min_jaccard is not None and not mean_j >= min_jaccard:
+        failures.append(f"mean path overlap {mean_j:.4f} < {min_jaccard}")
+    if max_prediction_changes is not None and changes > max_prediction_changes:
+        failures.append(f"{changes} prediction(s) changed > {max_prediction_changes}")
+    return DiffReport(str(old), str(new), samples, layers, changes, mean_corr, mean_j, failures)
+
+
+__all__: Sequence[str] = ["AuditReport", "Check", "DiffReport", "audit", "diff", "generated_inputs"]
