@@ -1,0 +1,442 @@
+"""Baseline attribution methods on the same engine (DESIGN §5), no autodiff framework.
+
+Every method takes ``(explainer, x, target)`` — a batch (N, *input shape), and one class per
+sample (an int, an int array, or None for the argmax of the scores) — and returns
+attributions of the input's shape (N, *input shape):
+
+* :func:`gradient` — saliency ∂y_c/∂x (signed), the frozen network's gradient at x.
+* :func:`input_x_gradient` — x ⊙ ∂y_c/∂x.
+* :func:`unwrap` — the target row of the full local affine model W_x (DESIGN §3) ⊙ x; equal
+  to Input×Gradient, computed through :meth:`Explainer.unwrap`.
+* :func:`pathwise` — the pathwise attribution W_p ⊙ x (DESIGN §4, :meth:`Explainer.explain`).
+* :func:`integrated_gradients` — (x − x₀) ⊙ ∫₀¹ ∂y_c/∂x(x₀ + α(x − x₀)) dα (Sundararajan,
+  Taly, Yan 2017), by the Riemann midpoint rule with gates re-recorded at every point, or
+  exactly: along the segment the network is piecewise linear, so the integral is a finite sum
+  over the segment's activation pieces.
+* :func:`guided_backprop` — Springenberg et al. 2015: the backward sweep keeps only positive
+  cotangents at every gate's input.
+
+``y_c`` is the explained score (the logit; terminal Softmax/Sigmoid are peeled, DESIGN §1).
+:meth:`Explainer.attribute` dispatches here by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .engine import Hook, Record
+from .errors import PathwiseError
+from .ir import Node
+from .pathwise import resolve_targets
+
+if TYPE_CHECKING:
+    from .explainer import Explainer
+
+Array = np.ndarray
+
+#: Input rows (samples × interpolation points) recorded and swept at once, at most.
+MAX_ROWS = 4096
+
+
+# ---------------------------------------------------------------------- plumbing
+
+
+def record_rows(explainer: Explainer, x: Array) -> tuple[Record, dict[str, Array]]:
+    """One onnxruntime forward pass over rows x (already checked): the record and the raw
+    recorded values (gate and max-pool inputs, the scores)."""
+    values = explainer._recorder_for().run(x)
+    states, pre = explainer.engine.states_from(values)
+    scores = np.asarray(values[explainer.ir.output_name]).reshape(x.shape[0], -1)
+    return Record(x=x, scores=scores, states=states, preactivations=pre), values
+
+
+def _row_chunk(explainer: Explainer) -> int:
+    """Rows per record/sweep so that one sweep stays within the engine's memory bound."""
+    return max(1, min(MAX_ROWS, explainer._class_chunk(1)))
+
+
+def _probe_chunk(explainer: Explainer) -> int:
+    """Rows per probe: a tangent pass keeps every tensor of the cone at once."""
+    from .explainer import MAX_SWEEP_ELEMENTS
+
+    total = sum(int(np.prod(shape, dtype=np.int64)) for shape in explainer.ir.shapes.values())
+    return max(1, min(MAX_ROWS, MAX_SWEEP_ELEMENTS // max(1, 2 * total)))
+
+
+def _targets(explainer: Explainer, x: Array, target: Any, record: Record | None) -> tuple[Array, Record | None]:
+    if target is None:
+        record = record if record is not None else explainer.record(x)
+        return record.scores.argmax(axis=1), record
+    n = x.shape[0]
+    return resolve_targets(target, np.zeros((n, explainer.num_classes))), record
+
+
+def target_seeds(explainer: Explainer, target: Array) -> dict[str, Array]:
+    """One seed per row: e_{target[i]} at the scores, shape (1, n, *score shape)."""
+    n = len(target)
+    seed = np.zeros((1, n, explainer.num_classes), explainer.engine.dtype)
+    seed[0, np.arange(n), target] = 1.0
+    name = explainer.ir.output_name
+    return {name: seed.reshape((1, n) + explainer.ir.shapes[name])}
+
+
+def _sweep(
+    explainer: Explainer,
+    x: Array,
+    target: Array,
+    record: Record | None = None,
+    hooks: Callable[[Record], Mapping[str, Hook]] | None = None,
+) -> Array:
+    """∂y_target/∂x per row (n, *in) of the frozen network, with optional gate hooks built
+    per chunk from its record; chunked over rows."""
+    n = x.shape[0]
+    if record is not None and n <= _row_chunk(explainer):
+        w, _ = explainer.engine.backward(
+            target_seeds(explainer, target), record, hooks=hooks(record) if hooks else None
+        )
+        return w[0]
+    out = np.empty(x.shape, explainer.engine.dtype)
+    step = _row_chunk(explainer)
+    for s in range(0, n, step):
+        rec, _ = record_rows(explainer, x[s : s + step])
+        w, _ = explainer.engine.backward(
+            target_seeds(explainer, target[s : s + step]), rec, hooks=hooks(rec) if hooks else None
+        )
+        out[s : s + step] = w[0]
+    return out
+
+
+# ---------------------------------------------------------------------- methods
+
+
+def gradient(explainer: Explainer, x: Any, target: Any = None, *, record: Record | None = None) -> Array:
+    """Saliency: ∂y_c/∂x at x (signed), one backward sweep per batch chunk.
+
+    Gates and max-pool argmax are those recorded at x, so this is the gradient of the network
+    wherever it is differentiable (ReLU'(0) = 0, max-pool ties to the first maximum).
+    """
+    x = explainer.check_input(x)
+    tgt, record = _targets(explainer, x, target, record)
+    return _sweep(explainer, x, tgt, record)
+
+
+def input_x_gradient(explainer: Explainer, x: Any, target: Any = None, *, record: Record | None = None) -> Array:
+    """Input×Gradient: x ⊙ ∂y_c/∂x."""
+    x = explainer.check_input(x)
+    return (gradient(explainer, x, target, record=record) * x).astype(explainer.engine.dtype)
+
+
+def unwrap(explainer: Explainer, x: Any, target: Any = None, *, record: Record | None = None) -> Array:
+    """Full unwrapping: W_x[c] ⊙ x from the local affine model of :meth:`Explainer.unwrap`
+    (all K rows, checked against onnxruntime); equals Input×Gradient."""
+    x = explainer.check_input(x)
+    rec = record if record is not None else explainer.record(x)
+    tgt, _ = _targets(explainer, x, target, rec)
+    res = explainer.unwrap(x, record=rec)
+    return (res.weight[np.arange(x.shape[0]), tgt] * x).astype(res.weight.dtype)
+
+
+def pathwise(
+    explainer: Explainer,
+    x: Any,
+    target: Any = None,
+    *,
+    width: int | str | None = None,
+    depth: int | None = None,
+    input_width: int | str | None = None,
+    record: Record | None = None,
+) -> Array:
+    """Pathwise attribution W_p ⊙ x (DESIGN §4); see :meth:`Explainer.explain`."""
+    x = explainer.check_input(x)
+    tgt, record = _targets(explainer, x, target, record)
+    return explainer.explain(x, tgt, width=width, depth=depth, input_width=input_width, record=record).attribution
+
+
+def guided_backprop(explainer: Explainer, x: Any, target: Any = None, *, record: Record | None = None) -> Array:
+    """Guided Backpropagation (Springenberg, Dosovitskiy, Brox, Riedmiller 2015).
+
+    The backward sweep of the frozen network, except that at every gate (Relu, LeakyRelu,
+    PRelu, Clip, Max(x, 0)) the cotangent reaching the gate's *input* is clamped to ≥ 0:
+    z̄ = max(slope·ȳ, 0). Policy: the clamp is applied after the gate's own frozen slope, as in
+    the paper (R = [z > 0]·[R̄ > 0]·R̄ for ReLU) and as in a torch hook clamping the ReLU's input
+    gradient. It is implemented as a hook on the gate's output cotangent that keeps
+    max(ȳ, 0) where the slope is ≥ 0 and min(ȳ, 0) where it is negative (a PRelu with a
+    negative coefficient), so that the slope multiplication that follows yields exactly
+    max(slope·ȳ, 0). Max-pool routing and every affine node pass cotangents unchanged.
+    """
+    x = explainer.check_input(x)
+    tgt, record = _targets(explainer, x, target, record)
+
+    def hooks(rec: Record) -> dict[str, Hook]:
+        def clamp(node: Node, g: Array) -> Array:
+            slope = rec.states[node.name].slope  # (n, *s); g is (m, n, *s)
+            return np.where(slope >= 0, np.maximum(g, 0), np.minimum(g, 0)).astype(g.dtype)
+
+        return {node.name: clamp for node in explainer.engine.gate_nodes}
+
+    return _sweep(explainer, x, tgt, record, hooks=hooks)
+
+
+def _baseline(explainer: Explainer, x: Array, baseline: Any) -> Array:
+    if isinstance(baseline, str):
+        if baseline != "zeros":
+            raise PathwiseError(f"baseline {baseline!r}: use 'zeros', a number or an array")
+        return np.zeros_like(x)
+    b = np.asarray(baseline)
+    if b.dtype.kind not in "fiu":
+        raise PathwiseError(f"baseline: dtype {b.dtype} is not numeric")
+    if b.ndim == 0:
+        return np.full_like(x, float(b))
+    if b.shape == x.shape[1:]:
+        b = np.broadcast_to(b, x.shape)
+    if b.shape != x.shape:
+        raise PathwiseError(f"baseline: shape {b.shape} fits neither the input {x.shape[1:]} nor the batch {x.shape}")
+    return explainer.check_input(np.array(b), "baseline")
+
+
+def integrated_gradients(
+    explainer: Explainer,
+    x: Any,
+    target: Any = None,
+    *,
+    baseline: Any = "zeros",
+    steps: int = 32,
+    exact: bool = False,
+    record: Record | None = None,
+) -> Array:
+    """Integrated Gradients (Sundararajan, Taly, Yan 2017) from ``baseline`` x₀ to x.
+
+    ``baseline``: ``"zeros"``, a number (constant input), or an array of the input's shape
+    or the batch's shape. Step version (``exact=False``): (x − x₀) ⊙ (1/S) Σ_k ∂y_c/∂x at
+    x₀ + α_k (x − x₀), α_k = (k + ½)/S (Riemann midpoint), with gates and argmax re-recorded at
+    every point; all points of all samples go through batched record/backward calls.
+
+    ``exact=True``: the network is affine on each activation piece of the segment, so
+    IG = (x − x₀) ⊙ Σ_j (α_{j+1} − α_j) g_j with g_j the gradient on piece j. The pieces are
+    found analytically (see :func:`segment_pieces`); completeness Σ IG = y_c(x) − y_c(x₀)
+    then holds to float32 round-off. ``steps`` sets the initial probe grid.
+    """
+    x = explainer.check_input(x)
+    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+        raise PathwiseError(f"steps {steps!r}: must be a positive integer")
+    steps = int(steps)
+    tgt, _ = _targets(explainer, x, target, record)
+    x0 = _baseline(explainer, x, baseline)
+    d = x.astype(np.float64) - x0.astype(np.float64)
+    n = x.shape[0]
+    if exact:
+        pieces = segment_pieces(explainer, x, x0, steps=steps)
+        alphas = np.concatenate([p.representative for p in pieces])
+        weights = np.concatenate([np.diff(p.breaks) for p in pieces])
+        owner = np.concatenate([np.full(len(p.representative), i) for i, p in enumerate(pieces)])
+    else:
+        a = (np.arange(steps) + 0.5) / steps
+        alphas = np.tile(a, n)
+        weights = np.full(n * steps, 1.0 / steps)
+        owner = np.repeat(np.arange(n), steps)
+    total = np.zeros(x.shape, np.float64)
+    chunk = _row_chunk(explainer)
+    for s in range(0, len(alphas), chunk):
+        own = owner[s : s + chunk]
+        pts = (x0[own].astype(np.float64) + alphas[s : s + chunk].reshape((-1,) + (1,) * (x.ndim - 1)) * d[own])
+        g = _sweep(explainer, pts.astype(x.dtype), tgt[own])
+        np.add.at(total, own, g.astype(np.float64) * weights[s : s + chunk].reshape((-1,) + (1,) * (x.ndim - 1)))
+    return (total * d).astype(explainer.engine.dtype)
+
+
+# ---------------------------------------------------------------------- exact segment pieces
+
+
+@dataclass(frozen=True)
+class SegmentPieces:
+    """The activation pieces of one segment x₀ + α(x − x₀), α ∈ [0, 1].
+
+    ``breaks`` (J + 1,) from 0 to 1; piece j is [breaks[j], breaks[j+1]] and
+    ``representative[j]`` an α inside it whose recorded pattern is the piece's.
+    """
+
+    breaks: Array
+    representative: Array
+
+    @property
+    def count(self) -> int:
+        return int(len(self.representative))
+
+
+def _gate_kinks(node: Node) -> list[tuple[float, bool]]:
+    """(kink, whether z == kink counts as the upper side) of a gate's pre-activation."""
+    if node.op_type == "Clip":
+        lo, hi = float(node.attrs["min"]), float(node.attrs["max"])
+        return [(k, up) for k, up in ((lo, False), (hi, True)) if np.isfinite(k)]
+    return [(0.0, False)]
+
+
+def _bounds(margin: Array, rate: Array, alpha: Array) -> tuple[Array, Array]:
+    """Per row: the piece [lo, hi] on which every margin + (α − α_p)·rate stays ≥ 0.
+
+    margin, rate (P, M) float64 (margin ≥ 0), alpha (P,)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fwd = np.where(rate < 0, margin / -rate, np.inf).min(axis=1, initial=np.inf)
+        bwd = np.where(rate > 0, margin / rate, np.inf).min(axis=1, initial=np.inf)
+    return alpha - bwd, alpha + fwd
+
+
+def _probe(explainer: Explainer, x0: Array, d: Array, owner: Array, alpha: Array) -> tuple[Array, Array, list[bytes]]:
+    """Record at x₀ + α d for each row and return the row's piece [lo, hi] (clipped to
+    [0, 1]) and its activation-pattern key."""
+    from .rules.pooling import _geometry, _window_index
+
+    eng, ir = explainer.engine, explainer.ir
+    P = len(alpha)
+    shp = (-1,) + (1,) * (d.ndim - 1)
+    pts = (x0[owner].astype(np.float64) + alpha.reshape(shp) * d[owner]).astype(x0.dtype)
+    rec, values = record_rows(explainer, pts)
+    env = eng.tangent_env(d[owner][None].astype(eng.dtype), rec)
+    lo = np.zeros(P)
+    hi = np.ones(P)
+
+    def tighten(margin: Array, rate: Array) -> None:
+        a, b = _bounds(margin, rate, alpha)
+        np.maximum(lo, a, out=lo)
+        np.minimum(hi, b, out=hi)
+
+    for node in eng.gate_nodes:
+        z = rec.preactivations[node.name].reshape(P, -1).astype(np.float64)
+        dz = env[node.data_inputs[0]].reshape(P, -1).astype(np.float64)
+        for kink, up_at_kink in _gate_kinks(node):
+            side = np.where((z >= kink) if up_at_kink else (z > kink), 1.0, -1.0)
+            tighten(np.maximum(side * (z - kink), 0.0), side * dz)
+    for node in eng.routing_nodes:
+        src = node.data_inputs[0]
+        v = np.asarray(values[src]).reshape(P, -1).astype(np.float64)
+        dv = env[src].reshape(P, -1).astype(np.float64)
+        shape = ir.shapes[src]
+        C, S = shape[0], int(np.prod(shape[1:], dtype=np.int64))
+        if node.op_type == "MaxPool":
+            table = _window_index(*_geometry(node, eng._ctx(node, P)))
+        else:
+            table = np.arange(S)[None, :]
+        Kw = table.shape[1]
+        valid = np.broadcast_to(table[None] >= 0, (C,) + table.shape).reshape(-1, Kw)  # (C·Pout, Kw)
+        idx = np.where(valid, (table[None] + (np.arange(C) * S)[:, None, None]).reshape(-1, Kw), 0)
+        win = rec.states[node.name].argmax  # (P, C·Pout)
+        keep = valid[None] & (idx[None] != win[:, :, None])  # (P, C·Pout, Kw)
+        margin = np.take_along_axis(v, win, axis=1)[:, :, None] - v[:, idx]
+        rate = np.take_along_axis(dv, win, axis=1)[:, :, None] - dv[:, idx]
+        tighten(np.where(keep, np.maximum(margin, 0.0), np.inf).reshape(P, -1),
+                np.where(keep, rate, 0.0).reshape(P, -1))
+    lo = np.clip(np.minimum(lo, alpha), 0.0, 1.0)
+    hi = np.clip(np.maximum(hi, alpha), 0.0, 1.0)
+    keys = []
+    for r in range(P):
+        h = hashlib.blake2b(digest_size=16)
+        for node in eng.gate_nodes:
+            st = rec.states[node.name]
+            h.update(np.ascontiguousarray(st.slope[r]).tobytes())
+            if st.offset is not None:
+                h.update(np.ascontiguousarray(st.offset[r]).tobytes())
+        for node in eng.routing_nodes:
+            h.update(np.ascontiguousarray(rec.states[node.name].argmax[r]).tobytes())
+        keys.append(h.digest())
+    return lo, hi, keys
+
+
+def segment_pieces(
+    explainer: Explainer, x: Any, baseline: Any = "zeros", steps: int = 32, tol: float = 1e-7, max_rounds: int = 64
+) -> list[SegmentPieces]:
+    """The activation pieces of the segments x₀ → x of a batch (one :class:`SegmentPieces`
+    per sample).
+
+    With the pattern frozen at a probe α_p, every gate pre-activation is affine along the
+    segment: z(α) = z(α_p) + (α − α_p)·ż, with ż the forward tangent along d = x − x₀
+    (:meth:`Engine.tangent_env`, one tangent); likewise every max-pool window's margin between
+    its recorded maximum and each other element. The probe's piece ends at the nearest α where
+    any of them reaches its kink, computed in float64. Activation regions are convex, so a
+    pattern occupies one interval of the segment: probes with the same pattern merge. Start
+    from ``steps`` grid midpoints, then probe the middle of every uncovered gap (all samples
+    in one batched record per round) until no gap exceeds ``tol``; adjacent pieces meet in the
+    middle of their (round-off sized) gap or overlap. Gaps still open after ``max_rounds``
+    rounds (float32 noise at a tie, far below ``tol`` in practice) are bridged the same way.
+    """
+    x = explainer.check_input(x)
+    x0 = _baseline(explainer, x, baseline)
+    d = x.astype(np.float64) - x0.astype(np.float64)
+    n = x.shape[0]
+    found: list[dict[bytes, list[float]]] = [{} for _ in range(n)]  # key → [lo, hi, probe, depth]
+    owner = np.repeat(np.arange(n), steps)
+    alpha = np.tile((np.arange(steps) + 0.5) / steps, n)
+    chunk = _probe_chunk(explainer)
+    for _ in range(max_rounds):
+        for s in range(0, len(alpha), chunk):
+            own, al = owner[s : s + chunk], alpha[s : s + chunk]
+            lo, hi, keys = _probe(explainer, x0, d, own, al)
+            for i, a, b, ap, k in zip(own, lo, hi, al, keys):
+                got = found[i].get(k)
+                if got is None:
+                    found[i][k] = [a, b, ap, min(ap - a, b - ap)]
+                else:
+                    got[0], got[1] = min(got[0], a), max(got[1], b)
+                    if min(ap - a, b - ap) > got[3]:  # the probe deepest inside represents the piece
+                        got[2], got[3] = ap, min(ap - a, b - ap)
+        owner_l: list[int] = []
+        alpha_l: list[float] = []
+        for i in range(n):
+            pieces = sorted(found[i].values(), key=lambda p: (p[0] + p[1]) / 2)
+            edges = [(0.0, pieces[0][0])] + [(p[1], q[0]) for p, q in zip(pieces, pieces[1:])] + [(pieces[-1][1], 1.0)]
+            for a, b in edges:
+                if b - a > tol:
+                    owner_l.append(i)
+                    alpha_l.append((a + b) / 2)
+        if not owner_l:
+            break
+        owner, alpha = np.array(owner_l, np.int64), np.array(alpha_l)
+    out = []
+    for i in range(n):
+        pieces = sorted(found[i].values(), key=lambda p: (p[0] + p[1]) / 2)
+        inner = [(p[1] + q[0]) / 2 for p, q in zip(pieces, pieces[1:])]
+        breaks = np.maximum.accumulate(np.clip(np.array([0.0] + inner + [1.0]), 0.0, 1.0))
+        breaks[-1] = 1.0
+        out.append(SegmentPieces(breaks, np.array([p[2] for p in pieces])))
+    return out
+
+
+# ---------------------------------------------------------------------- registry
+
+
+METHODS: dict[str, Callable[..., Array]] = {
+    "gradient": gradient,
+    "input_x_gradient": input_x_gradient,
+    "integrated_gradients": integrated_gradients,
+    "guided_backprop": guided_backprop,
+    "unwrap": unwrap,
+    "pathwise": pathwise,
+}
+
+
+def method_options(method: str) -> list[str]:
+    """The keyword options a method accepts (besides ``record``)."""
+    fn = get_method(method)
+    return [p.name for p in inspect.signature(fn).parameters.values()
+            if p.kind == p.KEYWORD_ONLY and p.name != "record"]
+
+
+def get_method(method: str) -> Callable[..., Array]:
+    if method not in METHODS:
+        raise PathwiseError(f"unknown attribution method {method!r}; choose one of: {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+def check_options(method: str, options: Mapping[str, Any]) -> None:
+    allowed = method_options(method)
+    bad = sorted(set(options) - set(allowed))
+    if bad:
+        raise PathwiseError(
+            f"method {method!r} does not take option(s) {', '.join(bad)}; "
+            f"it takes: {', '.join(allowed) if allowed else 'none'}"
+        )
