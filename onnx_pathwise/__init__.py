@@ -3,7 +3,14 @@
 See :class:`Explainer` for the Python API and ``onnx-pathwise --help`` for the CLI.
 """
 
-from .errors import DeviceError, InputError, ModelError, PathwiseError, UnsupportedModelError
+from .errors import (
+    DeviceError,
+    InputError,
+    ModelError,
+    OutputError,
+    PathwiseError,
+    UnsupportedModelError,
+)
 from .explainer import Explainer, RadiusResult, UnwrapResult
 
 __all__ = [
@@ -11,6 +18,7 @@ __all__ = [
     "Explainer",
     "InputError",
     "ModelError",
+    "OutputError",
     "PathwiseError",
     "RadiusResult",
     "UnsupportedModelError",

@@ -43,6 +43,13 @@ class InputError(PathwiseError):
     exit_code = 5
 
 
+class OutputError(PathwiseError):
+    """An output path cannot be written: its folder is missing, it is a directory, or it
+    exists and overwriting was not asked for. Same exit code as any bad option."""
+
+    exit_code = 2
+
+
 class DeviceError(PathwiseError):
     """The requested execution device is not available."""
 
