@@ -14,7 +14,7 @@ keeps its traceback.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,7 +23,7 @@ import numpy as np
 import typer
 from typer.core import TyperGroup
 
-from . import __version__
+from . import __version__, plots
 from .errors import (
     DeviceError,
     InputError,
@@ -34,7 +34,7 @@ from .errors import (
 )
 from .explainer import Explainer
 from .graph import GateLayer, Segment
-from .io import load_array, save_npz, to_json, write_json
+from .io import load_array, save_npz, to_json, write_bytes, write_json
 from .ir import GATE, ROUTING
 
 PROG = "onnx-pathwise"
@@ -335,6 +335,399 @@ def unwrap(
     n, k = res.output.shape
     typer.echo(f"wrote {out}: {n} sample(s) × {k} scores of {ex.ir.output_name!r}, weight "
                f"{tuple(res.weight.shape)}, max completeness delta {float(res.delta.max()):.2g}")
+
+
+# --------------------------------------------------------------------------- batches, folders
+
+
+#: Samples per chunk of a long batch (progress is reported per chunk).
+CHUNK = 16
+
+
+def _chunked(fn: Callable[[np.ndarray], Any], x: np.ndarray, what: str) -> Any:
+    """Run ``fn`` over chunks of the batch and merge the results; a progress bar on stderr
+    appears when the whole batch looks like taking more than a second."""
+    import time
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    n = x.shape[0]
+    starts = list(range(0, n, CHUNK))
+    t0 = time.perf_counter()
+    results = [fn(x[: CHUNK])]
+    if len(starts) > 1:
+        estimate = (time.perf_counter() - t0) * len(starts)
+        progress = Progress(TextColumn(f"{what}"), BarColumn(), TextColumn("{task.completed}/{task.total} samples"),
+                            TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+                            disable=estimate < 1.0)
+        with progress:
+            task = progress.add_task(what, total=n, completed=min(CHUNK, n))
+            for s in starts[1:]:
+                results.append(fn(x[s : s + CHUNK]))
+                progress.advance(task, min(CHUNK, n - s))
+    return _merge(results)
+
+
+def _merge(results: Sequence[Any]) -> Any:
+    """Concatenate per-sample fields of same-typed frozen result objects along the batch axis."""
+    import dataclasses
+
+    if len(results) == 1:
+        return results[0]
+    first = results[0]
+    n0 = len(first.target)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(first):
+        vals = [getattr(r, f.name) for r in results]
+        v0 = vals[0]
+        if isinstance(v0, np.ndarray) and v0.ndim >= 1 and v0.shape[0] == n0:
+            values[f.name] = np.concatenate(vals)
+        elif isinstance(v0, list) and len(v0) == n0:
+            values[f.name] = [item for v in vals for item in v]
+        else:
+            values[f.name] = v0
+    return dataclasses.replace(first, **values)
+
+
+def _guard_dir(out: Path, names: Sequence[str], force: bool) -> None:
+    """Refuse, before any work, an output folder that is a file or already holds our outputs."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder")
+    if out.is_dir() and not force:
+        clash = [n for n in names if (out / n).exists()]
+        if clash:
+            raise OutputError(f"{out}: already holds {', '.join(clash)}; pass --force to overwrite")
+    _guard_output(out / "probe.tmp", True)
+
+
+def _write_dir(out: Path, npz: Mapping[str, Mapping[str, np.ndarray]], json_files: Mapping[str, Any],
+               pngs: Mapping[str, bytes]) -> list[str]:
+    """Write every file into a fresh temporary folder beside ``out``, then move them in: a
+    failure leaves no partial output behind."""
+    import shutil
+    import tempfile
+
+    _make_parent(out / "x")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for name, arrays in npz.items():
+            save_npz(tmp / name, arrays)
+        for name, obj in json_files.items():
+            write_json(tmp / name, obj)
+        for name, data in pngs.items():
+            (tmp / name).write_bytes(data)
+        names = sorted(p.name for p in tmp.iterdir())
+        for name in names:
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return names
+
+
+def _path_json(path: Sequence[Any]) -> list[dict[str, Any]]:
+    return [{"node": p.node, "kept": p.kept.tolist(), "count": p.count, "units": p.units} for p in path]
+
+
+WidthOpt = Annotated[str | None, typer.Option(
+    "--width", help="Units kept per path layer: a count (10) or a percentage of the layer (5%). "
+                    "Default: every unit that favours the target.", show_default=False)]
+DepthOpt = Annotated[int | None, typer.Option(
+    "--depth", help="How many of the last gate layers are path-constrained (default all; 0 = input×gradient).",
+    show_default=False, min=0)]
+InputWidthOpt = Annotated[str | None, typer.Option(
+    "--input-width", help="Also keep only this many input elements (count or percentage).", show_default=False)]
+TargetOpt = Annotated[int | None, typer.Option(
+    "--target", help="Class to explain (default: each sample's predicted class).", show_default=False)]
+OutDirOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (created if missing).", show_default=False)]
+
+
+def _width(value: str | None) -> int | str | None:
+    if value is None:
+        return None
+    return value if value.strip().endswith("%") else _int_option("--width", value)
+
+
+def _int_option(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise PathwiseError(f"{name} {value!r}: expected a count like 10 or a percentage like 5%") from None
+
+
+METHODS = ("pathwise", "gradient", "input_x_gradient", "integrated_gradients", "guided_backprop", "unwrap")
+
+
+# --------------------------------------------------------------------------- explain
+
+
+@app.command()
+def explain(
+    model: ModelArg,
+    input: InputArg,
+    out: OutDirOpt,
+    method: Annotated[str, typer.Option("--method", help=f"One of: {', '.join(METHODS)}.")] = "pathwise",
+    target: TargetOpt = None,
+    width: WidthOpt = None,
+    depth: DepthOpt = None,
+    input_width: InputWidthOpt = None,
+    steps: Annotated[int, typer.Option("--steps", help="Integrated Gradients: interpolation steps.", min=1)] = 32,
+    exact: Annotated[bool, typer.Option("--exact", help="Integrated Gradients: integrate exactly over linear pieces.")] = False,
+    device: DeviceOpt = Device.auto,
+    input_name: InputNameOpt = None,
+    output: OutputNameOpt = None,
+    png: Annotated[bool, typer.Option("--png/--no-png", help="For image inputs, one PNG per sample.")] = True,
+    force: ForceOpt = False,
+) -> None:
+    """Explain each sample: pathwise (the default) or a baseline method.
+
+    Writes OUT/explanation.npz (attribution, output, target; pathwise also weight, bias,
+    masked_score), OUT/explanation.json (per sample: target, score and, for pathwise,
+    faithfulness and the path) and, for image inputs, OUT/sample_<i>.png.
+    """
+    if method not in METHODS:
+        raise PathwiseError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    names = ["explanation.npz", "explanation.json"]
+    _guard_dir(out, names, force)
+    ex = _open_explainer(model, device, input_name, output)
+    x = _load_input(input, ex)
+    w, iw = _width(width), _width(input_width)
+    if method != "pathwise" and (w is not None or depth is not None or iw is not None):
+        raise PathwiseError("--width, --depth and --input-width apply to --method pathwise only")
+    if method == "pathwise":
+        res = _chunked(lambda b: ex.explain(b, target=target, width=w, depth=depth, input_width=iw), x, "explaining")
+        arrays = {"attribution": res.attribution, "weight": res.weight, "bias": res.bias, "output": res.output,
+                  "target": res.target, "masked_score": res.masked_score}
+        samples = [{"target": int(res.target[i]), "score": float(res.score[i]),
+                    "masked_score": float(res.masked_score[i]), "faithfulness": float(res.faithfulness[i]),
+                    "sparsity": float(res.sparsity[i]), "path": _path_json(res.path[i])} for i in range(len(res.target))]
+        options = {"width": w, "depth": depth, "input_width": iw}
+    else:
+        opts: dict[str, Any] = {"steps": steps, "exact": exact} if method == "integrated_gradients" else {}
+        res = _chunked(lambda b: ex.attribute(b, method=method, target=target, **opts), x, "explaining")
+        arrays = {"attribution": res.attribution, "output": res.output, "target": res.target}
+        idx = np.arange(len(res.target))
+        samples = [{"target": int(res.target[i]), "score": float(res.output[i, res.target[i]])} for i in idx]
+        options = opts
+    report = {"model": str(model), "method": method, "options": options, "explained_output": ex.ir.output_name,
+              "samples": samples}
+    pngs = {}
+    if png and plots.is_image(ex.input_shape):
+        for i in range(x.shape[0]):
+            title = f"{method}, class {int(res.target[i])}"
+            pngs[f"sample_{i}.png"] = plots.input_and_heatmap(x[i], res.attribution[i], title)
+    written = _write_dir(out, {"explanation.npz": arrays}, {"explanation.json": report}, pngs)
+    extra = f", faithfulness {np.nanmean(res.faithfulness):.3f} (mean)" if method == "pathwise" else ""
+    typer.echo(f"wrote {len(written)} file(s) to {out}: {x.shape[0]} sample(s), method {method}{extra}")
+
+
+# --------------------------------------------------------------------------- decompose
+
+
+@app.command()
+def decompose(
+    model: ModelArg,
+    input: InputArg,
+    out: OutDirOpt,
+    layer: Annotated[str | None, typer.Option("--layer", help="Gate layer (node name); default the last.",
+                                              show_default=False)] = None,
+    top: Annotated[int, typer.Option("--top", help="How many parts to keep.", min=1)] = 8,
+    group: Annotated[str, typer.Option("--group", help="unit or channel.")] = "unit",
+    target: TargetOpt = None,
+    width: WidthOpt = None,
+    depth: DepthOpt = None,
+    device: DeviceOpt = Device.auto,
+    input_name: InputNameOpt = None,
+    output: OutputNameOpt = None,
+    png: Annotated[bool, typer.Option("--png/--no-png", help="For image inputs, one PNG grid per sample.")] = True,
+    force: ForceOpt = False,
+) -> None:
+    """Split each pathwise attribution into its parts through single units (or channels) of a
+    gate layer, ranked by their contribution to the score; parts + rest + bypass = attribution.
+
+    Writes OUT/decomposition.npz, OUT/decomposition.json and, for image inputs, a PNG grid per sample.
+    """
+    names = ["decomposition.npz", "decomposition.json"]
+    _guard_dir(out, names, force)
+    ex = _open_explainer(model, device, input_name, output)
+    x = _load_input(input, ex)
+    w = _width(width)
+    d = _chunked(lambda b: ex.decompose(b, layer=layer, top=top, group=group, target=target, width=w, depth=depth),
+                 x, "decomposing")
+    arrays = {"attribution": d.attribution, "parts": d.parts, "part_index": d.part_index,
+              "part_score": d.part_score, "rest": d.rest, "bypass": d.bypass, "target": d.target,
+              "output": d.output}
+    samples = [{"target": int(d.target[i]),
+                "parts": [{group: int(d.part_index[i, j]), "score": float(d.part_score[i, j]),
+                           "active": bool(d.part_active[i, j])} for j in range(d.parts.shape[1])],
+                "delta": float(d.delta[i])} for i in range(len(d.target))]
+    report = {"model": str(model), "layer": d.layer, "group": group, "crosses_all_paths": d.crosses_all,
+              "samples": samples}
+    pngs = {}
+    if png and plots.is_image(ex.input_shape):
+        for i in range(x.shape[0]):
+            labels = [f"{group} {int(d.part_index[i, j])}: {d.part_score[i, j]:.3g}" for j in range(d.parts.shape[1])]
+            pngs[f"sample_{i}.png"] = plots.parts_grid(x[i], d.attribution[i], d.parts[i], labels)
+    written = _write_dir(out, {"decomposition.npz": arrays}, {"decomposition.json": report}, pngs)
+    typer.echo(f"wrote {len(written)} file(s) to {out}: {x.shape[0]} sample(s), layer {d.layer!r}, "
+               f"max |parts + rest + bypass - attribution| {float(d.delta.max()):.2g}")
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+@app.command()
+def evaluate(
+    model: ModelArg,
+    inputs: InputArg,
+    out: OutDirOpt,
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods.")] = (
+        "pathwise,gradient,input_x_gradient,integrated_gradients,guided_backprop"),
+    width: Annotated[list[str] | None, typer.Option(
+        "--width", help="Pathwise width(s); repeat for a sweep (e.g. --width 5% --width 20%).",
+        show_default=False)] = None,
+    depth: Annotated[list[int] | None, typer.Option("--depth", help="Pathwise depth(s); repeat for several.",
+                                                     show_default=False)] = None,
+    step: Annotated[int | None, typer.Option("--step", help="Pixels per insertion/deletion step "
+                                             "(default: one image row).", show_default=False, min=1)] = None,
+    target: TargetOpt = None,
+    device: DeviceOpt = Device.auto,
+    input_name: InputNameOpt = None,
+    output: OutputNameOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Rank explanation methods on MODEL with insertion/deletion AUC and more.
+
+    Prints a table (mean ± std over samples) and writes OUT/evaluation.json (per method, per
+    sample and mean values of every metric), OUT/curves.png and, with several widths,
+    OUT/width_sweep.png.
+    """
+    from .metrics import evaluate as run_evaluation
+
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    bad = [m for m in chosen if m not in METHODS]
+    if bad or not chosen:
+        raise PathwiseError(f"--methods: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(METHODS)}")
+    names = ["evaluation.json", "curves.png", "width_sweep.png"]
+    _guard_dir(out, names, force)
+    ex = _open_explainer(model, device, input_name, output)
+    x = _load_input(inputs, ex)
+    widths = [_width(v) if v.lower() != "all" else None for v in width] if width else None
+    result = run_evaluation(ex, x, chosen, widths=widths, depths=list(depth) if depth else None, step=step,
+                            target=target)
+    result["model"] = str(model)
+    metric_names = ["insertion_auc", "deletion_auc", "faithfulness", "sparsity", "completeness_delta"]
+    rows = []
+    for label, info in result["methods"].items():
+        cells = [label]
+        for m in metric_names:
+            v = info["metrics"].get(m)
+            cells.append(f"{v['mean']:.4f} ± {v['std']:.4f}" if v and v["mean"] is not None else "")
+        rows.append(cells)
+    typer.echo("\n".join(_table(["method"] + metric_names, rows, indent="")))
+    for k, v in result["samples"].items():
+        typer.echo(f"{k}: {v['mean']:.4g} ± {v['std']:.4g}" if v["mean"] is not None else f"{k}: n/a")
+    pngs = {"curves.png": plots.curves(result["methods"])}
+    if widths and len(widths) > 1:
+        pngs["width_sweep.png"] = plots.width_sweep(result["methods"])
+    written = _write_dir(out, {}, {"evaluation.json": result}, pngs)
+    typer.echo(f"wrote {len(written)} file(s) to {out}")
+
+
+# --------------------------------------------------------------------------- audit, diff
+
+
+class ReportFormat(str, Enum):
+    json = "json"
+    junit = "junit"
+
+
+@app.command()
+def audit(
+    model: ModelArg,
+    inputs: Annotated[Path | None, typer.Option(
+        "--inputs", help="Inputs to check on (.npy/.npz); default: 4 generated standard-normal inputs.",
+        show_default=False)] = None,
+    max_delta: Annotated[float, typer.Option(
+        "--max-delta", help="Largest completeness delta allowed, relative to the score scale (at least 1).")] = 1e-4,
+    width: WidthOpt = None,
+    report: Annotated[ReportFormat | None, typer.Option(
+        "--report", help="Also write a machine report: json or junit (XML that CI systems display).",
+        show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write the report (default: stdout).",
+                                             show_default=False)] = None,
+    device: DeviceOpt = Device.auto,
+    force: ForceOpt = False,
+) -> None:
+    """Check that MODEL is analysable and its explanations are exact and stable: for CI gates.
+
+    Checks: analysable (op inventory, every blocker), onnxruntime loads it, completeness delta,
+    batch equals per-sample, two runs identical, CPU vs CUDA (when a GPU is present), and that
+    randomising the last layer's weights changes the explanations. Exit 0 when every check
+    passes (or is skipped), 1 otherwise.
+    """
+    from .audit import audit as run_audit
+
+    if out is not None:
+        _guard_output(out, force)
+        if report is None:
+            raise PathwiseError("--out needs --report json or --report junit")
+    x = None
+    if inputs is not None:
+        x = load_array(inputs)
+    result = run_audit(model, inputs=x, max_delta=max_delta, device=device.value, width=_width(width))
+    text = result.to_text()
+    machine = None
+    if report is ReportFormat.json:
+        machine = to_json(result.to_json())
+    elif report is ReportFormat.junit:
+        machine = result.to_junit()
+    if machine is not None and out is not None:
+        _make_parent(out)
+        write_bytes(out, machine.encode())
+        typer.echo(text)
+    elif machine is not None:
+        typer.echo(machine)
+        typer.echo(text, err=True)
+    else:
+        typer.echo(text)
+    raise typer.Exit(0 if result.passed else 1)
+
+
+@app.command()
+def diff(
+    old: Annotated[Path, typer.Argument(help="The released model.", metavar="OLD", show_default=False)],
+    new: Annotated[Path, typer.Argument(help="The candidate model.", metavar="NEW", show_default=False)],
+    inputs: Annotated[Path, typer.Option("--inputs", help="Inputs to compare on (.npy/.npz).", show_default=False)],
+    fail_below: Annotated[float | None, typer.Option(
+        "--fail-below", help="Fail when the mean attribution correlation is below this.", show_default=False)] = None,
+    min_overlap: Annotated[float | None, typer.Option(
+        "--min-overlap", help="Fail when the mean path overlap (Jaccard) is below this.", show_default=False)] = None,
+    max_changes: Annotated[int | None, typer.Option(
+        "--max-changes", help="Fail when more predictions than this change.", show_default=False)] = None,
+    width: WidthOpt = None,
+    depth: DepthOpt = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the full report as JSON here.",
+                                                  show_default=False)] = None,
+    device: DeviceOpt = Device.auto,
+    force: ForceOpt = False,
+) -> None:
+    """Compare the explanations of two versions of a model on the same inputs.
+
+    Per sample: prediction change, per-layer path overlap (Jaccard of kept units where gate layers
+    match by name and shape) and attribution correlation; exit 1 when a threshold is crossed.
+    """
+    from .audit import diff as run_diff
+
+    if json_out is not None:
+        _guard_output(json_out, force)
+    x = load_array(inputs)
+    result = run_diff(old, new, x, width=_width(width), depth=depth, device=device.value,
+                      min_correlation=fail_below, min_jaccard=min_overlap, max_prediction_changes=max_changes)
+    if json_out is not None:
+        _write_json(json_out, result.to_json())
+    typer.echo(result.to_text())
+    raise typer.Exit(0 if result.passed else 1)
 
 
 def main() -> None:

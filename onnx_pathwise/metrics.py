@@ -343,11 +343,18 @@ def evaluate(
             y0 = explainer.record(x0).scores[idx, tgt].astype(np.float64)
             total = attribution.reshape(len(idx), -1).astype(np.float64).sum(axis=1)
             metrics["completeness_delta"] = _summary(np.abs(total - (rec.scores[idx, tgt] - y0)))
-        metrics["insertion_auc"] = _summary(insertion(explainer, xb, attribution, tgt, used_step, channel_axis).auc)
-        metrics["deletion_auc"] = _summary(deletion(explainer, xb, attribution, tgt, used_step, channel_axis).auc)
+        ins = insertion(explainer, xb, attribution, tgt, used_step, channel_axis)
+        dele = deletion(explainer, xb, attribution, tgt, used_step, channel_axis)
+        metrics["insertion_auc"] = _summary(ins.auc)
+        metrics["deletion_auc"] = _summary(dele.auc)
         label = _label(name, opts)
-        result["methods"][label] = {"method": name, "options": {k: _jsonable(v) for k, v in opts.items()},
-                                    "metrics": metrics}
+        result["methods"][label] = {
+            "method": name,
+            "options": {k: _jsonable(v) for k, v in opts.items()},
+            "metrics": metrics,
+            "curves": {"changed": ins.changed.tolist(), "insertion": ins.scores.mean(axis=0).tolist(),
+                       "deletion": dele.scores.mean(axis=0).tolist()},
+        }
     return result
 
 

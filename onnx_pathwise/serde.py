@@ -3,7 +3,8 @@
 Reading a model goes through these steps, each refusing with a :class:`ModelError`
 that names the file and the cause:
 
-1. :func:`read_model` — parse the file; external data only from inside the model's folder.
+1. :func:`read_model` — parse the file; external data only from inside the model's folder;
+   :func:`upgrade_old_opset` — opsets older than onnxruntime runs (< 7) are upgraded.
 2. choose the data input and the explained output; peel terminal Softmax / LogSoftmax /
    Sigmoid and ``ai.onnx.ml`` post-processing so explanations target pre-activation scores.
 3. classify every tensor as *constant*, *shape* (depends on the input only through
