@@ -60,6 +60,13 @@ def path_layers(layers: Sequence[GateLayer], depth: int | None) -> list[GateLaye
     return list(layers[len(layers) - int(depth):]) if depth else []
 
 
+def _log_p(h: np.ndarray, J: np.ndarray, c: int) -> np.ndarray:
+    """log softmax_k(h·J_k)[c] in float64: h (a,), J (K, a)."""
+    C = h.astype(np.float64)[None] * J.astype(np.float64)
+    top = C.max(axis=0)
+    return C[c] - top - np.log(np.exp(C - top).sum(axis=0))
+
+
 def select_units(h: np.ndarray, J: np.ndarray, target: np.ndarray, width: int) -> np.ndarray:
     """The kept-unit mask (n, u) of one path layer.
 
@@ -67,29 +74,37 @@ def select_units(h: np.ndarray, J: np.ndarray, target: np.ndarray, width: int) -
     P_i = softmax_k(h_i J_ik)[c] in float64 (as log P > −log K), candidates by P descending with
     ties to the lower index, the first ``width`` kept when P > 1/K, else the first candidate.
 
-    A unit with h = 0 has C = 0 for every class, so P = 1/K exactly: it never passes and only
-    its index matters for the fallback; the float64 work is done on the other units alone.
+    Since log-sum-exp ≥ log K + mean_k C_k, a unit can pass only if C_c > mean_k C_k; that
+    necessary test, made in the working dtype with a margin far above its round-off, screens
+    out most units, and the float64 scores are computed for the rest alone. A unit with h = 0
+    (or J = 0) has P = 1/K exactly and never passes.
     """
     K, n, u = J.shape
     log_k = math.log(K)
     mask = np.zeros((n, u), bool)
     for i in range(n):
-        active = np.flatnonzero(h[i])
-        logp = np.full(u, -log_k)
-        if active.size:
-            C = h[i, active].astype(np.float64)[None] * J[:, i, active].astype(np.float64)  # (K, a)
-            top = C.max(axis=0)
-            logp[active] = C[target[i]] - top - np.log(np.exp(C - top).sum(axis=0))
-        candidates = np.flatnonzero(logp > -log_k)
+        Ji = J[:, i]
+        hi = h[i]
+        c = int(target[i])
+        lead = hi * (Ji[c] - Ji.mean(axis=0))
+        slack = 1e-4 * np.abs(hi) * np.abs(Ji).max(axis=0)
+        maybe = np.flatnonzero(lead > -slack)
+        maybe = maybe[hi[maybe] != 0]
+        candidates = maybe
+        if maybe.size:
+            logp = _log_p(hi[maybe], Ji[:, maybe], c)
+            passed = logp > -log_k
+            candidates, logp = maybe[passed], logp[passed]
         if candidates.size == 0:
             # nobody favours the target: keep the first candidate of the full order
-            mask[i, int(np.argmax(logp))] = True  # argmax returns the lowest index among ties
+            full = _log_p(hi, Ji, c)
+            mask[i, int(np.argmax(full))] = True  # argmax returns the lowest index among ties
             continue
         if candidates.size > width:
-            vals = logp[candidates]
-            kth = np.partition(vals, candidates.size - width)[candidates.size - width]
-            candidates = candidates[vals >= kth]  # ties at the cut stay in, sorted below
-            order = np.lexsort((candidates, -logp[candidates]))[:width]
+            kth = np.partition(logp, candidates.size - width)[candidates.size - width]
+            keep = logp >= kth  # ties at the cut stay in and are ordered below
+            candidates, logp = candidates[keep], logp[keep]
+            order = np.lexsort((candidates, -logp))[:width]
             candidates = candidates[order]
         mask[i, candidates] = True
     return mask
