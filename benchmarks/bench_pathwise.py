@@ -182,13 +182,13 @@ def main() -> None:
         agree = float(np.abs(ours.attribution - ref).max() / (np.abs(ref).max() + 1e-12))
         agree_pub = float(np.abs(pub - ref).max() / (np.abs(ref).max() + 1e-12))
 
-        def ort_fwd() -> None:
+        def ort_fwd(sess=sess, xn=xn) -> None:  # type: ignore[no-untyped-def]
             for _ in range(1 + K):
                 sess.run(None, {"x": xn})
 
-        t_ours = median_time(lambda: ex.explain(xn, width=WIDTH), args.repeat)
-        t_pub = median_time(lambda: published(model, x), max(3, args.repeat // 4))
-        t_sweep = median_time(lambda: single_sweep(model, x), args.repeat)
+        t_ours = median_time(lambda ex=ex, xn=xn: ex.explain(xn, width=WIDTH), args.repeat)
+        t_pub = median_time(lambda model=model, x=x: published(model, x), max(3, args.repeat // 4))
+        t_sweep = median_time(lambda model=model, x=x: single_sweep(model, x), args.repeat)
         t_ort = median_time(ort_fwd, args.repeat)
         print(f"{name:10s} {t_ours:9.4f} {t_pub:10.4f} {t_sweep:9.4f} {t_ort:9.4f} "
               f"{t_pub / t_ours:9.1f} {t_ours / t_sweep:11.2f} {t_ours / t_ort:9.2f}"

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onnx_pathwise import Explainer
+from onnx_pathwise import Explainer, PathwiseError
 from onnx_pathwise.pathwise import parse_width, select_units
 from onnx_pathwise.samples import tiny_mlp
 
@@ -143,7 +143,7 @@ def oracle(model: Gated, x: np.ndarray, width: object, depth: int | None) -> dic
             captured: dict[str, torch.Tensor] = {}
             orig = m.g
 
-            def cap(n: str, z: torch.Tensor) -> torch.Tensor:
+            def cap(n: str, z: torch.Tensor, orig=orig, captured=captured) -> torch.Tensor:  # type: ignore[no-untyped-def]
                 out = orig(n, z)
                 captured[n] = out
                 return out
@@ -295,7 +295,7 @@ def test_width_parsing() -> None:
     assert parse_width(500, 10) == 10
     assert parse_width(None, 7) == 7
     for bad in ("x", "0%", "150%", 0, -1, 1.5):
-        with pytest.raises(Exception):
+        with pytest.raises(PathwiseError):
             parse_width(bad, 10)  # type: ignore[arg-type]
 
 

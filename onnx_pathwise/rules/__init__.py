@@ -72,23 +72,23 @@ def register(*op_types: str, record: Record | None = None) -> Callable[[type], t
     return wrap
 
 
-def unbroadcast(cot: Array, shape: Sequence[int]) -> Array:
-    """Sum ``cot`` down to ``shape`` (the adjoint of numpy broadcasting)."""
-    shape = tuple(shape)
-    if cot.shape == shape:
+def unbroadcast(cot: Array, target: Sequence[int]) -> Array:
+    """Sum ``cot`` down to the shape ``target`` (the adjoint of numpy broadcasting)."""
+    target = tuple(target)
+    if cot.shape == target:
         return cot
-    extra = cot.ndim - len(shape)
+    extra = cot.ndim - len(target)
     if extra > 0:
         cot = cot.sum(axis=tuple(range(extra)))
-    axes = tuple(i for i, (c, s) in enumerate(zip(cot.shape, shape)) if s == 1 and c != 1)
+    axes = tuple(i for i, (c, s) in enumerate(zip(cot.shape, target)) if s == 1 and c != 1)
     if axes:
         cot = cot.sum(axis=axes, keepdims=True)
-    return cot.reshape(shape)
+    return cot.reshape(target)
 
 
-def rows_shape(x: Array, shape: tuple[int, ...] | None) -> tuple[int, ...]:
-    assert shape is not None
-    return (x.shape[0],) + tuple(shape)
+def rows_shape(x: Array, per_sample: tuple[int, ...] | None) -> tuple[int, ...]:
+    assert per_sample is not None
+    return (x.shape[0],) + tuple(per_sample)
 
 
 from . import elementwise, linear, normalization, pooling, shape  # noqa: E402,F401

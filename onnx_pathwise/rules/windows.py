@@ -91,20 +91,20 @@ def conv_nd(x: Array, w: Array, out: Sequence[int], strides: Sequence[int], dila
     kernel = w.shape[2:]
     g = group
     xp = pad_spatial(x, pads, out, kernel, strides, dilations, 0.0)
-    cols = windows(xp, out, kernel, strides, dilations)  # (B, C, *O, *K)
-    O = int(np.prod(out, dtype=np.int64))
+    cols = windows(xp, out, kernel, strides, dilations)  # (B, C, *n_out, *K)
+    n_out = int(np.prod(out, dtype=np.int64))
     K = int(np.prod(kernel, dtype=np.int64))
     n = len(out)
     perm = (0, 1) + tuple(range(2 + n, 2 + 2 * n)) + tuple(range(2, 2 + n))
-    cols = cols.transpose(perm).reshape(B, g, (C // g) * K, O)  # (B, g, Cg·K, O)
+    cols = cols.transpose(perm).reshape(B, g, (C // g) * K, n_out)  # (B, g, Cg·K, n_out)
     wg = w.reshape(g, M // g, (C // g) * K)
-    y = np.matmul(wg[None], cols)  # (B, g, Mg, O)
+    y = np.matmul(wg[None], cols)  # (B, g, Mg, n_out)
     return y.reshape((B, M) + tuple(out))
 
 
 def conv_nd_adjoint(y: Array, w: Array, spatial: Sequence[int], strides: Sequence[int],
                     dilations: Sequence[int], pads: Sequence[int], group: int) -> Array:
-    """Adjoint of :func:`conv_nd` with respect to x: y (B, M, *O) → (B, C, *spatial).
+    """Adjoint of :func:`conv_nd` with respect to x: y (B, M, *n_out) → (B, C, *spatial).
     A negative pad leaves zeros where conv_nd cropped the input."""
     if min(pads, default=0) < 0:
         pads, cropped, inner = _split_negative_pads(pads, spatial)
@@ -118,14 +118,14 @@ def conv_nd_adjoint(y: Array, w: Array, spatial: Sequence[int], strides: Sequenc
     g = group
     Cg = w.shape[1]
     n = len(out)
-    O = int(np.prod(out, dtype=np.int64))
+    n_out = int(np.prod(out, dtype=np.int64))
     K = int(np.prod(kernel, dtype=np.int64))
     wg = w.reshape(g, M // g, Cg * K)
-    yg = y.reshape(B, g, M // g, O)
-    cols = np.matmul(wg.transpose(0, 2, 1)[None], yg)  # (B, g, Cg·K, O)
+    yg = y.reshape(B, g, M // g, n_out)
+    cols = np.matmul(wg.transpose(0, 2, 1)[None], yg)  # (B, g, Cg·K, n_out)
     cols = cols.reshape((B, g * Cg) + tuple(kernel) + tuple(out))
     perm = (0, 1) + tuple(range(2 + n, 2 + 2 * n)) + tuple(range(2, 2 + n))
-    cols = cols.transpose(perm)  # (B, C, *O, *K)
+    cols = cols.transpose(perm)  # (B, C, *n_out, *K)
     padded = padded_size(spatial, pads, out, kernel, strides, dilations)
     xp = col2im(cols, padded, strides, dilations)
     return crop(xp, pads, spatial)
