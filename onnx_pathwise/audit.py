@@ -261,7 +261,7 @@ def diff(
     rb = eb.explain(x, width=width, depth=depth)
     shapes_b = {g.name: g.shape for g in eb.gate_layers}
     matched = [g.name for g in ea.gate_layers if shapes_b.get(g.name) == g.shape]
-    samples = []
+    samples: list[dict[str, Any]] = []
     per_layer: dict[str, list[float]] = {m: [] for m in matched}
     for i in range(x.shape[0]):
         pa = {p.node: p.kept for p in ra.path[i]}
@@ -279,7 +279,7 @@ def diff(
         })
     layers = {m: float(np.mean(v)) for m, v in per_layer.items() if v}
     changes = sum(s["old_prediction"] != s["new_prediction"] for s in samples)
-    corrs = [s["correlation"] for s in samples if np.isfinite(s["correlation"])]
+    corrs = [float(s["correlation"]) for s in samples if np.isfinite(float(s["correlation"]))]
     mean_corr = float(np.mean(corrs)) if corrs else float("nan")
     mean_j = float(np.mean(list(layers.values()))) if layers else float("nan")
     failures = []

@@ -150,7 +150,7 @@ class Engine:
             state = record.states.get(node.name)
             outs = RULES[node.op_type].forward(node, self._inputs(node, env), self._ctx(node, n, state))
             if node.role == GATE:
-                st: GateState = state
+                st: GateState = state  # type: ignore[assignment]
                 if st.offset is not None:
                     outs[0] = (outs[0].reshape((D, n) + outs[0].shape[1:]) - st.offset).reshape(outs[0].shape)
             else:
@@ -200,7 +200,7 @@ class Engine:
                 cots[0] = hooks[node.name](node, g.reshape((m, n) + g.shape[1:])).reshape(g.shape)
             state = record.states.get(node.name)
             if node.role == GATE:
-                st: GateState = state
+                st: GateState = state  # type: ignore[assignment]
                 if st.offset is not None and cots[0] is not None:
                     bias += np.einsum("mnk,nk->mn", cots[0].reshape(m, n, -1), st.offset.reshape(n, -1))
             else:
@@ -226,8 +226,8 @@ class Engine:
                     )
                 env[t] = env[t] + c if t in env else c
         shape = (m, n) + self.ir.input_shape
-        g = env.get(self.ir.input_name)
-        w = np.zeros(shape, self.dtype) if g is None else g.reshape(shape)
+        g_in = env.get(self.ir.input_name)
+        w = np.zeros(shape, self.dtype) if g_in is None else g_in.reshape(shape)
         if input_hook is not None:
             w = input_hook(None, w)  # type: ignore[arg-type]
         return w, bias

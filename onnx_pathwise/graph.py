@@ -74,7 +74,7 @@ def layer_graph(ir: ModelIR) -> nx.DiGraph:
 
 def gate_layers(ir: ModelIR) -> list[GateLayer]:
     """Gate nodes in the cone's deterministic topological order."""
-    out = []
+    out: list[GateLayer] = []
     for node in ir.nodes:
         if node.role == GATE:
             out.append(
@@ -105,7 +105,7 @@ def segments(ir: ModelIR) -> list[Segment]:
     order = {n.name: i for i, n in enumerate(ir.nodes)}
     comps = sorted((sorted(c, key=order.__getitem__) for c in nx.connected_components(g)),
                    key=lambda c: order[c[0]])
-    out = []
+    out: list[Segment] = []
     by_name = {n.name: n for n in ir.nodes}
     for comp in comps:
         members = set(comp)

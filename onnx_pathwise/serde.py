@@ -56,6 +56,8 @@ ML_DOMAIN = "ai.onnx.ml"
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 CONST, SHAPE_KIND, DATA = 0, 1, 2
 MAX_CONSTANT_BYTES = 2**31
+#: protobuf cannot parse a message of 2 GiB or more.
+MAX_PROTOBUF_BYTES = 2**31
 
 
 def read_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -65,6 +67,9 @@ def read_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise ModelError(f"{path}: no such file")
     if path.is_dir():
         raise ModelError(f"{path}: is a directory, not an ONNX file")
+    if path.stat().st_size >= MAX_PROTOBUF_BYTES:
+        raise ModelError(f"{path}: {path.stat().st_size} bytes, more than a protobuf file can hold "
+                         "(2 GiB); large weights belong in external data")
     data = path.read_bytes()
     if not data:
         raise ModelError(f"{path}: empty file, not an ONNX model")
@@ -74,8 +79,158 @@ def read_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise ModelError(f"{path}: not a valid ONNX protobuf ({type(exc).__name__})") from None
     if not model.graph.node and not model.graph.output:
         raise ModelError(f"{path}: not an ONNX model (no graph)")
+    try:
+        check_resources(model)
+    except ModelError as exc:
+        raise ModelError(f"{path}: {exc}") from None
     _load_external_data(model, path)
     return model
+
+
+# --------------------------------------------------------------------------- resource limits
+
+#: Nodes a model may have once its local functions are inlined, as onnxruntime does when it loads
+#: the model (a chain of functions that each call the previous one twice doubles at every level).
+MAX_INLINED_NODES = 1_000_000
+#: How deeply local functions and subgraphs may nest.
+MAX_NESTING = 64
+#: Tensor types whose stored data holds one entry per element (raw_data: itemsize bytes each).
+_PLAIN_TYPES = frozenset({
+    TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.BOOL,
+    TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16, TensorProto.INT32,
+    TensorProto.UINT32, TensorProto.INT64, TensorProto.UINT64,
+})
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH] + [
+        g for a in node.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs]
+
+
+def _all_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Every node: the graph's, its subgraphs' and the local functions' bodies."""
+    out: list[onnx.NodeProto] = []
+    stack = [list(model.graph.node)] + [list(f.node) for f in model.functions]
+    while stack:
+        for node in stack.pop():
+            out.append(node)
+            stack += [list(g.node) for g in _subgraphs(node)]
+    return out
+
+
+def _tensor_problem(t: TensorProto) -> str:
+    """Why a stored tensor cannot be taken as it is: a claim beyond the limit, or data that does
+    not match its dims (refused before numpy or onnxruntime tries to allocate it)."""
+    dims = [int(d) for d in t.dims]
+    if any(d < 0 for d in dims):
+        return f"has a negative dimension {dims}"
+    count = 1
+    for d in dims:
+        count *= d
+    try:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except Exception:
+        itemsize = 4
+    if count * itemsize > MAX_CONSTANT_BYTES:
+        return (f"claims shape {dims}: {count * itemsize / 2**30:.1f} GiB, more than the limit of "
+                f"{MAX_CONSTANT_BYTES / 2**30:g} GiB")
+    if t.data_location == TensorProto.EXTERNAL or t.data_type not in _PLAIN_TYPES:
+        return ""
+    if t.raw_data:
+        held = len(t.raw_data)
+        if held != count * itemsize:
+            return f"has shape {dims} ({count * itemsize} bytes) but stores {held} bytes"
+    else:
+        held = len(getattr(t, helper.tensor_dtype_to_field(t.data_type)))
+        if held != count:
+            return f"has shape {dims} ({count} values) but stores {held}"
+    return ""
+
+
+def _inlined_size(model: onnx.ModelProto) -> None:
+    """Refuse local functions that call themselves, nest too deeply or inline to too many nodes."""
+    functions = {(f.domain, f.name): f for f in model.functions}
+    sizes: dict[tuple[str, str], int] = {}
+    active: list[tuple[str, str]] = []
+    caller = [""]
+
+    def where() -> str:
+        outer = f", called through '{active[0][0]}.{active[0][1]}'" if len(active) > 1 else ""
+        return f"(node {caller[0]!r}{outer})"
+
+    def graph_size(nodes: Sequence[onnx.NodeProto], depth: int) -> int:
+        if depth > MAX_NESTING:
+            raise ModelError(f"local functions or subgraphs nest more than {MAX_NESTING} deep {where()}")
+        total = 0
+        for node in nodes:
+            if depth == 0:
+                caller[0] = node.name or node.op_type
+            key = (node.domain, node.op_type)
+            if key in functions:
+                total += function_size(key, depth + 1)
+            else:
+                total += 1 + sum(graph_size(g.node, depth + 1) for g in _subgraphs(node))
+        return total
+
+    def function_size(key: tuple[str, str], depth: int) -> int:
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ModelError(f"local function '{key[0]}.{key[1]}' calls itself {where()}")
+        active.append(key)
+        size = graph_size(functions[key].node, depth)
+        if size > MAX_INLINED_NODES:
+            raise ModelError(f"local function '{key[0]}.{key[1]}' {where()} expands to {size:,} nodes "
+                             f"when inlined, more than the limit of {MAX_INLINED_NODES:,}")
+        active.pop()
+        sizes[key] = size
+        return size
+
+    total = graph_size(model.graph.node, 0)
+    if total > MAX_INLINED_NODES:
+        raise ModelError(f"the graph has {total:,} nodes once local functions are inlined, more than "
+                         f"the limit of {MAX_INLINED_NODES:,}")
+
+
+def check_resources(model: onnx.ModelProto) -> None:
+    """Refuse, before onnxruntime or numpy sees the model, what would hang or exhaust memory:
+    local functions that inline to more than :data:`MAX_INLINED_NODES` nodes, nest deeper than
+    :data:`MAX_NESTING` or call themselves; initializers and Constant values whose dims claim
+    more than :data:`MAX_CONSTANT_BYTES` or more data than they store; ConstantOfShape nodes with
+    a constant shape that would fill more than :data:`MAX_CONSTANT_BYTES`."""
+    _inlined_size(model)
+    for t in model.graph.initializer:
+        problem = _tensor_problem(t)
+        if problem:
+            raise ModelError(f"initializer {t.name!r} {problem}")
+    known: dict[str, TensorProto] = {t.name: t for t in model.graph.initializer}
+    for node in _all_nodes(model):
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                problem = _tensor_problem(attr.t)
+                if problem:
+                    raise ModelError(f"node {node.name or '<unnamed>'!r} ({node.op_type}): attribute "
+                                     f"{attr.name!r} {problem}")
+        if node.op_type == "Constant" and node.output:
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                known[node.output[0]] = value
+    for node in model.graph.node:
+        if node.op_type != "ConstantOfShape" or not node.input or node.input[0] not in known:
+            continue
+        shape_t = known[node.input[0]]
+        if shape_t.data_location == TensorProto.EXTERNAL or len(shape_t.dims) != 1 or shape_t.dims[0] > 64:
+            continue
+        shape = [int(d) for d in numpy_helper.to_array(shape_t)]
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        itemsize = 4 if value is None else np.dtype(helper.tensor_dtype_to_np_dtype(value.data_type)).itemsize
+        count = 1
+        for d in shape:
+            count *= max(d, 0)
+        if count * itemsize > MAX_CONSTANT_BYTES:
+            raise ModelError(f"node {node.name or '<unnamed>'!r} (ConstantOfShape) would allocate shape "
+                             f"{shape}: {count * itemsize / 2**30:.1f} GiB, more than the limit of "
+                             f"{MAX_CONSTANT_BYTES / 2**30:g} GiB")
 
 
 def _external_tensors(model: onnx.ModelProto) -> list[TensorProto]:
@@ -251,6 +406,10 @@ def load(
     """
     if isinstance(source, onnx.ModelProto):
         model, label = source, "model"
+        try:
+            check_resources(model)
+        except ModelError as exc:
+            raise ModelError(f"{label}: {exc}") from None
     else:
         model, label = read_model(source), str(source)
     if probe is None:
@@ -663,13 +822,13 @@ def canonical_attrs(
     elif op == "Pad":
         rank = _rank(node, shapes)
         if node.opset >= 11:
-            pads = _const_input(node, 1, consts)
+            pads_in = _const_input(node, 1, consts)
             value = _const_input(node, 2, consts)
-            axes = _const_input(node, 3, consts)
-            pads_l = [int(p) for p in (pads if pads is not None else [])]
-            if axes is not None:
+            pad_axes = _const_input(node, 3, consts)
+            pads_l = [int(p) for p in (pads_in if pads_in is not None else [])]
+            if pad_axes is not None:
                 full = [0] * (2 * rank)
-                ax = [int(x) % rank for x in axes]
+                ax = [int(x) % rank for x in pad_axes]
                 for j, x in enumerate(ax):
                     full[x] = pads_l[j]
                     full[rank + x] = pads_l[len(ax) + j]
@@ -755,8 +914,8 @@ def canonical_attrs(
         steps_l = [int(s) for s in (steps if steps is not None else [1] * len(starts))]
         full_shape = (1,) + shapes[node.inputs[0]]
         index: list[tuple[int, int | None, int]] = [(0, None, 1)] * rank
-        for ax, st, en, sp in zip(axes_l, starts, ends, steps_l):
-            index[ax] = _onnx_slice(int(st), int(en), sp, full_shape[ax])
+        for axis_i, st, en, sp in zip(axes_l, starts, ends, steps_l):
+            index[axis_i] = _onnx_slice(int(st), int(en), sp, full_shape[axis_i])
         if index[0] != (0, None, 1) and index[0] != (0, 1, 1):
             raise ModelError("Slice of the batch axis is not supported")
         index[0] = (0, None, 1)

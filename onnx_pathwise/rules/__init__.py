@@ -64,7 +64,8 @@ def register(*op_types: str, record: Record | None = None) -> Callable[[type], t
     """Class decorator: a class with ``forward``/``transpose`` (static) methods becomes a rule."""
 
     def wrap(cls: type) -> type:
-        rule = Rule(cls.forward, cls.transpose, getattr(cls, "record", None) or record, cls.__doc__ or "")
+        rule = Rule(getattr(cls, "forward"), getattr(cls, "transpose"),  # noqa: B009 (classes, not instances)
+                    getattr(cls, "record", None) or record, cls.__doc__ or "")
         for op in op_types:
             RULES[op] = rule
         return cls
