@@ -30,16 +30,16 @@ class Gemm:
     def forward(node: Node, inputs: list[Array | None], ctx: Ctx) -> list[Array]:
         a = inputs[0]
         assert a is not None
-        y = float(node.attrs.get("alpha", 1.0)) * (a @ _gemm_b(node, ctx).astype(a.dtype))
+        y = float(node.attrs.get("alpha", 1.0)) * (a @ _gemm_b(node, ctx).astype(a.dtype, copy=False))
         if len(inputs) > 2 and inputs[2] is not None:
-            y = y + float(node.attrs.get("beta", 1.0)) * inputs[2].astype(a.dtype)
+            y = y + float(node.attrs.get("beta", 1.0)) * inputs[2].astype(a.dtype, copy=False)
         return [y]
 
     @staticmethod
     def transpose(node: Node, cots: list[Array | None], ctx: Ctx) -> list[Array | None]:
         (g,) = cots
         assert g is not None
-        da = float(node.attrs.get("alpha", 1.0)) * (g @ _gemm_b(node, ctx).T.astype(g.dtype))
+        da = float(node.attrs.get("alpha", 1.0)) * (g @ _gemm_b(node, ctx).T.astype(g.dtype, copy=False))
         return [da] + [None] * (len(node.inputs) - 1)
 
 
@@ -54,7 +54,7 @@ class MatMul:
         a, b = inputs
         assert a is not None and b is not None
         dt = a.dtype if node.data[0] else b.dtype
-        return [np.matmul(a.astype(dt), b.astype(dt))]
+        return [np.matmul(a.astype(dt, copy=False), b.astype(dt, copy=False))]
 
     @staticmethod
     def transpose(node: Node, cots: list[Array | None], ctx: Ctx) -> list[Array | None]:
@@ -64,7 +64,7 @@ class MatMul:
         if node.data[0]:
             w = ctx.const[1]
             assert w is not None
-            w = w.astype(g.dtype)
+            w = w.astype(g.dtype, copy=False)
             if w.ndim == 1:
                 dx = g[..., None] * w
             else:
@@ -73,7 +73,7 @@ class MatMul:
             return [unbroadcast(dx, shape), None]
         w = ctx.const[0]
         assert w is not None
-        w = w.astype(g.dtype)
+        w = w.astype(g.dtype, copy=False)
         shape = (rows,) + tuple(ctx.in_shapes[1] or ())
         if len(shape) == 1:
             raise ValueError("MatMul with a computed 1-D right operand moves the batch axis")
@@ -112,9 +112,9 @@ class Conv:
         if _use_kernels(ctx, x):
             y = ctx.kernels.conv(x, w, strides, dilations, pads, group)
         else:
-            y = conv_nd(x, w.astype(x.dtype), out, strides, dilations, pads, group)
+            y = conv_nd(x, w.astype(x.dtype, copy=False), out, strides, dilations, pads, group)
         if len(inputs) > 2 and inputs[2] is not None:
-            y = y + inputs[2].astype(x.dtype).reshape(_bias_shape(x.ndim))
+            y = y + inputs[2].astype(x.dtype, copy=False).reshape(_bias_shape(x.ndim))
         return [y]
 
     @staticmethod
@@ -131,7 +131,7 @@ class Conv:
             except ValueError:
                 dx = None
         if dx is None:
-            dx = conv_nd_adjoint(g, w.astype(g.dtype), spatial, strides, dilations, pads, group)
+            dx = conv_nd_adjoint(g, w.astype(g.dtype, copy=False), spatial, strides, dilations, pads, group)
         return [dx] + [None] * (len(node.inputs) - 1)
 
 
@@ -147,9 +147,9 @@ class ConvTranspose:
         assert x is not None and w is not None
         strides, dilations, pads, group = _conv_geometry(node)
         out_spatial = list(node.attrs["out_spatial"])
-        y = conv_nd_adjoint(x, w.astype(x.dtype), out_spatial, strides, dilations, pads, group)
+        y = conv_nd_adjoint(x, w.astype(x.dtype, copy=False), out_spatial, strides, dilations, pads, group)
         if len(inputs) > 2 and inputs[2] is not None:
-            y = y + inputs[2].astype(x.dtype).reshape(_bias_shape(x.ndim))
+            y = y + inputs[2].astype(x.dtype, copy=False).reshape(_bias_shape(x.ndim))
         return [y]
 
     @staticmethod
@@ -159,5 +159,5 @@ class ConvTranspose:
         assert g is not None and w is not None
         strides, dilations, pads, group = _conv_geometry(node)
         spatial = tuple(ctx.in_shapes[0] or ())[1:]
-        dx = conv_nd(g, w.astype(g.dtype), spatial, strides, dilations, pads, group)
+        dx = conv_nd(g, w.astype(g.dtype, copy=False), spatial, strides, dilations, pads, group)
         return [dx] + [None] * (len(node.inputs) - 1)
