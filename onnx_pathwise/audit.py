@@ -98,9 +98,10 @@ def audit(
     max_delta: float = 1e-4,
     device: str = "auto",
     width: int | str | None = None,
+    inputs_name: str = "inputs",
 ) -> AuditReport:
     """Run every check on ``model``; ``max_delta`` bounds the completeness delta relative to
-    the largest score magnitude (at least 1)."""
+    the largest score magnitude (at least 1). ``inputs_name`` names the inputs in errors."""
     label = str(model)
     checks: list[Check] = []
     try:
@@ -128,7 +129,7 @@ def audit(
         return AuditReport(label, checks)
 
     ex = Explainer(proto, device=device)
-    x = ex.check_input(inputs, "inputs") if inputs is not None else generated_inputs(ex)
+    x = ex.check_input(inputs, inputs_name) if inputs is not None else generated_inputs(ex)
 
     def completeness() -> tuple[str, str, dict[str, Any]]:
         res = ex.unwrap(x)
@@ -251,12 +252,14 @@ def diff(
     min_correlation: float | None = None,
     min_jaccard: float | None = None,
     max_prediction_changes: int | None = None,
+    inputs_name: str = "inputs",
 ) -> DiffReport:
-    """Compare the explanations of two versions of a model on the same inputs."""
+    """Compare the explanations of two versions of a model on the same inputs (``inputs_name``
+    names them in errors)."""
     ea, eb = Explainer(old, device=device), Explainer(new, device=device)
     if ea.input_shape != eb.input_shape:
         raise PathwiseError(f"input shapes differ: {ea.input_shape} vs {eb.input_shape}")
-    x = ea.check_input(inputs, "inputs")
+    x = ea.check_input(inputs, inputs_name)
     ra = ea.explain(x, width=width, depth=depth)
     rb = eb.explain(x, width=width, depth=depth)
     shapes_b = {g.name: g.shape for g in eb.gate_layers}

@@ -13,6 +13,8 @@ keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
@@ -23,7 +25,7 @@ import numpy as np
 import typer
 from typer.core import TyperGroup
 
-from . import __version__, plots
+from . import __version__, plots, runtime
 from .errors import (
     DeviceError,
     InputError,
@@ -39,12 +41,15 @@ from .ir import GATE, ROUTING
 
 PROG = "onnx-pathwise"
 _DEBUG = "onnx_pathwise.debug"
+#: Notices held back while a command runs; :class:`_Group` shows them once it has succeeded.
+_notices: list[str] = []
 
 #: Exit code → (short name, meaning). README.md's table mirrors this; a test keeps them in step.
 EXIT_CODES: dict[int, tuple[str, str]] = {
     0: ("success", "the command did what it was asked"),
-    1: ("not analysable", "`inspect` found unsupported nodes (its report lists every one); "
-                          "also any unexpected error, i.e. a bug, which prints a traceback"),
+    1: ("check failed", "`inspect` found unsupported nodes (its report lists every one), `audit` "
+                        "failed a check or `diff` crossed a threshold; also any unexpected error, i.e. "
+                        "a bug, which prints a traceback"),
     PathwiseError.exit_code: ("usage", "a bad option or argument, or an output path that may not be "
                                        "written (exists without `--force`, is a directory, ...)"),
     ModelError.exit_code: ("model", "the model file cannot be read or analysed"),
@@ -59,17 +64,27 @@ assert OutputError.exit_code == PathwiseError.exit_code
 
 
 class _Group(TyperGroup):
-    """Turns a :class:`PathwiseError` raised by any command into one line and its exit code."""
+    """Turns a :class:`PathwiseError` raised by any command into one line and its exit code.
+
+    Notices held back while the command ran (the CPU fallback of ``--device auto``) are shown
+    after it, unless it failed: a failed command prints its one error line and nothing else.
+    """
 
     def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
+        _notices.clear()
         try:
             return super().invoke(ctx)
         except PathwiseError as exc:
+            _notices.clear()
             if ctx.meta.get(_DEBUG):
                 raise
             message = " ".join(str(exc).split("\n"))
             typer.echo(f"{PROG}: error: {message}", err=True)
             raise typer.Exit(exc.exit_code) from None
+        finally:
+            for notice in _notices:
+                typer.echo(notice, err=True)
+            _notices.clear()
 
 
 app = typer.Typer(
@@ -129,11 +144,22 @@ def _root(
 # --------------------------------------------------------------------------- plumbing
 
 
+def _resolve_device(device: Device | str) -> str:
+    """The device that will run (DeviceError for ``cuda`` without a GPU). The runtime's CPU-fallback
+    notice for ``auto`` is held back until the command has succeeded (see :class:`_Group`)."""
+    device = device.value if isinstance(device, Device) else device
+    held = io.StringIO()
+    with contextlib.redirect_stderr(held):
+        resolved = runtime.resolve_device(device)
+    if held.getvalue().strip():
+        _notices.append(held.getvalue().strip())
+    return resolved
+
+
 def _open_explainer(model: Path, device: Device | str = Device.auto, input_name: str | None = None,
                     output_name: str | None = None) -> Explainer:
     """Read, validate and analyse the model (ModelError / UnsupportedModelError / DeviceError)."""
-    device = device.value if isinstance(device, Device) else device
-    return Explainer(model, device=device, input_name=input_name, output_name=output_name)
+    return Explainer(model, device=_resolve_device(device), input_name=input_name, output_name=output_name)
 
 
 def _load_input(path: Path, explainer: Explainer) -> np.ndarray:
@@ -675,7 +701,8 @@ def audit(
     x = None
     if inputs is not None:
         x = load_array(inputs)
-    result = run_audit(model, inputs=x, max_delta=max_delta, device=device.value, width=_width(width))
+    result = run_audit(model, inputs=x, max_delta=max_delta, device=_resolve_device(device), width=_width(width),
+                       inputs_name=str(inputs))
     text = result.to_text()
     machine = None
     if report is ReportFormat.json:
@@ -722,8 +749,9 @@ def diff(
     if json_out is not None:
         _guard_output(json_out, force)
     x = load_array(inputs)
-    result = run_diff(old, new, x, width=_width(width), depth=depth, device=device.value,
-                      min_correlation=fail_below, min_jaccard=min_overlap, max_prediction_changes=max_changes)
+    result = run_diff(old, new, x, width=_width(width), depth=depth, device=_resolve_device(device),
+                      min_correlation=fail_below, min_jaccard=min_overlap, max_prediction_changes=max_changes,
+                      inputs_name=str(inputs))
     if json_out is not None:
         _write_json(json_out, result.to_json())
     typer.echo(result.to_text())

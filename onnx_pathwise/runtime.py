@@ -31,7 +31,9 @@ ort.set_default_logger_severity(3)
 
 def _options(threads: int = 0) -> ort.SessionOptions:
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    # fatal only: a failure reaches the caller as an exception (and the CLI's one error line);
+    # onnxruntime's own log of it would be a second, colourised line on stderr
+    so.log_severity_level = 4
     # Spinning pool threads keep the cores busy after each run and starve numpy's BLAS
     # threads that do the rest of the sweep (measured: a 10×512×2048 matmul went 0.7 → 18 ms).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -192,6 +192,33 @@ def _inlined_size(model: onnx.ModelProto) -> None:
                          f"the limit of {MAX_INLINED_NODES:,}")
 
 
+def _check_inferred_sizes(model: onnx.ModelProto) -> None:
+    """Refuse, before the probe run, a tensor that onnx's shape inference (with data propagation)
+    finds over :data:`MAX_CONSTANT_BYTES`: Expand, Tile or ConstantOfShape of a computed shape
+    would make onnxruntime allocate it. Models shape inference cannot handle are let through."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        return
+    for vi in inferred.graph.value_info:
+        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if not all(d.HasField("dim_value") for d in dims):
+            continue
+        shape = [int(d.dim_value) for d in dims]
+        count = 1
+        for d in shape:
+            count *= d
+        try:
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)).itemsize
+        except Exception:
+            itemsize = 4
+        if count * itemsize > MAX_CONSTANT_BYTES:
+            raise ModelError(f"tensor {vi.name!r} would have shape {shape}: {count * itemsize / 2**30:.1f} GiB, "
+                             f"more than the limit of {MAX_CONSTANT_BYTES / 2**30:g} GiB")
+
+
 def check_resources(model: onnx.ModelProto) -> None:
     """Refuse, before onnxruntime or numpy sees the model, what would hang or exhaust memory:
     local functions that inline to more than :data:`MAX_INLINED_NODES` nodes, nest deeper than
@@ -632,6 +659,7 @@ def _analyse(
     elem = _elem_type(in_vi)
     np_dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
     feed_shape = tuple(1 if d < 0 else d for d in in_shape)
+    _check_inferred_sizes(model)
     values = probe(model, to_fetch, {in_vi.name: np.zeros(feed_shape, np_dtype)})
     for t in const_needed:
         if t not in consts:
