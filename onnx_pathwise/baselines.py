@@ -47,10 +47,10 @@ MAX_ROWS = 4096
 # ---------------------------------------------------------------------- plumbing
 
 
-def record_rows(explainer: Explainer, x: Array) -> tuple[Record, dict[str, Array]]:
+def record_rows(explainer: Explainer, x: Array, preactivations: bool = False) -> tuple[Record, dict[str, Array]]:
     """One onnxruntime forward pass over rows x (already checked): the record and the raw
-    recorded values (gate and max-pool inputs, the scores)."""
-    values = explainer._recorder_for().run(x)
+    recorded values (gate outputs, or inputs with ``preactivations``; max-pool inputs; scores)."""
+    values = explainer._recorder_for(preactivations).run(x)
     states, pre = explainer.engine.states_from(values)
     scores = np.asarray(values[explainer.ir.output_name]).reshape(x.shape[0], -1)
     return Record(x=x, scores=scores, states=states, preactivations=pre), values
@@ -296,7 +296,7 @@ def _probe(explainer: Explainer, x0: Array, d: Array, owner: Array, alpha: Array
     P = len(alpha)
     shp = (-1,) + (1,) * (d.ndim - 1)
     pts = (x0[owner].astype(np.float64) + alpha.reshape(shp) * d[owner]).astype(x0.dtype)
-    rec, values = record_rows(explainer, pts)
+    rec, values = record_rows(explainer, pts, preactivations=True)
     env = eng.tangent_env(d[owner][None].astype(eng.dtype), rec)
     lo = np.zeros(P)
     hi = np.ones(P)

@@ -81,7 +81,7 @@ class Explainer:
         self.ir: ModelIR = run_passes(raw_ir)
         self.kernels = runtime.OpKernels(self.device)
         self.engine = Engine(self.ir, kernels=self.kernels)
-        self._recorder: runtime.Recorder | None = None
+        self._recorders: dict[bool, runtime.Recorder] = {}
 
     # ------------------------------------------------------------------ structure
 
@@ -138,18 +138,25 @@ class Explainer:
             raise InputError(f"{name}: {bad} value(s) are NaN or infinite")
         return np.ascontiguousarray(x, dtype=self.ir.input_dtype)
 
-    def _recorder_for(self) -> runtime.Recorder:
-        if self._recorder is None:
-            self._recorder = runtime.Recorder(
-                self.proto, self.ir.input_name, self.engine.recorded_tensors(), self.device,
+    def _recorder_for(self, preactivations: bool = False) -> runtime.Recorder:
+        rec = self._recorders.get(preactivations)
+        if rec is None:
+            rec = runtime.Recorder(
+                self.proto, self.ir.input_name, self.engine.recorded_tensors(preactivations), self.device,
                 self.ir.batch_fixed,
             )
-        return self._recorder
+            self._recorders[preactivations] = rec
+        return rec
 
-    def record(self, x: Any) -> Record:
-        """One onnxruntime forward pass: every gate's and max-pool's frozen state, the scores."""
+    def record(self, x: Any, preactivations: bool = False) -> Record:
+        """One onnxruntime forward pass: every gate's and max-pool's frozen state, the scores.
+
+        With ``preactivations`` the gates' inputs z are recorded too (``Record.preactivations``,
+        needed by the certified radius); otherwise the gates' outputs suffice and onnxruntime
+        may fuse each layer with its activation.
+        """
         x = self.check_input(x)
-        values = self._recorder_for().run(x)
+        values = self._recorder_for(preactivations).run(x)
         states, pre = self.engine.states_from(values)
         scores = np.asarray(values[self.ir.output_name]).reshape(x.shape[0], -1)
         return Record(x=x, scores=scores, states=states, preactivations=pre)
@@ -190,13 +197,15 @@ class Explainer:
         tangent per input element; inputs larger than ``max_input_size`` elements must opt in
         by raising it.
         """
-        rec = record if record is not None else self.record(x)
         D = int(np.prod(self.input_shape, dtype=np.int64))
+        rec = record if record is not None and len(record.preactivations) == len(self.gate_layers) else None
         if D > max_input_size:
             raise InputError(
                 f"certified radius needs {D} forward tangents (one per input element); "
                 f"pass max_input_size>={D} to opt in"
             )
+        if rec is None:
+            rec = self.record(record.x if record is not None else x, preactivations=True)
         n = rec.n
         eye = np.eye(D, dtype=self.engine.dtype)
         t = np.broadcast_to(eye[:, None, :], (D, n, D)).reshape((D, n) + self.input_shape)

@@ -343,7 +343,7 @@ def test_branches_constant_and_shape_subgraphs_are_folded(models: Zoo) -> None:
 
 def test_activation_gates_have_their_slopes(models: Zoo) -> None:
     ex = models.explainer("activations")
-    rec = ex.record(sample("activations"))
+    rec = ex.record(sample("activations"), preactivations=True)
     leaky, prelu, clip = (rec.states[g.name].slope for g in ex.gate_layers)
     assert set(np.unique(leaky)) == {np.float32(0.1), np.float32(1.0)}
     assert {np.float32(v) for v in (0.2, -0.3, 0.5)} & set(np.unique(prelu))
@@ -494,3 +494,22 @@ def test_several_float_outputs_need_a_choice(models: Zoo) -> None:
         assert float(res.delta.max()) < TOL * np.abs(scores).max()
     with pytest.raises(ModelError, match="no tensor named"):
         Explainer(path, device="cpu", output_name="nope")
+
+
+@pytest.mark.parametrize("name", ["cnn", "residual", "branches", "activations", "fixed_batch"])
+def test_record_from_gate_outputs_equals_record_from_inputs(models: Zoo, name: str) -> None:
+    """The fast record (gate outputs) freezes the same slopes, offsets, values and argmax as
+    the record of pre-activations."""
+    ex = models.explainer(name)
+    x = sample(name)
+    fast, full = ex.record(x), ex.record(x, preactivations=True)
+    assert not fast.preactivations or name == "activations"  # PRelu with a negative slope needs z
+    assert len(full.preactivations) == len(ex.gate_layers)
+    for key, a in full.states.items():
+        b = fast.states[key]
+        for field in ("slope", "offset", "value", "argmax"):
+            va, vb = getattr(a, field, None), getattr(b, field, None)
+            if va is None or vb is None:
+                assert va is None and vb is None, (key, field)
+            else:
+                np.testing.assert_array_equal(va, vb, err_msg=f"{key}.{field}")

@@ -147,6 +147,29 @@ class Gate:
         return GateState(slope, offset, value)
 
     @staticmethod
+    def output_tells_slope(node: Node, ctx: Ctx) -> bool:
+        """True when h alone gives the slope: h > 0 exactly where z > 0 (positive negative-side
+        slopes), and Clip's h sits strictly inside its bounds exactly where z does."""
+        if node.op_type == "LeakyRelu":
+            return float(node.attrs.get("alpha", 0.01)) > 0
+        if node.op_type == "PRelu":
+            c = ctx.const[1]
+            return c is not None and bool(np.all(c > 0))
+        return True
+
+    @staticmethod
+    def record_output(node: Node, h: Array, ctx: Ctx) -> GateState:
+        """The frozen state from the recorded gate output h (see :meth:`output_tells_slope`)."""
+        if node.op_type == "Clip":
+            lo, hi = float(node.attrs["min"]), float(node.attrs["max"])
+            slope = ((h > lo) & (h < hi)).astype(h.dtype)
+            offset = np.where(h <= lo, lo, np.where(h >= hi, hi, 0.0)).astype(h.dtype)
+            return GateState(slope, offset if np.any(offset != 0) else None, h)
+        # h > 0 exactly where z > 0, so the slopes follow from h as from z
+        slope, _ = _gate_params(node, h, ctx)
+        return GateState(slope, None, h)
+
+    @staticmethod
     def forward(node: Node, inputs: list[Array | None], ctx: Ctx) -> list[Array]:
         i = _data_index(node)
         z = inputs[i]
