@@ -62,9 +62,13 @@ def path_layers(layers: Sequence[GateLayer], depth: int | None) -> list[GateLaye
 
 def _log_p(h: np.ndarray, J: np.ndarray, c: int) -> np.ndarray:
     """log softmax_k(h·J_k)[c] in float64: h (a,), J (K, a)."""
-    C = h.astype(np.float64)[None] * J.astype(np.float64)
+    C = J.astype(np.float64)
+    C *= h
     top = C.max(axis=0)
-    return C[c] - top - np.log(np.exp(C - top).sum(axis=0))
+    C -= top
+    lead = C[c].copy()
+    np.exp(C, out=C)
+    return lead - np.log(C.sum(axis=0))
 
 
 def select_units(h: np.ndarray, J: np.ndarray, target: np.ndarray, width: int) -> np.ndarray:
@@ -87,12 +91,12 @@ def select_units(h: np.ndarray, J: np.ndarray, target: np.ndarray, width: int) -
         hi = h[i]
         c = int(target[i])
         lead = hi * (Ji[c] - Ji.mean(axis=0))
-        slack = 1e-4 * np.abs(hi) * np.abs(Ji).max(axis=0)
-        maybe = np.flatnonzero(lead > -slack)
-        maybe = maybe[hi[maybe] != 0]
+        scale = max(float(Ji.max(initial=0.0)), -float(Ji.min(initial=0.0)))
+        slack = (1e-4 * scale) * np.abs(hi)
+        maybe = np.flatnonzero((lead > -slack) & (hi != 0))
         candidates = maybe
         if maybe.size:
-            logp = _log_p(hi[maybe], Ji[:, maybe], c)
+            logp = _log_p(hi[maybe], np.take(Ji, maybe, axis=1), c)
             passed = logp > -log_k
             candidates, logp = maybe[passed], logp[passed]
         if candidates.size == 0:
