@@ -3,6 +3,7 @@ MaxPool, GlobalMaxPool (routing, frozen at the recorded argmax)."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,11 +120,18 @@ class Routing:
     (row-major, per-sample) index of the input element it copies."""
 
     argmax: Array  # (n, P) int64
+    disjoint: bool = False  # windows never overlap, so no input element is chosen twice
 
 
 def _window_index(spatial: list[int], out: list[int], kernel: list[int], strides: list[int],
                   dilations: list[int], pads: list[int]) -> Array:
     """Per-channel flat input index of every (output position, kernel offset); -1 in padding."""
+    return _window_table(*(tuple(v) for v in (spatial, out, kernel, strides, dilations, pads)))
+
+
+@functools.lru_cache(maxsize=64)
+def _window_table(spatial: tuple[int, ...], out: tuple[int, ...], kernel: tuple[int, ...],
+                  strides: tuple[int, ...], dilations: tuple[int, ...], pads: tuple[int, ...]) -> Array:
     n = len(spatial)
     grids = np.meshgrid(*[np.arange(o) for o in out], *[np.arange(k) for k in kernel], indexing="ij")
     flat = np.zeros(grids[0].shape, np.int64)
@@ -132,7 +140,9 @@ def _window_index(spatial: list[int], out: list[int], kernel: list[int], strides
         coord = grids[i] * strides[i] - pads[i] + grids[n + i] * dilations[i]
         valid &= (coord >= 0) & (coord < spatial[i])
         flat = flat * spatial[i] + coord
-    return np.where(valid, flat, -1).reshape(int(np.prod(out)), -1)
+    table = np.where(valid, flat, -1).reshape(int(np.prod(out)), -1)
+    table.setflags(write=False)
+    return table
 
 
 def _gather(x: Array, state: Routing, ctx: Ctx) -> Array:
@@ -147,6 +157,12 @@ def _scatter(g: Array, state: Routing, ctx: Ctx) -> Array:
     in_shape = (rows,) + tuple(ctx.in_shapes[0] or ())
     size = int(np.prod(in_shape[1:], dtype=np.int64))
     m = rows // ctx.n
+    if state.disjoint:
+        # each input element is copied at most once: a plain scatter, no accumulation
+        dx = np.zeros((m, ctx.n, size), g.dtype)
+        np.put_along_axis(dx, np.broadcast_to(state.argmax[None], (m,) + state.argmax.shape),
+                          g.reshape(m, ctx.n, -1), axis=2)
+        return dx.reshape(in_shape)
     idx = np.tile(state.argmax, (m, 1)) + (np.arange(rows, dtype=np.int64) * size)[:, None]
     out = np.bincount(idx.ravel(), weights=g.reshape(rows, -1).ravel(), minlength=rows * size)
     return out.astype(g.dtype, copy=False).reshape(in_shape)
@@ -175,8 +191,8 @@ class MaxPool:
         within = table[np.arange(P)[None, None, :], arg]
         S = int(np.prod(spatial, dtype=np.int64))
         flat = within + (np.arange(C, dtype=np.int64) * S)[None, :, None]
-        del n
-        return Routing(flat.reshape(N, C * P))
+        disjoint = all((k - 1) * d + 1 <= s for k, d, s in zip(kernel, dilations, strides))
+        return Routing(flat.reshape(N, C * P), disjoint)
 
     @staticmethod
     def forward(node: Node, inputs: list[Array | None], ctx: Ctx) -> list[Array]:
@@ -206,7 +222,7 @@ class GlobalMaxPool:
         N, C = x.shape[:2]
         arg = x.reshape(N, C, -1).argmax(axis=2)
         S = int(np.prod(x.shape[2:], dtype=np.int64))
-        return Routing(arg + (np.arange(C, dtype=np.int64) * S)[None, :])
+        return Routing(arg + (np.arange(C, dtype=np.int64) * S)[None, :], disjoint=True)
 
     @staticmethod
     def forward(node: Node, inputs: list[Array | None], ctx: Ctx) -> list[Array]:
