@@ -290,6 +290,21 @@ class Explainer:
         layers = path_layers(self.gate_layers, depth)
         return layers, {layer.name: parse_width(width, layer.units) for layer in layers}
 
+    def _path_sweep(self, rec: Record, target: Any, width: Any, depth: int | None, input_width: Any,
+                    keep_at: str | None = None) -> tuple[list[Any], Any, np.ndarray, np.ndarray]:
+        """The single pathwise sweep with all K score cotangents: (path layers, the sweep with
+        its masks, W (K, n, *in), b (K, n))."""
+        from .pathwise import PathSweep, parse_width, resolve_targets
+
+        layers, widths = self._path_setup(width, depth)
+        D = int(np.prod(self.input_shape, dtype=np.int64))
+        in_width = parse_width(input_width, D) if input_width is not None else None
+        tgt = resolve_targets(target, rec.scores)
+        n, K = rec.scores.shape
+        sweep = PathSweep(self.engine, layers, rec, tgt, widths, in_width, keep_at=keep_at)
+        W, b = sweep.run(self._score_seeds(np.arange(K), n))
+        return layers, sweep, W, b
+
     def explain(
         self,
         x: Any,
@@ -314,16 +329,12 @@ class Explainer:
         >>> e.attribution.tolist(), e.masked_score.tolist()
         ([[1.0, 0.0]], [1.5])
         """
-        from .pathwise import Explanation, PathLayer, PathSweep, parse_width, resolve_targets
+        from .pathwise import Explanation, PathLayer
 
         rec = record if record is not None else self.record(x)
-        layers, widths = self._path_setup(width, depth)
-        D = int(np.prod(self.input_shape, dtype=np.int64))
-        in_width = parse_width(input_width, D) if input_width is not None else None
-        tgt = resolve_targets(target, rec.scores)
-        n, K = rec.scores.shape
-        sweep = PathSweep(self.engine, layers, rec, tgt, widths, in_width)
-        W, b = sweep.run(self._score_seeds(np.arange(K), n))
+        layers, sweep, W, b = self._path_sweep(rec, target, width, depth, input_width)
+        tgt = sweep.target
+        n = rec.n
         idx = np.arange(n)
         weight = W[tgt, idx]
         bias = b[tgt, idx]
@@ -359,8 +370,6 @@ class Explainer:
         channels) of one gate layer (default: the last), ranked by their score contribution
         h_u·∂y_c/∂h_u. ``parts`` (top ones) + ``rest`` (the other kept units) + ``bypass``
         (paths that skip the layer, e.g. residual joins) = ``attribution``."""
-        from .pathwise import PathSweep, parse_width, resolve_targets
-
         if group not in ("unit", "channel"):
             raise PathwiseError(f"group {group!r}: choose 'unit' or 'channel'")
         if int(top) < 1:
@@ -373,13 +382,9 @@ class Explainer:
             raise PathwiseError(f"layer {name!r} is not a gate layer; gate layers: {', '.join(names)}")
         gl = self.gate_layers[names.index(name)]
         rec = self.record(x)
-        layers, widths = self._path_setup(width, depth)
-        D = int(np.prod(self.input_shape, dtype=np.int64))
-        in_width = parse_width(input_width, D) if input_width is not None else None
-        tgt = resolve_targets(target, rec.scores)
-        n, K = rec.scores.shape
-        sweep = PathSweep(self.engine, layers, rec, tgt, widths, in_width, keep_at=name)
-        W, _ = sweep.run(self._score_seeds(np.arange(K), n))
+        _, sweep, W, _ = self._path_sweep(rec, target, width, depth, input_width, keep_at=name)
+        tgt = sweep.target
+        n = rec.n
         idx = np.arange(n)
         attribution = (W[tgt, idx] * rec.x).astype(W.dtype)
         assert sweep.at_layer is not None

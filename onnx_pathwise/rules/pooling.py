@@ -181,7 +181,6 @@ class MaxPool:
         x = inputs[0]
         assert x is not None
         spatial, out, kernel, strides, dilations, pads = _geometry(node, ctx)
-        n = len(out)
         xp = pad_spatial(x, pads, out, kernel, strides, dilations, -np.inf)
         win = windows(xp, out, kernel, strides, dilations)
         N, C = x.shape[:2]
