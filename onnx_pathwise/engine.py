@@ -47,6 +47,13 @@ def single_threaded_blas() -> Any:
     return _blas().limit(limits=1, user_api="blas")
 
 
+def _rows_of(c: Array, rows: Array | None) -> Array:
+    """c (m, n, k) → c itself, or (1, n, k) holding row rows[i] of each sample i."""
+    if rows is None:
+        return c
+    return c[rows, np.arange(c.shape[1])][None]
+
+
 class RuleError(RuntimeError):
     """A rule returned something of the wrong arity or shape: a bug, reported with its node."""
 
@@ -213,17 +220,20 @@ class Engine:
         record: Record,
         hooks: Mapping[str, Hook] | None = None,
         input_hook: Hook | None = None,
+        bias_rows: Array | None = None,
     ) -> tuple[Array, Array]:
         """Transpose sweep from ``seeds`` {tensor: (m, n, *s)} down to the input.
 
         Returns (cotangent at the input (m, n, *input shape), offset term (m, n)): for seeds
-        at the scores, W and b of the frozen network's scores.
+        at the scores, W and b of the frozen network's scores. With ``bias_rows`` (one row
+        index per sample) the offset term is accumulated for those rows only and comes back
+        as (1, n).
         """
         rows = next(iter(seeds.values())).shape[0] * record.n
         if rows > SMALL_SWEEP_ROWS:
-            return self._backward(seeds, record, hooks, input_hook)
+            return self._backward(seeds, record, hooks, input_hook, bias_rows)
         with single_threaded_blas():
-            return self._backward(seeds, record, hooks, input_hook)
+            return self._backward(seeds, record, hooks, input_hook, bias_rows)
 
     def _backward(
         self,
@@ -231,6 +241,7 @@ class Engine:
         record: Record,
         hooks: Mapping[str, Hook] | None,
         input_hook: Hook | None,
+        bias_rows: Array | None,
     ) -> tuple[Array, Array]:
         n = record.n
         m = next(iter(seeds.values())).shape[0]
@@ -238,7 +249,7 @@ class Engine:
         env: dict[str, Array] = {
             t: np.asarray(s, self.dtype).reshape((rows,) + self.ir.shapes[t]) for t, s in seeds.items()
         }
-        bias = np.zeros((m, n), np.float64)
+        bias = np.zeros((m if bias_rows is None else 1, n), np.float64)
         for node in reversed(self.nodes):
             cots = [env.pop(o, None) for o in node.outputs]
             if all(c is None for c in cots):
@@ -250,11 +261,13 @@ class Engine:
             if node.role == GATE:
                 st: GateState = state  # type: ignore[assignment]
                 if st.offset is not None and cots[0] is not None:
-                    bias += np.einsum("mnk,nk->mn", cots[0].reshape(m, n, -1), st.offset.reshape(n, -1))
+                    sel_g = _rows_of(cots[0].reshape(m, n, -1), bias_rows)
+                    bias += np.einsum("mnk,nk->mn", sel_g, st.offset.reshape(n, -1))
             else:
                 for c, off in zip(cots, self.offsets.get(node.name, [])):
                     if c is not None and off is not None:
-                        bias += (c.reshape(rows, -1) @ off.reshape(-1)).reshape(m, n)
+                        sel = _rows_of(c.reshape(m, n, -1), bias_rows)
+                        bias += (sel.reshape(-1, sel.shape[2]) @ off.reshape(-1)).reshape(sel.shape[:2])
             ins = RULES[node.op_type].transpose(node, cots, self._ctx(node, n, state))
             if len(ins) != len(node.inputs):
                 raise RuleError(

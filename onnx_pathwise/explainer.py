@@ -293,7 +293,7 @@ class Explainer:
     def _path_sweep(self, rec: Record, target: Any, width: Any, depth: int | None, input_width: Any,
                     keep_at: str | None = None) -> tuple[list[Any], Any, np.ndarray, np.ndarray]:
         """The single pathwise sweep with all K score cotangents: (path layers, the sweep with
-        its masks, W (K, n, *in), b (K, n))."""
+        its masks, W (K, n, *in), b_p (1, n) of each sample's target)."""
         from .pathwise import PathSweep, parse_width, resolve_targets
 
         layers, widths = self._path_setup(width, depth)
@@ -337,7 +337,7 @@ class Explainer:
         n = rec.n
         idx = np.arange(n)
         weight = W[tgt, idx]
-        bias = b[tgt, idx]
+        bias = b[0]
         xf = rec.x.astype(np.float64)
         masked = (weight.reshape(n, -1).astype(np.float64) * xf.reshape(n, -1)).sum(axis=1) + bias
         paths = [

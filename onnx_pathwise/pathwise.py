@@ -211,10 +211,12 @@ class PathSweep:
         return (flat * mask[None].astype(flat.dtype)).reshape(w.shape)
 
     def run(self, seeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """W (K, n, *in) for every score, b_p (n,) for each sample's target only."""
         names = set(self.widths) | ({self.keep_at} if self.keep_at is not None else set())
         hooks = {name: self._gate_hook for name in names}
         return self.engine.backward(
-            seeds, self.record, hooks=hooks, input_hook=self._input_hook if self.input_width else None
+            seeds, self.record, hooks=hooks, input_hook=self._input_hook if self.input_width else None,
+            bias_rows=self.target,
         )
 
     def replay(self, seeds: dict[str, np.ndarray]) -> np.ndarray:
