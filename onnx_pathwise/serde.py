@@ -876,8 +876,10 @@ def canonical_attrs(
         if node.opset >= 11:
             lo = _const_input(node, 1, consts)
             hi = _const_input(node, 2, consts)
-            a["min"] = float(lo) if lo is not None else -np.inf
-            a["max"] = float(hi) if hi is not None else np.inf
+            for key, bound, default in (("min", lo, -np.inf), ("max", hi, np.inf)):
+                if bound is not None and bound.size != 1:
+                    raise ModelError(f"Clip {key} has shape {bound.shape}; it must hold one value")
+                a[key] = float(bound.reshape(-1)[0]) if bound is not None else default
         else:
             a["min"] = float(a.get("min", -3.4028234663852886e38))
             a["max"] = float(a.get("max", 3.4028234663852886e38))

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from test_models import float64_copy, gate_pattern, rel_err
 from typer.testing import CliRunner
 
-from onnx_pathwise import Explainer
+from onnx_pathwise import Explainer, ModelError
 from onnx_pathwise.cli import app
 
 N = 3
@@ -42,23 +42,24 @@ def _save(nodes: list[onnx.NodeProto], name: str, inp: onnx.ValueInfoProto, out:
 # --------------------------------------------------------------------------- the graphs
 
 
-def tf2onnx_cnn(path: Path) -> Path:
-    """NHWC input with tf2onnx's symbolic batch 'unk__0' → Transpose to NCHW → Conv without
-    bias + Add of a (C, 1, 1) bias → Relu → MaxPool(3, stride 2, SAME_UPPER) → Transpose back
-    to NHWC → Reshape to (Gather(Shape(t), 0), -1) → MatMul + Add → Softmax 'dense_1'."""
+def tf2onnx_cnn(path: Path, auto_pad: str = "SAME_UPPER", shape_of: str = "max_pooling2d/MaxPool__12:0") -> Path:
+    """NHWC input with tf2onnx's symbolic batch 'unk__0' → Transpose to NCHW → Conv(3×3,
+    ``auto_pad``) without bias + Add of a (C, 1, 1) bias → Relu → MaxPool(3, stride 2,
+    ``auto_pad``) → Transpose back to NHWC → Reshape to (Gather(Shape(``shape_of``), 0), -1) →
+    MatMul + Add → Softmax 'dense_1'."""
     rng = np.random.default_rng(20)
     nodes = [
         helper.make_node("Transpose", ["input_1"], ["conv2d/Conv2D__6:0"], perm=[0, 3, 1, 2],
                          name="conv2d/Conv2D__6"),
         helper.make_node("Conv", ["conv2d/Conv2D__6:0", "conv2d/kernel"], ["conv2d/Conv2D:0"],
-                         kernel_shape=[3, 3], auto_pad="SAME_UPPER", name="conv2d/Conv2D"),
+                         kernel_shape=[3, 3], auto_pad=auto_pad, name="conv2d/Conv2D"),
         helper.make_node("Add", ["conv2d/Conv2D:0", "conv2d/bias"], ["conv2d/BiasAdd:0"], name="conv2d/BiasAdd"),
         helper.make_node("Relu", ["conv2d/BiasAdd:0"], ["conv2d/Relu:0"], name="conv2d/Relu"),
         helper.make_node("MaxPool", ["conv2d/Relu:0"], ["max_pooling2d/MaxPool:0"], kernel_shape=[3, 3],
-                         strides=[2, 2], auto_pad="SAME_UPPER", name="max_pooling2d/MaxPool"),
+                         strides=[2, 2], auto_pad=auto_pad, name="max_pooling2d/MaxPool"),
         helper.make_node("Transpose", ["max_pooling2d/MaxPool:0"], ["max_pooling2d/MaxPool__12:0"],
                          perm=[0, 2, 3, 1], name="max_pooling2d/MaxPool__12"),
-        helper.make_node("Shape", ["max_pooling2d/MaxPool__12:0"], ["flatten/Shape:0"], name="flatten/Shape"),
+        helper.make_node("Shape", [shape_of], ["flatten/Shape:0"], name="flatten/Shape"),
         helper.make_node("Gather", ["flatten/Shape:0", "const_zero"], ["flatten/strided_slice:0"], axis=0,
                          name="flatten/strided_slice"),
         helper.make_node("Unsqueeze", ["flatten/strided_slice:0", "const_axes0"], ["flatten/Reshape/shape_Unsqueeze:0"],
@@ -84,9 +85,10 @@ def tf2onnx_cnn(path: Path) -> Path:
                  helper.make_tensor_value_info("dense_1", TensorProto.FLOAT, ["unk__0", 5]), inits, path, 13, "tf2onnx")
 
 
-def keras_mlp(path: Path) -> Path:
+def keras_mlp(path: Path, bound_shape: tuple[int, ...] = ()) -> Path:
     """(x − mean) / std by Sub and Div, Dense as MatMul + Add, ReLU6 as Clip-11 with min/max
-    inputs, a ReLU as Clip(z, 0, '') (omitted max), Identity before the output."""
+    inputs, a ReLU as Clip(z, 0, '') (omitted max), Identity before the output. The Clip
+    bounds have ``bound_shape``: scalars as the spec says, or (1,) as some converters write."""
     rng = np.random.default_rng(21)
     nodes = [
         helper.make_node("Sub", ["input", "norm/mean"], ["norm/sub:0"], name="normalization/sub"),
@@ -106,8 +108,8 @@ def keras_mlp(path: Path) -> Path:
         _init("norm/std", 0.5 + rng.random(6)),
         _init("dense/kernel", rng.normal(size=(6, 10)) * 2.5),
         _init("dense/bias", rng.normal(size=10) + 2.0),
-        _init("clip_min", 0.0),
-        _init("clip_max", 6.0),
+        _init("clip_min", np.full(bound_shape, 0.0)),
+        _init("clip_max", np.full(bound_shape, 6.0)),
         _init("dense_1/kernel", rng.normal(size=(10, 8)) * 0.5),
         _init("dense_1/bias", rng.normal(size=8) * 0.3),
         _init("dense_2/kernel", rng.normal(size=(8, 3))),
@@ -215,6 +217,7 @@ def split_gates(path: Path) -> Path:
 
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "tf2onnx_cnn": tf2onnx_cnn,
+    "tf2onnx_cnn_lower": lambda path: tf2onnx_cnn(path, "SAME_LOWER", "input_1"),
     "keras_mlp": keras_mlp,
     "jax_mlp": jax_mlp,
     "three_branches": three_branches,
@@ -223,6 +226,7 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
 NAMES = list(BUILDERS)
 INPUT_SHAPES = {
     "tf2onnx_cnn": (8, 8, 3),
+    "tf2onnx_cnn_lower": (8, 8, 3),
     "keras_mlp": (6,),
     "jax_mlp": (12,),
     "three_branches": (2, 6, 6),
@@ -231,6 +235,7 @@ INPUT_SHAPES = {
 #: (gate op_types in order, gate units, routing nodes, peeled terminal ops, explained tensor)
 STRUCTURE: dict[str, tuple[list[str], list[int], int, tuple[str, ...], str]] = {
     "tf2onnx_cnn": (["Relu"], [4 * 8 * 8], 1, ("Softmax",), "dense/BiasAdd:0"),
+    "tf2onnx_cnn_lower": (["Relu"], [4 * 8 * 8], 1, ("Softmax",), "dense/BiasAdd:0"),
     "keras_mlp": (["Clip", "Clip"], [10, 8], 0, (), "dense_2/BiasAdd:0"),
     "jax_mlp": (["Max", "Max"], [16, 12], 0, (), "logits"),
     "three_branches": (["Relu", "Relu", "LeakyRelu", "LeakyRelu"], [4 * 36, 4 * 36, 4 * 36, 8 * 4], 1, (),
@@ -335,6 +340,29 @@ def numpy_logits(name: str, path: Path, x: np.ndarray) -> np.ndarray | None:
     return None
 
 
+def torch_cnn(name: str, path: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, Jacobian (n, K, 8, 8, 3)) of the tf2onnx CNNs from an independent float64
+    PyTorch forward with the SAME pads written out: the 3×3 conv pads 1 on each side; the
+    3×3 stride-2 max pool on 8 pads 1 at the end (SAME_UPPER) or at the start (SAME_LOWER)."""
+    import torch
+    import torch.nn.functional as F
+
+    w = {t.name: torch.from_numpy(numpy_helper.to_array(t).astype(np.float64))
+         for t in onnx.load(str(path)).graph.initializer if t.data_type == TensorProto.FLOAT}
+    pool_pad = (1, 0, 1, 0) if name == "tf2onnx_cnn_lower" else (0, 1, 0, 1)
+
+    def f(v: Any) -> Any:
+        t = F.conv2d(F.pad(v.permute(0, 3, 1, 2), (1, 1, 1, 1)), w["conv2d/kernel"]) + w["conv2d/bias"]
+        t = F.max_pool2d(F.pad(torch.relu(t), pool_pad, value=-np.inf), 3, 2)
+        return t.permute(0, 2, 3, 1).reshape(v.shape[0], -1) @ w["dense/kernel"] + w["dense/bias"]
+
+    xt = torch.from_numpy(x.astype(np.float64))
+    with torch.no_grad():
+        scores = f(xt).numpy()
+    jac = torch.autograd.functional.jacobian(lambda v: f(v).sum(0), xt, vectorize=True)
+    return scores, jac.numpy().swapaxes(0, 1)
+
+
 # --------------------------------------------------------------------------- every graph
 
 
@@ -354,13 +382,19 @@ def test_unwrap_reproduces_onnxruntime_and_jacobian(graphs: Graphs, name: str) -
     assert float(res.delta.max()) < TOL * np.abs(scores).max()
     np.testing.assert_allclose(res.output, scores, rtol=0, atol=1e-6 * np.abs(scores).max())
 
-    ref_scores, ref_jac = fd_jacobian(ex, graphs.path(name), x)
-    assert rel_err(res.output, ref_scores) < TOL
-    assert rel_err(res.weight, ref_jac) < TOL, f"W differs from the Jacobian by {rel_err(res.weight, ref_jac):.2e}"
-    independent = numpy_logits(name, graphs.path(name), x)
+    path = graphs.path(name)
+    oracles = []
+    if name != "tf2onnx_cnn_lower":  # onnx's reference MaxPool makes SAME_LOWER's output 3×3, not 4×4
+        ref_scores, ref_jac = fd_jacobian(ex, path, x)
+        oracles.append((ref_scores, ref_jac))
+    if name.startswith("tf2onnx_cnn"):
+        oracles.append(torch_cnn(name, path, x))
+    independent = numpy_logits(name, path, x)
     if independent is not None:
-        assert rel_err(res.output, independent) < TOL
         assert rel_err(ref_scores, independent) < 1e-12
+    for ref_scores, ref_jac in oracles:
+        assert rel_err(res.output, ref_scores) < TOL
+        assert rel_err(res.weight, ref_jac) < TOL, f"W differs from the Jacobian by {rel_err(res.weight, ref_jac):.2e}"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -388,7 +422,7 @@ def test_explain_attribution_is_weight_times_x(graphs: Graphs, name: str) -> Non
     for i in range(4):
         assert len(e.path[i]) == len(ex.gate_layers)
         for layer, gate in zip(e.path[i], ex.gate_layers):
-            assert layer.name == gate.name
+            assert layer.node == gate.name
             assert 1 <= len(layer.kept) <= max(1, round(gate.units * 0.1))
         # the masked network is affine in x: W_p·x + b_p is its score
         masked = float((e.weight[i].astype(np.float64) * x[i]).sum() + e.bias[i])
@@ -431,23 +465,28 @@ def test_structure_and_inspect(graphs: Graphs, name: str) -> None:
 # --------------------------------------------------------------------------- per graph
 
 
-def test_tf2onnx_shape_subgraph_is_evaluated_not_differentiated(graphs: Graphs) -> None:
-    ex = graphs.explainer("tf2onnx_cnn")
-    model = onnx.load(str(graphs.path("tf2onnx_cnn")))
+@pytest.mark.parametrize("name", ["tf2onnx_cnn", "tf2onnx_cnn_lower"])
+def test_tf2onnx_shape_subgraph_is_evaluated_not_differentiated(graphs: Graphs, name: str) -> None:
+    ex = graphs.explainer(name)
+    model = onnx.load(str(graphs.path(name)))
     dims = model.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param == "unk__0"
+    assert {"Shape", "Gather", "Unsqueeze", "Concat"} <= {n.op_type for n in model.graph.node}
     ops = sorted(n.op_type for n in ex.ir.nodes)
     assert ops == sorted(["Transpose", "Conv", "Add", "Relu", "MaxPool", "Transpose", "Reshape", "MatMul", "Add"])
+    conv = next(n for n in ex.ir.nodes if n.op_type == "Conv")
     pool = next(n for n in ex.ir.nodes if n.op_type == "MaxPool")
-    assert list(pool.attrs["pads"]) == [0, 0, 1, 1]  # SAME_UPPER: the extra pad at the end
+    assert list(conv.attrs["pads"]) == [1, 1, 1, 1]
+    # SAME_UPPER puts the odd pad at the end, SAME_LOWER at the start
+    assert list(pool.attrs["pads"]) == ([1, 1, 0, 0] if name == "tf2onnx_cnn_lower" else [0, 0, 1, 1])
     assert ex.num_classes == 5
-    x = sample("tf2onnx_cnn", n=5, seed=3)
+    x = sample(name, n=5, seed=3)
     res = ex.unwrap(x)
     assert res.weight.shape == (5, 5, 8, 8, 3)
     probs = np.exp(res.output - res.output.max(1, keepdims=True))
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(graphs.path("tf2onnx_cnn")), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(graphs.path(name)), providers=["CPUExecutionProvider"])
     (ort_probs,) = sess.run(["dense_1"], {"input_1": x})
     np.testing.assert_allclose(probs / probs.sum(1, keepdims=True), ort_probs, atol=1e-6)
 
@@ -461,6 +500,22 @@ def test_keras_relu6_uses_all_three_pieces(graphs: Graphs) -> None:
     rec = ex.record(sample("keras_mlp", n=16, seed=4), preactivations=True)
     z = rec.preactivations[relu6.name]
     assert (z > 6).any() and (z < 0).any() and ((z > 0) & (z < 6)).any()
+
+
+def test_clip_bounds_of_shape_one(graphs: Graphs, tmp_path: Path) -> None:
+    """Clip-11 bounds stored as shape (1,) (onnxruntime runs them) read like scalars; bounds
+    that hold more than one value are refused."""
+    ex = Explainer(keras_mlp(tmp_path / "bounds1.onnx", bound_shape=(1,)), device="cpu")
+    relu6, relu = (ex.ir.node(g.name) for g in ex.gate_layers)
+    assert (relu6.attrs["min"], relu6.attrs["max"]) == (0.0, 6.0)
+    assert (relu.attrs["min"], relu.attrs["max"]) == (0.0, np.inf)
+    x = sample("keras_mlp", n=4, seed=7)
+    ref = graphs.explainer("keras_mlp").unwrap(x)
+    res = ex.unwrap(x)
+    np.testing.assert_array_equal(res.weight, ref.weight)
+    np.testing.assert_array_equal(res.bias, ref.bias)
+    with pytest.raises(ModelError):
+        Explainer(keras_mlp(tmp_path / "bounds2.onnx", bound_shape=(2,)), device="cpu")
 
 
 def test_jax_fixed_batch_and_cast_weights(graphs: Graphs) -> None:
@@ -493,6 +548,6 @@ def test_split_halves_are_two_gate_layers_at_one_depth(graphs: Graphs) -> None:
     assert [tuple(t) for t in sl.attrs["index"]] == [(0, None, 1), (6, None, -2)]
     x = sample("split_gates", n=4, seed=6)
     e = ex.explain(x, width=2, depth=1)
-    assert [[p.name for p in path] for path in e.path] == [["relu_right"]] * 4
+    assert [[p.node for p in path] for path in e.path] == [["relu_right"]] * 4
     e2 = ex.explain(x, width=2)
     assert all(len(path) == 2 for path in e2.path)
