@@ -192,95 +192,103 @@ class Explainer:
     def certified_radius(self, x: Any, record: Record | None = None, max_input_size: int = 4096) -> RadiusResult:
         """The largest L2 and L∞ balls around each x inside its activation region (DESIGN §3).
 
-        min over gate units of |z_i| / ‖∇z_i‖₂ (‖∇z_i‖₁ for L∞), and for max pools the margin
-        between each window's recorded maximum and every other element. Costs one forward
-        tangent per input element; inputs larger than ``max_input_size`` elements must opt in
-        by raising it.
+        min over gate units of |z_i − kink| / ‖∇z_i‖₂ (‖∇z_i‖₁ for L∞), and for max pools the
+        margin between each window's recorded maximum and every other element of the window over
+        the norm of their gradient difference. Costs one forward tangent per input element,
+        pushed in chunks that keep memory bounded; inputs larger than ``max_input_size``
+        elements must opt in by raising it.
         """
+        from .rules.pooling import _geometry, _window_index
+
         D = int(np.prod(self.input_shape, dtype=np.int64))
-        rec = record if record is not None and len(record.preactivations) == len(self.gate_layers) else None
         if D > max_input_size:
             raise InputError(
                 f"certified radius needs {D} forward tangents (one per input element); "
                 f"pass max_input_size>={D} to opt in"
             )
+        rec = record if record is not None and len(record.preactivations) == len(self.gate_layers) else None
         if rec is None:
             rec = self.record(record.x if record is not None else x, preactivations=True)
         n = rec.n
-        eye = np.eye(D, dtype=self.engine.dtype)
-        t = np.broadcast_to(eye[:, None, :], (D, n, D)).reshape((D, n) + self.input_shape)
-        env_t = self.engine.tangent_env(np.ascontiguousarray(t), rec)
-        tangents = {g.name: env_t[g.data_inputs[0]] for g in self.engine.gate_nodes}
-        best2 = np.full(n, np.inf)
-        bestinf = np.full(n, np.inf)
-        unit2 = [""] * n
-        unitinf = [""] * n
-        for name, tz in tangents.items():
-            z = rec.preactivations[name].reshape(n, -1).astype(np.float64)
-            g = tz.reshape(D, n, -1).astype(np.float64)
-            node = self.ir.node(name)
-            kinks = [0.0]
-            if node.op_type == "Clip":
-                kinks = [k for k in (node.attrs["min"], node.attrs["max"]) if np.isfinite(k)]
-            for kink in kinks:
-                margin = np.abs(z - kink)
-                n2 = np.sqrt((g**2).sum(axis=0))
-                n1 = np.abs(g).sum(axis=0)
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    r2 = np.where(n2 > 0, margin / n2, np.inf)
-                    r1 = np.where(n1 > 0, margin / n1, np.inf)
-                for i in range(n):
-                    j2, j1 = int(np.argmin(r2[i])), int(np.argmin(r1[i]))
-                    if r2[i, j2] < best2[i]:
-                        best2[i], unit2[i] = r2[i, j2], f"{name}[{j2}]"
-                    if r1[i, j1] < bestinf[i]:
-                        bestinf[i], unitinf[i] = r1[i, j1], f"{name}[{j1}]"
-        self._pool_margins(rec, env_t, best2, bestinf, unit2, unitinf, D)
-        return RadiusResult(best2, bestinf, unit2, unitinf)
-
-    def _pool_margins(self, rec: Record, env_t: dict[str, np.ndarray], best2: np.ndarray, bestinf: np.ndarray,
-                      unit2: list[str], unitinf: list[str], D: int) -> None:
-        """Max-pool windows: the recorded max must stay above every other window element."""
-        from .rules.pooling import _geometry, _window_index
-
-        routing = [n for n in self.ir.nodes if n.role == "routing"]
-        if not routing:
-            return
-        n = rec.n
-        values = self.engine.forward(rec.x, rec, keep=True)
-        for node in routing:
+        eng = self.engine
+        # squared-L2 and L1 norms of the gradients, accumulated over chunks of input elements
+        gates = {g.name: g.data_inputs[0] for g in eng.gate_nodes}
+        sq = {name: np.zeros((n, int(np.prod(self.ir.shapes[t], dtype=np.int64)))) for name, t in gates.items()}
+        ab = {name: np.zeros_like(v) for name, v in sq.items()}
+        pools = []
+        for node in eng.routing_nodes:
             src = node.data_inputs[0]
-            v = values[src].reshape(n, -1).astype(np.float64)
-            tv = env_t[src].reshape(D, n, -1).astype(np.float64)
-            ctx = self.engine._ctx(node, n, rec.states[node.name])
-            if node.op_type == "MaxPool":
-                spatial, out, kernel, strides, dilations, pads = _geometry(node, ctx)
-                table = _window_index(spatial, out, kernel, strides, dilations, pads)
-            else:
-                S = int(np.prod(self.ir.shapes[src][1:], dtype=np.int64))
-                table = np.arange(S)[None, :]
             C = self.ir.shapes[src][0]
             S = int(np.prod(self.ir.shapes[src][1:], dtype=np.int64))
-            arg = rec.states[node.name].argmax.reshape(n, C, -1)  # (n, C, P)
-            for c in range(C):
-                idx = np.where(table >= 0, table + c * S, -1)  # (P, K)
-                winners = arg[:, c, :]  # (n, P)
+            if node.op_type == "MaxPool":
+                table = _window_index(*_geometry(node, eng._ctx(node, n, rec.states[node.name])))
+            else:
+                table = np.arange(S)[None, :]
+            winners = rec.states[node.name].argmax.reshape(n, C, -1)  # (n, C, P) flat input index
+            others = table[None, None] + (np.arange(C) * S)[None, :, None, None]  # (1, C, P, K)
+            valid = np.broadcast_to(table >= 0, others.shape[1:])
+            others = np.where(table >= 0, others, 0)
+            shape = (n, C) + table.shape
+            pools.append((node, src, winners, others, valid, np.zeros(shape), np.zeros(shape)))
+        biggest = max(int(np.prod(s, dtype=np.int64)) for s in self.ir.shapes.values())
+        cols = max(1, MAX_SWEEP_ELEMENTS // max(1, n * biggest))
+        eye = np.eye(D, dtype=eng.dtype)
+        for start in range(0, D, cols):
+            block = eye[start : start + cols]
+            t = np.broadcast_to(block[:, None, :], (len(block), n, D)).reshape((len(block), n) + self.input_shape)
+            env_t = eng.tangent_env(np.ascontiguousarray(t), rec)
+            for name, tname in gates.items():
+                g = env_t[tname].reshape(len(block), n, -1).astype(np.float64)
+                sq[name] += (g * g).sum(axis=0)
+                ab[name] += np.abs(g).sum(axis=0)
+            for _node, src, winners, others, _valid, psq, pab in pools:
+                tv = env_t[src].reshape(len(block), n, -1).astype(np.float64)
                 for i in range(n):
-                    valid = idx >= 0
-                    others = np.where(valid, idx, 0)
-                    margin = v[i, winners[i]][:, None] - v[i, others]  # (P, K)
-                    dg = tv[:, i, winners[i]][:, :, None] - tv[:, i, others]  # (D, P, K)
-                    n2 = np.sqrt((dg**2).sum(axis=0))
-                    n1 = np.abs(dg).sum(axis=0)
-                    mask = valid & (others != winners[i][:, None]) & (n2 > 0)
-                    if not mask.any():
-                        continue
-                    r2 = np.where(mask, margin / np.where(mask, n2, 1), np.inf)
-                    r1 = np.where(mask, margin / np.where(mask, n1, 1), np.inf)
-                    if r2.min() < best2[i]:
-                        best2[i], unit2[i] = r2.min(), f"{node.name}[window {np.unravel_index(r2.argmin(), r2.shape)[0]} ch {c}]"
-                    if r1.min() < bestinf[i]:
-                        bestinf[i], unitinf[i] = r1.min(), f"{node.name}[window {np.unravel_index(r1.argmin(), r1.shape)[0]} ch {c}]"
+                    w = tv[:, i][:, winners[i]]  # (d, C, P)
+                    dg = w[..., None] - tv[:, i][:, others[0]]  # (d, C, P, K)
+                    psq[i] += (dg * dg).sum(axis=0)
+                    pab[i] += np.abs(dg).sum(axis=0)
+        best2, bestinf = np.full(n, np.inf), np.full(n, np.inf)
+        unit2, unitinf = [""] * n, [""] * n
+
+        def consider(r2: np.ndarray, r1: np.ndarray, label: Any) -> None:
+            for i in range(n):
+                j2, j1 = int(np.argmin(r2[i])), int(np.argmin(r1[i]))
+                if r2[i].flat[j2] < best2[i]:
+                    best2[i], unit2[i] = r2[i].flat[j2], label(j2)
+                if r1[i].flat[j1] < bestinf[i]:
+                    bestinf[i], unitinf[i] = r1[i].flat[j1], label(j1)
+
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for name in gates:
+                z = rec.preactivations[name].reshape(n, -1).astype(np.float64)
+                node = self.ir.node(name)
+                kinks = [0.0]
+                if node.op_type == "Clip":
+                    kinks = [k for k in (node.attrs["min"], node.attrs["max"]) if np.isfinite(k)]
+                n2, n1 = np.sqrt(sq[name]), ab[name]
+                for kink in kinks:
+                    margin = np.abs(z - kink)
+                    consider(np.where(n2 > 0, margin / n2, np.inf), np.where(n1 > 0, margin / n1, np.inf),
+                             lambda j, name=name: f"{name}[{j}]")
+            if pools:
+                values = eng.forward(rec.x, rec, keep=True)
+            for node, src, winners, others, valid, psq, pab in pools:
+                v = values[src].reshape(n, -1).astype(np.float64)
+                margin = np.stack([v[i][winners[i]][..., None] - v[i][others[0]] for i in range(n)])
+                live = valid[None] & (others != winners[..., None]) & (psq > 0)
+                n2 = np.sqrt(psq)
+                r2 = np.where(live, margin / np.where(live, n2, 1), np.inf)
+                r1 = np.where(live, margin / np.where(live, pab, 1), np.inf)
+                P = winners.shape[2]
+                K = others.shape[3]
+
+                def label(j: int, node: Any = node, P: int = P, K: int = K) -> str:
+                    c, rest = divmod(j, P * K)
+                    return f"{node.name}[channel {c}, window {rest // K}]"
+
+                consider(r2.reshape(n, -1), r1.reshape(n, -1), label)
+        return RadiusResult(best2, bestinf, unit2, unitinf)
 
     # ------------------------------------------------------------------ pathwise (DESIGN §4)
 
