@@ -34,7 +34,7 @@ from .errors import (
     PathwiseError,
     UnsupportedModelError,
 )
-from .explainer import Explainer
+from .explainer import Explainer, concat_batches
 from .graph import GateLayer, Segment
 from .io import load_array, save_npz, to_json, write_bytes, write_json
 from .ir import GATE, ROUTING
@@ -392,28 +392,7 @@ def _chunked(fn: Callable[[np.ndarray], Any], x: np.ndarray, what: str) -> Any:
             for s in starts[1:]:
                 results.append(fn(x[s : s + CHUNK]))
                 progress.advance(task, min(CHUNK, n - s))
-    return _merge(results)
-
-
-def _merge(results: Sequence[Any]) -> Any:
-    """Concatenate per-sample fields of same-typed frozen result objects along the batch axis."""
-    import dataclasses
-
-    if len(results) == 1:
-        return results[0]
-    first = results[0]
-    n0 = len(first.target)
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(first):
-        vals = [getattr(r, f.name) for r in results]
-        v0 = vals[0]
-        if isinstance(v0, np.ndarray) and v0.ndim >= 1 and v0.shape[0] == n0:
-            values[f.name] = np.concatenate(vals)
-        elif isinstance(v0, list) and len(v0) == n0:
-            values[f.name] = [item for v in vals for item in v]
-        else:
-            values[f.name] = v0
-    return dataclasses.replace(first, **values)
+    return concat_batches(results)
 
 
 def _guard_dir(out: Path, names: Sequence[str], force: bool) -> None:

@@ -15,7 +15,9 @@ True
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -34,6 +36,26 @@ from .pathwise import Explanation
 
 #: Rows (cotangents × samples × largest tensor) handled at once in a sweep.
 MAX_SWEEP_ELEMENTS = 64_000_000
+
+
+def concat_batches(results: Sequence[Any]) -> Any:
+    """Concatenate same-typed frozen results of consecutive sample chunks along the batch axis
+    (fields whose first axis is the batch; per-sample lists; anything else from the first)."""
+    if len(results) == 1:
+        return results[0]
+    first = results[0]
+    n0 = len(first.output)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(first):
+        vals = [getattr(r, f.name) for r in results]
+        v0 = vals[0]
+        if isinstance(v0, np.ndarray) and v0.ndim >= 1 and v0.shape[0] == n0:
+            values[f.name] = np.concatenate(vals)
+        elif isinstance(v0, list) and len(v0) == n0:
+            values[f.name] = [item for v in vals for item in v]
+        else:
+            values[f.name] = v0
+    return dataclasses.replace(first, **values)
 
 
 @dataclass(frozen=True)
@@ -161,6 +183,11 @@ class Explainer:
         scores = np.asarray(values[self.ir.output_name]).reshape(x.shape[0], -1)
         return Record(x=x, scores=scores, states=states, preactivations=pre)
 
+    def _sample_chunk(self, rows_per_sample: int) -> int:
+        """Samples per sweep so that rows × largest tensor stays within MAX_SWEEP_ELEMENTS."""
+        biggest = max((int(np.prod(s, dtype=np.int64)) for s in self.ir.shapes.values()), default=1)
+        return max(1, MAX_SWEEP_ELEMENTS // max(1, rows_per_sample * biggest))
+
     def _class_chunk(self, n: int) -> int:
         biggest = max((int(np.prod(s, dtype=np.int64)) for s in self.ir.shapes.values()), default=1)
         return max(1, MAX_SWEEP_ELEMENTS // max(1, n * biggest))
@@ -174,6 +201,12 @@ class Explainer:
 
     def unwrap(self, x: Any, record: Record | None = None) -> UnwrapResult:
         """The local affine model W_x, b_x of every sample, checked against onnxruntime."""
+        if record is None:
+            xb = self.check_input(x)
+            step = self._sample_chunk(1)
+            if xb.shape[0] > step:  # bounded memory: one sample chunk at a time
+                return concat_batches(  # type: ignore[no-any-return]
+                    [self.unwrap(xb[s : s + step]) for s in range(0, xb.shape[0], step)])
         rec = record if record is not None else self.record(x)
         n, K = rec.scores.shape
         ws, bs = [], []
@@ -339,6 +372,16 @@ class Explainer:
         """
         from .pathwise import Explanation, PathLayer
 
+        if record is None:
+            xb = self.check_input(x)
+            step = self._sample_chunk(self.num_classes)
+            if xb.shape[0] > step:  # bounded memory: one sweep per chunk of samples
+                t = None if target is None else np.asarray(target)
+                return concat_batches([  # type: ignore[no-any-return]
+                    self.explain(xb[s : s + step], t if t is None or t.ndim == 0 else t[s : s + step],
+                                 width, depth, input_width)
+                    for s in range(0, xb.shape[0], step)
+                ])
         rec = record if record is not None else self.record(x)
         layers, sweep, W, b = self._path_sweep(rec, target, width, depth, input_width)
         tgt = sweep.target
