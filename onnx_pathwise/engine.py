@@ -221,19 +221,22 @@ class Engine:
         hooks: Mapping[str, Hook] | None = None,
         input_hook: Hook | None = None,
         bias_rows: Array | None = None,
+        narrow_after: str | None = None,
     ) -> tuple[Array, Array]:
         """Transpose sweep from ``seeds`` {tensor: (m, n, *s)} down to the input.
 
         Returns (cotangent at the input (m, n, *input shape), offset term (m, n)): for seeds
         at the scores, W and b of the frozen network's scores. With ``bias_rows`` (one row
         index per sample) the offset term is accumulated for those rows only and comes back
-        as (1, n).
+        as (1, n). With ``narrow_after`` too (a node name, or "" for the seeds themselves), the
+        sweep keeps only those rows once that node is done: the rows below need no other
+        cotangent, and the input cotangent comes back as (1, n, *input shape).
         """
         rows = next(iter(seeds.values())).shape[0] * record.n
         if rows > SMALL_SWEEP_ROWS:
-            return self._backward(seeds, record, hooks, input_hook, bias_rows)
+            return self._backward(seeds, record, hooks, input_hook, bias_rows, narrow_after)
         with single_threaded_blas():
-            return self._backward(seeds, record, hooks, input_hook, bias_rows)
+            return self._backward(seeds, record, hooks, input_hook, bias_rows, narrow_after)
 
     def _backward(
         self,
@@ -242,6 +245,7 @@ class Engine:
         hooks: Mapping[str, Hook] | None,
         input_hook: Hook | None,
         bias_rows: Array | None,
+        narrow_after: str | None,
     ) -> tuple[Array, Array]:
         n = record.n
         m = next(iter(seeds.values())).shape[0]
@@ -250,6 +254,16 @@ class Engine:
             t: np.asarray(s, self.dtype).reshape((rows,) + self.ir.shapes[t]) for t, s in seeds.items()
         }
         bias = np.zeros((m if bias_rows is None else 1, n), np.float64)
+
+        def narrow() -> None:
+            nonlocal m, rows, bias_rows
+            assert bias_rows is not None
+            for t, c in env.items():
+                env[t] = c.reshape((m, n) + c.shape[1:])[bias_rows, np.arange(n)]
+            m, rows, bias_rows = 1, n, None
+
+        if narrow_after == "":
+            narrow()
         for node in reversed(self.nodes):
             cots = [env.pop(o, None) for o in node.outputs]
             if all(c is None for c in cots):
@@ -286,6 +300,8 @@ class Engine:
                         f"{c.shape} for input {t!r} of shape {want}"
                     )
                 env[t] = env[t] + c if t in env else c
+            if node.name == narrow_after:
+                narrow()
         shape = (m, n) + self.ir.input_shape
         g_in = env.get(self.ir.input_name)
         w = np.zeros(shape, self.dtype) if g_in is None else g_in.reshape(shape)

@@ -333,8 +333,8 @@ class Explainer:
 
     def _path_sweep(self, rec: Record, target: Any, width: Any, depth: int | None, input_width: Any,
                     keep_at: str | None = None) -> tuple[list[Any], Any, np.ndarray, np.ndarray]:
-        """The single pathwise sweep with all K score cotangents: (path layers, the sweep with
-        its masks, W (K, n, *in), b_p (1, n) of each sample's target)."""
+        """The single pathwise sweep (all K score cotangents down to the lowest path layer):
+        (path layers, the sweep with its masks, W_p (n, *in), b_p (n,) of each target)."""
         from .pathwise import PathSweep, parse_width, resolve_targets
 
         layers, widths = self._path_setup(width, depth)
@@ -383,12 +383,9 @@ class Explainer:
                     for s in range(0, xb.shape[0], step)
                 ])
         rec = record if record is not None else self.record(x)
-        layers, sweep, W, b = self._path_sweep(rec, target, width, depth, input_width)
+        layers, sweep, weight, bias = self._path_sweep(rec, target, width, depth, input_width)
         tgt = sweep.target
         n = rec.n
-        idx = np.arange(n)
-        weight = W[tgt, idx]
-        bias = b[0]
         xf = rec.x.astype(np.float64)
         masked = (weight.reshape(n, -1).astype(np.float64) * xf.reshape(n, -1)).sum(axis=1) + bias
         paths = [
@@ -436,8 +433,7 @@ class Explainer:
         _, sweep, W, _ = self._path_sweep(rec, target, width, depth, input_width, keep_at=name)
         tgt = sweep.target
         n = rec.n
-        idx = np.arange(n)
-        attribution = (W[tgt, idx] * rec.x).astype(W.dtype)
+        attribution = (W * rec.x).astype(W.dtype)
         assert sweep.at_layer is not None
         g = sweep.at_layer.astype(np.float64)  # (n, u), masks applied
         h = rec.states[name].value.reshape(n, -1).astype(np.float64)

@@ -199,7 +199,8 @@ class PathSweep:
             self.masks[node.name] = mask
             flat = flat * mask[None].astype(flat.dtype)
         if node.name == self.keep_at:
-            self.at_layer = flat[self.target, np.arange(n)].copy()
+            rows = self.target if K > 1 else np.zeros(n, np.int64)  # one row once narrowed
+            self.at_layer = flat[rows, np.arange(n)].copy()
         return flat.reshape(g.shape)
 
     def _input_hook(self, node: Any, w: np.ndarray) -> np.ndarray:
@@ -211,13 +212,25 @@ class PathSweep:
         return (flat * mask[None].astype(flat.dtype)).reshape(w.shape)
 
     def run(self, seeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """W (K, n, *in) for every score, b_p (n,) for each sample's target only."""
+        """W_p (n, *in) and b_p (n,) of each sample's target.
+
+        The sweep carries all K score cotangents down to the lowest path layer (selection needs
+        them), then only the target's: below it nothing is selected any more (unless the input
+        is, with ``input_width``). With no path layer it carries the target's alone throughout.
+        """
         names = set(self.widths) | ({self.keep_at} if self.keep_at is not None else set())
         hooks = {name: self._gate_hook for name in names}
-        return self.engine.backward(
+        narrow_after: str | None = None
+        if not self.input_width:
+            order = [node.name for node in self.engine.nodes if node.name in self.widths]
+            narrow_after = order[0] if order else ""
+        W, b = self.engine.backward(
             seeds, self.record, hooks=hooks, input_hook=self._input_hook if self.input_width else None,
-            bias_rows=self.target,
+            bias_rows=self.target, narrow_after=narrow_after,
         )
+        n = self.record.n
+        weight = W[0] if W.shape[0] == 1 and narrow_after is not None else W[self.target, np.arange(n)]
+        return weight, b[0]
 
     def replay(self, seeds: dict[str, np.ndarray]) -> np.ndarray:
         """A sweep from ``seeds`` that applies the masks already chosen (no new selection)."""
