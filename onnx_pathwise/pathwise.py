@@ -79,9 +79,9 @@ def select_units(h: np.ndarray, J: np.ndarray, target: np.ndarray, width: int) -
     ties to the lower index, the first ``width`` kept when P > 1/K, else the first candidate.
 
     Since log-sum-exp ≥ log K + mean_k C_k, a unit can pass only if C_c > mean_k C_k; that
-    necessary test, made in the working dtype with a margin far above its round-off, screens
-    out most units, and the float64 scores are computed for the rest alone. A unit with h = 0
-    (or J = 0) has P = 1/K exactly and never passes.
+    necessary test, in float64, screens out most units (every unit with h = 0, or with J = 0
+    because the layers above cut it, has P = 1/K exactly and never passes), and the float64
+    scores are computed for the rest alone.
     """
     K, n, u = J.shape
     log_k = math.log(K)
@@ -90,10 +90,9 @@ def select_units(h: np.ndarray, J: np.ndarray, target: np.ndarray, width: int) -
         Ji = J[:, i]
         hi = h[i]
         c = int(target[i])
-        lead = hi * (Ji[c] - Ji.mean(axis=0))
-        scale = max(float(Ji.max(initial=0.0)), -float(Ji.min(initial=0.0)))
-        slack = (1e-4 * scale) * np.abs(hi)
-        maybe = np.flatnonzero((lead > -slack) & (hi != 0))
+        # C_c − mean_k C_k in float64 (the mean of K float32 values is exact to ~1e-16)
+        lead = hi * (Ji[c] - Ji.mean(axis=0, dtype=np.float64))
+        maybe = np.flatnonzero(lead > 0)
         candidates = maybe
         if maybe.size:
             logp = _log_p(hi[maybe], np.take(Ji, maybe, axis=1), c)
