@@ -435,8 +435,8 @@ def _path_json(path: Sequence[Any]) -> list[dict[str, Any]]:
 
 
 WidthOpt = Annotated[str | None, typer.Option(
-    "--width", help="Units kept per path layer: a count (10) or a percentage of the layer (5%). "
-                    "Default: every unit that favours the target.", show_default=False)]
+    "--width", help="Units kept per path layer: a count (10), a percentage of the layer (5%) or "
+                    "'all'. Default: every unit that favours the target.", show_default=False)]
 DepthOpt = Annotated[int | None, typer.Option(
     "--depth", help="How many of the last gate layers are path-constrained (default all; 0 = input×gradient).",
     show_default=False, min=0)]
@@ -448,7 +448,7 @@ OutDirOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (cre
 
 
 def _width(value: str | None) -> int | str | None:
-    if value is None:
+    if value is None or value.strip().lower() == "all":
         return None
     return value if value.strip().endswith("%") else _int_option("--width", value)
 
@@ -617,7 +617,7 @@ def evaluate(
     _guard_dir(out, names, force)
     ex = _open_explainer(model, device, input_name, output)
     x = _load_input(inputs, ex)
-    widths = [_width(v) if v.lower() != "all" else None for v in width] if width else None
+    widths = [_width(v) for v in width] if width else None
     result = run_evaluation(ex, x, chosen, widths=widths, depths=list(depth) if depth else None, step=step,
                             target=target)
     result["model"] = str(model)

@@ -260,6 +260,8 @@ def _label(name: str, options: Mapping[str, Any]) -> str:
     if not options:
         return name
     def short(v: Any) -> str:
+        if v is None:  # width/depth None mean every unit / every layer
+            return "all"
         return f"array{tuple(np.shape(v))}" if np.ndim(v) > 0 else str(v)
 
     return f"{name}(" + ", ".join(f"{k}={short(v)}" for k, v in options.items()) + ")"

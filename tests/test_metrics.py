@@ -140,12 +140,12 @@ def test_other_metrics_and_evaluate():
     json.dumps(report)  # JSON-ready
     assert set(report["methods"]) == {
         "gradient", "integrated_gradients(exact=True)", "unwrap",
-        "pathwise(width=1, depth=None)", "pathwise(width=100%, depth=None)",
+        "pathwise(width=1, depth=all)", "pathwise(width=100%, depth=all)",
     }
     ig = report["methods"]["integrated_gradients(exact=True)"]["metrics"]
     assert ig["completeness_delta"]["mean"] < 1e-5
     assert report["methods"]["unwrap"]["metrics"]["completeness_delta"]["mean"] < 1e-5
-    pw = report["methods"]["pathwise(width=1, depth=None)"]["metrics"]
+    pw = report["methods"]["pathwise(width=1, depth=all)"]["metrics"]
     assert set(pw) == {"masked_score", "faithfulness", "sparsity", "insertion_auc", "deletion_auc"}
     auc = report["methods"]["gradient"]["metrics"]["deletion_auc"]
     grad = ex.attribute(x, "gradient").attribution
