@@ -11,14 +11,19 @@ from .errors import (
     PathwiseError,
     UnsupportedModelError,
 )
-from .explainer import Explainer, RadiusResult, UnwrapResult
+from .explainer import Attribution, Decomposition, Explainer, RadiusResult, UnwrapResult
+from .pathwise import Explanation, PathLayer
 
 __all__ = [
+    "Attribution",
+    "Decomposition",
     "DeviceError",
     "Explainer",
+    "Explanation",
     "InputError",
     "ModelError",
     "OutputError",
+    "PathLayer",
     "PathwiseError",
     "RadiusResult",
     "UnsupportedModelError",
