@@ -300,7 +300,7 @@ def test_readme_exit_code_table_matches_the_code() -> None:
 def test_readme_starts_with_the_two_commands() -> None:
     block = README.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
     assert block == [
-        "pip install . && onnx-pathwise unwrap samples/cnn.onnx samples/cnn_inputs.npy --out out/unwrap.npz",
+        "pip install . && onnx-pathwise explain samples/cnn.onnx samples/cnn_inputs.npy --out out/explain",
         "pip install '.[test]' && python -m pytest",
     ]
     ci = (ROOT / ".ci" / "run").read_text()
