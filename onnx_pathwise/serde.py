@@ -693,7 +693,7 @@ def _analyse(
             problems.append(f"{name} ({node.op_type}, opset {opset}): {exc}")
             continue
         role = SUPPORTED_OPS[node.op_type]
-        if node.op_type in ("Add", "Sum", "Concat") and sum(data) > 1:
+        if node.op_type in ("Add", "Sum", "Concat", "Gemm") and sum(data) > 1:
             role = MERGE
         ir_nodes.append(
             Node(name, node.op_type, "", opset, tuple(node.input), outputs, attrs, data, role)
@@ -737,8 +737,10 @@ def _structural_problem(node: onnx.NodeProto, n_data: int, kind: Mapping[str, in
     def is_data(i: int) -> bool:
         return i < len(ins) and bool(ins[i]) and kind.get(ins[i]) == DATA
 
-    if op in ("Gemm", "MatMul") and n_data > 1:
-        return f"{op} of two computed tensors is bilinear, not linear"
+    if op == "MatMul" and n_data > 1:
+        return "MatMul of two computed tensors is bilinear, not linear"
+    if op == "Gemm" and is_data(1):
+        return "Gemm whose B is computed is bilinear, not linear"
     if op == "Gemm" and not is_data(0):
         return "Gemm whose computed operand is B (not A) is not supported"
     if op == "Gemm":

@@ -238,6 +238,14 @@ CASES: list[Case] = [
         {"c1": W(4)}, opset=11)),
     Case("Sub-two-computed", _merge(
         node("Mul", ["x", "c1"], ["a"]), node("Identity", ["x"], ["b"]), "Sub", (3, 4), {"c1": W(3, 4)})),
+    Case("Gemm-computed-C", model(
+        [node("Mul", ["x", "c1"], ["a"]), node("Gemm", ["x", "w"], ["b"], transB=1),
+         node("Gemm", ["a", "w2", "b"], ["y"], beta=-0.5)],
+        (4,), {"c1": W(4), "w": W(3, 4), "w2": W(4, 3)})),
+    Case("Gemm-computed-C-broadcast", model(
+        [node("Gemm", ["x", "w"], ["b"], transB=1), node("ReduceSum", ["b"], ["r"], axes=[1], keepdims=1),
+         node("Gemm", ["x", "w2", "r"], ["y"], alpha=2.0)],
+        (4,), {"w": W(3, 4), "w2": W(4, 3)}, opset=11)),
     Case("Sum-three-computed", model(
         [node("Mul", ["x", "c1"], ["a"]), node("Relu", ["x"], ["b"]), node("Sum", ["a", "b", "x"], ["y"])],
         (3, 4), {"c1": W(4)}), "gate"),

@@ -23,8 +23,9 @@ def _gemm_b(node: Node, ctx: Ctx) -> Array:
 
 @register("Gemm")
 class Gemm:
-    """Y = alpha·A·B' + beta·C with A computed (B' = Bᵀ when transB).
-    Adjoint: Ā = alpha·Ȳ·B'ᵀ. https://onnx.ai/onnx/operators/onnx__Gemm.html"""
+    """Y = alpha·A·B' + beta·C with A computed (B' = Bᵀ when transB); C constant, or computed
+    (then Gemm joins two computed tensors linearly). Adjoint: Ā = alpha·Ȳ·B'ᵀ, C̄ = beta·Ȳ.
+    https://onnx.ai/onnx/operators/onnx__Gemm.html"""
 
     @staticmethod
     def forward(node: Node, inputs: list[Array | None], ctx: Ctx) -> list[Array]:
@@ -40,7 +41,12 @@ class Gemm:
         (g,) = cots
         assert g is not None
         da = float(node.attrs.get("alpha", 1.0)) * (g @ _gemm_b(node, ctx).T.astype(g.dtype, copy=False))
-        return [da] + [None] * (len(node.inputs) - 1)
+        out: list[Array | None] = [da] + [None] * (len(node.inputs) - 1)
+        if len(node.inputs) > 2 and node.data[2]:
+            # a computed C joins the product: C̄ = beta·Ȳ, summed over the axes C was broadcast along
+            shape = (g.shape[0],) + tuple(ctx.in_shapes[2] or ())
+            out[2] = unbroadcast(float(node.attrs.get("beta", 1.0)) * g, shape)
+        return out
 
 
 @register("MatMul")
