@@ -448,9 +448,14 @@ OutDirOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (cre
 
 
 def _width(value: str | None) -> int | str | None:
+    """A --width/--input-width value, checked before any work (count, percentage or 'all')."""
+    from .pathwise import parse_width
+
     if value is None or value.strip().lower() == "all":
         return None
-    return value if value.strip().endswith("%") else _int_option("--width", value)
+    spec: int | str = value if value.strip().endswith("%") else _int_option("--width", value)
+    parse_width(spec, 1_000_000)  # raises on 0, negatives and percentages outside (0, 100]
+    return spec
 
 
 def _int_option(name: str, value: str) -> int:
@@ -492,13 +497,13 @@ def explain(
     """
     if method not in METHODS:
         raise PathwiseError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    w, iw = _width(width), _width(input_width)
+    if method != "pathwise" and (w is not None or depth is not None or iw is not None):
+        raise PathwiseError("--width, --depth and --input-width apply to --method pathwise only")
     names = ["explanation.npz", "explanation.json"]
     _guard_dir(out, names, force)
     ex = _open_explainer(model, device, input_name, output)
     x = _load_input(input, ex)
-    w, iw = _width(width), _width(input_width)
-    if method != "pathwise" and (w is not None or depth is not None or iw is not None):
-        raise PathwiseError("--width, --depth and --input-width apply to --method pathwise only")
     if method == "pathwise":
         res = _chunked(lambda b: ex.explain(b, target=target, width=w, depth=depth, input_width=iw), x, "explaining")
         arrays = {"attribution": res.attribution, "weight": res.weight, "bias": res.bias, "output": res.output,
@@ -552,11 +557,11 @@ def decompose(
 
     Writes OUT/decomposition.npz, OUT/decomposition.json and, for image inputs, a PNG grid per sample.
     """
+    w = _width(width)
     names = ["decomposition.npz", "decomposition.json"]
     _guard_dir(out, names, force)
     ex = _open_explainer(model, device, input_name, output)
     x = _load_input(input, ex)
-    w = _width(width)
     d = _chunked(lambda b: ex.decompose(b, layer=layer, top=top, group=group, target=target, width=w, depth=depth),
                  x, "decomposing")
     arrays = {"attribution": d.attribution, "parts": d.parts, "part_index": d.part_index,
@@ -613,11 +618,11 @@ def evaluate(
     bad = [m for m in chosen if m not in METHODS]
     if bad or not chosen:
         raise PathwiseError(f"--methods: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(METHODS)}")
+    widths = [_width(v) for v in width] if width else None
     names = ["evaluation.json", "curves.png", "width_sweep.png"]
     _guard_dir(out, names, force)
     ex = _open_explainer(model, device, input_name, output)
     x = _load_input(inputs, ex)
-    widths = [_width(v) for v in width] if width else None
     result = run_evaluation(ex, x, chosen, widths=widths, depths=list(depth) if depth else None, step=step,
                             target=target)
     result["model"] = str(model)
@@ -677,10 +682,11 @@ def audit(
         _guard_output(out, force)
         if report is None:
             raise PathwiseError("--out needs --report json or --report junit")
+    w = _width(width)
     x = None
     if inputs is not None:
         x = load_array(inputs)
-    result = run_audit(model, inputs=x, max_delta=max_delta, device=_resolve_device(device), width=_width(width),
+    result = run_audit(model, inputs=x, max_delta=max_delta, device=_resolve_device(device), width=w,
                        inputs_name=str(inputs))
     text = result.to_text()
     machine = None
@@ -727,8 +733,9 @@ def diff(
 
     if json_out is not None:
         _guard_output(json_out, force)
+    w = _width(width)
     x = load_array(inputs)
-    result = run_diff(old, new, x, width=_width(width), depth=depth, device=_resolve_device(device),
+    result = run_diff(old, new, x, width=w, depth=depth, device=_resolve_device(device),
                       min_correlation=fail_below, min_jaccard=min_overlap, max_prediction_changes=max_changes,
                       inputs_name=str(inputs))
     if json_out is not None:
