@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from test_models import check_affine_model, float64_copy, rel_err
 from test_models import fd_jacobian as _fd_jacobian
-from test_models import float64_copy, rel_err
 from typer.testing import CliRunner
 
 from onnx_pathwise import Explainer, ModelError
@@ -357,17 +357,7 @@ def torch_cnn(name: str, path: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndar
 def test_unwrap_reproduces_onnxruntime_and_jacobian(graphs: Graphs, name: str) -> None:
     ex = graphs.explainer(name)
     x = away_from_kinks(ex, name)
-    res = ex.unwrap(x)
-    K = ex.num_classes
-    assert res.weight.shape == (N, K) + INPUT_SHAPES[name]
-    assert res.bias.shape == (N, K)
-
-    scores = ex.record(x).scores.astype(np.float64)
-    fx = np.einsum("nkd,nd->nk", res.weight.reshape(N, K, -1).astype(np.float64),
-                   x.reshape(N, -1).astype(np.float64)) + res.bias.astype(np.float64)
-    assert rel_err(fx, scores) < TOL
-    assert float(res.delta.max()) < TOL * np.abs(scores).max()
-    np.testing.assert_allclose(res.output, scores, rtol=0, atol=1e-6 * np.abs(scores).max())
+    res = check_affine_model(ex, x, INPUT_SHAPES[name])
 
     path = graphs.path(name)
     oracles = []

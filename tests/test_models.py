@@ -229,22 +229,26 @@ def batch_for(models: Zoo, name: str, seed: int = 0) -> np.ndarray:
 # --------------------------------------------------------------------------- every model
 
 
+def check_affine_model(ex: Explainer, x: np.ndarray, in_shape: tuple[int, ...]) -> Any:
+    """Unwrap x and check W·x + b against onnxruntime's scores, computed here from scratch."""
+    res = ex.unwrap(x)
+    n, K = x.shape[0], ex.num_classes
+    assert res.weight.shape == (n, K) + in_shape
+    assert res.bias.shape == (n, K)
+    scores = ex.record(x).scores.astype(np.float64)
+    fx = np.einsum("nkd,nd->nk", res.weight.reshape(n, K, -1).astype(np.float64),
+                   x.reshape(n, -1).astype(np.float64)) + res.bias.astype(np.float64)
+    assert rel_err(fx, scores) < TOL
+    assert float(res.delta.max()) < TOL * np.abs(scores).max()
+    np.testing.assert_allclose(res.output, scores, rtol=0, atol=1e-6 * np.abs(scores).max())
+    return res
+
+
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_unwrap_reproduces_onnxruntime_and_jacobian(models: Zoo, name: str) -> None:
     ex = models.explainer(name)
     x = batch_for(models, name)
-    res = ex.unwrap(x)
-    K = ex.num_classes
-    assert res.weight.shape == (N, K) + input_shape(name)
-    assert res.bias.shape == (N, K)
-
-    # W·x + b against onnxruntime's scores, computed here from scratch
-    scores = ex.record(x).scores.astype(np.float64)
-    fx = np.einsum("nkd,nd->nk", res.weight.reshape(N, K, -1).astype(np.float64),
-                   x.reshape(N, -1).astype(np.float64)) + res.bias.astype(np.float64)
-    assert rel_err(fx, scores) < TOL
-    assert float(res.delta.max()) < TOL * np.abs(scores).max()
-    np.testing.assert_allclose(res.output, scores, rtol=0, atol=1e-6 * np.abs(scores).max())
+    res = check_affine_model(ex, x, input_shape(name))
 
     ref_scores, ref_jac = oracle(models, name, x)
     if ref_scores is not None:  # the explained tensor is the pre-activation logits
