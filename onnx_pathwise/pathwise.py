@@ -10,7 +10,6 @@ network's unfolded sum, and W_p, b_p come out of the same sweep.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,40 +74,33 @@ def select_units(h: np.ndarray, J: np.ndarray, target: np.ndarray, width: int) -
     """The kept-unit mask (n, u) of one path layer.
 
     h (n, u) gate outputs, J (K, n, u) score cotangents, target (n,) classes. Scores
-    P_i = softmax_k(h_i J_ik)[c] in float64 (as log P > −log K), candidates by P descending with
-    ties to the lower index, the first ``width`` kept when P > 1/K, else the first candidate.
-
-    Since log-sum-exp ≥ log K + mean_k C_k, a unit can pass only if C_c > mean_k C_k; that
-    necessary test, in float64, screens out most units (every unit with h = 0, or with J = 0
-    because the layers above cut it, has P = 1/K exactly and never passes), and the float64
-    scores are computed for the rest alone.
+    P_i = softmax_k(h_i J_ik)[c] in float64 (as e = log(K·P) > 0, see
+    :func:`onnx_pathwise.kernels.unit_excess`), candidates by P descending with ties to the
+    lower index, the first ``width`` kept when P > 1/K, else the first candidate.
     """
+    from . import kernels  # numba: imported on first use
+
     K, n, u = J.shape
-    log_k = math.log(K)
     mask = np.zeros((n, u), bool)
+    idx = np.empty(u, np.int64)
+    excess = np.empty(u, np.float64)
     for i in range(n):
-        Ji = J[:, i]
-        hi = h[i]
         c = int(target[i])
-        # C_c − mean_k C_k in float64 (the mean of K float32 values is exact to ~1e-16)
-        lead = hi * (Ji[c] - Ji.mean(axis=0, dtype=np.float64))
-        maybe = np.flatnonzero(lead > 0)
-        candidates = maybe
-        if maybe.size:
-            logp = _log_p(hi[maybe], np.take(Ji, maybe, axis=1), c)
-            passed = logp > -log_k
-            candidates, logp = maybe[passed], logp[passed]
-        if candidates.size == 0:
+        m = kernels.unit_excess(h[i], J[:, i], c, idx, excess)
+        if m == 0:
             # nobody favours the target: keep the first candidate of the full order
-            full = _log_p(hi, Ji, c)
+            full = _log_p(h[i], J[:, i], c)
             mask[i, int(np.argmax(full))] = True  # argmax returns the lowest index among ties
             continue
-        if candidates.size > width:
-            kth = np.partition(logp, candidates.size - width)[candidates.size - width]
-            keep = logp >= kth  # ties at the cut stay in and are ordered below
-            candidates, logp = candidates[keep], logp[keep]
-            order = np.lexsort((candidates, -logp))[:width]
-            candidates = candidates[order]
+        candidates, e = idx[:m], excess[:m]
+        if m > width:
+            # the kept set is the `width` largest scores, ties at the cut to the lower index
+            # (candidates ascend): everything above the cut, then the first ties at it
+            kth = np.partition(e, m - width)[m - width]
+            above = e > kth
+            ties = np.flatnonzero(e == kth)[: width - int(np.count_nonzero(above))]
+            above[ties] = True
+            candidates = candidates[above]
         mask[i, candidates] = True
     return mask
 

@@ -287,6 +287,37 @@ def test_selection_rule_ties_and_fallback() -> None:
     assert m1.sum() == 1 and m1[0, 3]  # P = 1/2 for the off unit beats P < 1/2 of the others
 
 
+@pytest.mark.parametrize("scale", [1e-7, 1e-4, 3e-3, 1e-1, 30.0])
+@pytest.mark.parametrize("K", [2, 10])
+def test_unit_excess_matches_float64_logsumexp(scale: float, K: int) -> None:
+    """The compiled scores (series for small spreads, log-sum-exp otherwise) against torch's
+    float64 log-softmax: same candidates, e = log(K·P) to float64 round-off."""
+    from onnx_pathwise.kernels import unit_excess
+
+    rng = np.random.default_rng(int(scale * 1e7) % 2**32 + K)
+    n, u, c = 3, 4000, 1
+    h = rng.standard_normal((n, u)).astype(np.float32)  # negative h: LeakyReLU-like gates
+    h[:, ::5] = 0.0  # off units
+    J = (rng.standard_normal((K, n, u)) * scale).astype(np.float32)
+    J[:, :, ::7] *= 100  # a mix of spreads around the series limit
+    J[:, :, 10:20] = 0.0  # cut above
+    J[:, :, 30] = J[:, :, 31]  # exact ties between units
+    h[:, 30] = h[:, 31]
+    idx, out = np.empty(u, np.int64), np.empty(u)
+    for i in range(n):
+        C = torch.from_numpy(h[i].astype(np.float64)) * torch.from_numpy(J[:, i].astype(np.float64))
+        ref = (torch.log_softmax(C, dim=0)[c] + math.log(K)).numpy()
+        m = unit_excess(h[i], J[:, i], c, idx, out)  # J[:, i] is a strided view
+        got = idx[:m]
+        expected = np.flatnonzero(ref > 0)
+        # membership can differ only at round-off distance from P = 1/K
+        assert np.all(np.abs(ref[np.setxor1d(got, expected)]) < 1e-15)
+        assert np.all(np.diff(got) > 0)
+        np.testing.assert_allclose(out[:m], ref[got], rtol=1e-12, atol=1e-15)
+        if 30 in got and 31 in got:
+            assert out[np.searchsorted(got, 30)] == out[np.searchsorted(got, 31)]
+
+
 def test_width_parsing() -> None:
     assert parse_width("5%", 100) == 5
     assert parse_width("0.1%", 100) == 1  # max(1, round(0.1))

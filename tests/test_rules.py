@@ -549,3 +549,41 @@ def test_per_activation_batchnorm_is_refused() -> None:
     stats = [W(3, 2), W(3, 2), W(3, 2), np.abs(W(3, 2)) + 0.5]
     with pytest.raises(UnsupportedModelError, match="per-activation"):
         serde.load(op("BatchNormalization", (3, 2), ["x", *stats], opset=7, spatial=0))
+
+
+@pytest.mark.parametrize("ceil_mode", [0, 1])
+def test_maxpool_routing_ties_go_to_the_first_maximum(ceil_mode: int) -> None:
+    """Integer inputs tie within windows: the unwrapped weight picks the first maximum in
+    row-major kernel order, never padding (an independent loop over the windows)."""
+    from onnx_pathwise import Explainer
+
+    k, s, p, size = 3, 2, 1, 6
+    node = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[k, k], strides=[s, s], pads=[p, p, p, p],
+                            ceil_mode=ceil_mode)
+    flat = helper.make_node("Flatten", ["y"], ["z"])
+    graph = helper.make_graph(
+        [node, flat], "pool",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, size, size])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    x = np.random.default_rng(3).integers(0, 3, (1, 2, size, size)).astype(np.float32)
+    W = Explainer(model, device="cpu").unwrap(x).weight[0].reshape(-1, 2, size, size)
+    rows = 0
+    out = (size + 2 * p - k + (s - 1 if ceil_mode else 0)) // s + 1
+    for c in range(2):
+        for oy in range(out):
+            for ox in range(out):
+                best = None
+                for ky in range(k):
+                    for kx in range(k):
+                        iy, ix = oy * s - p + ky, ox * s - p + kx
+                        if 0 <= iy < size and 0 <= ix < size and (best is None or x[0, c, iy, ix] > x[0, c, best[0], best[1]]):
+                            best = (iy, ix)
+                assert best is not None
+                expected = np.zeros((2, size, size), np.float32)
+                expected[c, best[0], best[1]] = 1.0
+                np.testing.assert_array_equal(W[rows], expected)
+                rows += 1
+    assert rows == W.shape[0]

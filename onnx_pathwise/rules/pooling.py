@@ -120,7 +120,6 @@ class Routing:
     (row-major, per-sample) index of the input element it copies."""
 
     argmax: Array  # (n, P) int64
-    disjoint: bool = False  # windows never overlap, so no input element is chosen twice
 
 
 def _window_index(spatial: list[int], out: list[int], kernel: list[int], strides: list[int],
@@ -153,19 +152,13 @@ def _gather(x: Array, state: Routing, ctx: Ctx) -> Array:
 
 
 def _scatter(g: Array, state: Routing, ctx: Ctx) -> Array:
+    from .. import kernels  # numba: imported on first use
+
     rows = g.shape[0]
     in_shape = (rows,) + tuple(ctx.in_shapes[0] or ())
     size = int(np.prod(in_shape[1:], dtype=np.int64))
-    m = rows // ctx.n
-    if state.disjoint:
-        # each input element is copied at most once: a plain scatter, no accumulation
-        dx = np.zeros((m, ctx.n, size), g.dtype)
-        np.put_along_axis(dx, np.broadcast_to(state.argmax[None], (m,) + state.argmax.shape),
-                          g.reshape(m, ctx.n, -1), axis=2)
-        return dx.reshape(in_shape)
-    idx = np.tile(state.argmax, (m, 1)) + (np.arange(rows, dtype=np.int64) * size)[:, None]
-    out = np.bincount(idx.ravel(), weights=g.reshape(rows, -1).ravel(), minlength=rows * size)
-    return out.astype(g.dtype, copy=False).reshape(in_shape)
+    dx = kernels.scatter_add(g.reshape(rows // ctx.n, ctx.n, -1), state.argmax, size)
+    return dx.reshape(in_shape)
 
 
 @register("MaxPool")
@@ -180,18 +173,15 @@ class MaxPool:
     def record(node: Node, inputs: list[Array | None], ctx: Ctx) -> Routing:
         x = inputs[0]
         assert x is not None
+        from .. import kernels  # numba: imported on first use
+
         spatial, out, kernel, strides, dilations, pads = _geometry(node, ctx)
-        xp = pad_spatial(x, pads, out, kernel, strides, dilations, -np.inf)
-        win = windows(xp, out, kernel, strides, dilations)
         N, C = x.shape[:2]
-        P = int(np.prod(out, dtype=np.int64))
-        arg = win.reshape(N, C, P, -1).argmax(axis=3)  # first maximum
-        table = _window_index(spatial, out, kernel, strides, dilations, pads)  # (P, K)
-        within = table[np.arange(P)[None, None, :], arg]
         S = int(np.prod(spatial, dtype=np.int64))
+        table = _window_index(spatial, out, kernel, strides, dilations, pads)  # (P, K)
+        within = kernels.window_argmax(np.ascontiguousarray(x).reshape(N, C, S), table)  # first maximum
         flat = within + (np.arange(C, dtype=np.int64) * S)[None, :, None]
-        disjoint = all((k - 1) * d + 1 <= s for k, d, s in zip(kernel, dilations, strides))
-        return Routing(flat.reshape(N, C * P), disjoint)
+        return Routing(flat.reshape(N, -1))
 
     @staticmethod
     def forward(node: Node, inputs: list[Array | None], ctx: Ctx) -> list[Array]:
@@ -221,7 +211,7 @@ class GlobalMaxPool:
         N, C = x.shape[:2]
         arg = x.reshape(N, C, -1).argmax(axis=2)
         S = int(np.prod(x.shape[2:], dtype=np.int64))
-        return Routing(arg + (np.arange(C, dtype=np.int64) * S)[None, :], disjoint=True)
+        return Routing(arg + (np.arange(C, dtype=np.int64) * S)[None, :])
 
     @staticmethod
     def forward(node: Node, inputs: list[Array | None], ctx: Ctx) -> list[Array]:

@@ -1,0 +1,123 @@
+"""Compiled inner loops (numba) for the parts of the sweep that numpy does in many passes.
+
+Imported lazily by :mod:`onnx_pathwise.pathwise` (numba's import and the first compilation
+cost a second; compiled code is cached on disk, next to this file or in the user's cache).
+
+``unit_excess`` scores the units of one path layer for one sample (DESIGN §4): the excess
+e = log(K·P) = C_c − log(mean_k exp C_k) of each unit, P = softmax_k(C)[c], C_k = h·J_k, in
+float64. A unit can be kept only when P > 1/K, i.e. e > 0; only those are returned.
+
+Two exact routes to log(mean_k exp C_k) = mean C + log(mean_k exp d_k), d = C − mean C:
+
+* spread max|d| ≤ 2⁻¹⁰ (most units of a network whose per-unit contributions are small): the
+  series log1p(mean_k (d²/2 + d³/6 + d⁴/24 + d⁵/120)) (mean d = 0 drops the first-order term;
+  the next term, d⁶/720 ≤ 2e-21, is far below float64 round-off of the result);
+* otherwise log-sum-exp with the maximum shifted out, as usual.
+
+Both are accurate to ~1e-16 absolute; the series avoids K scalar exponentials per unit and the
+log K round-off near P = 1/K.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+_SERIES_LIMIT = 2.0**-10
+
+
+@njit(cache=True, nogil=True)
+def unit_excess(h, J, c, idx, out):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """Units with e > 0 for one sample: h (u,), J (K, u) any strides, c the target row.
+
+    Writes their flat indices (ascending) to ``idx`` and e to ``out``; returns how many.
+    ``idx`` and ``out`` need room for u entries.
+    """
+    K, u = J.shape
+    inv = 1.0 / K
+    log_k = math.log(K)
+    # mean_k J in float64, row by row (contiguous, vectorised)
+    s = np.zeros(u)
+    for k in range(K):
+        row = J[k]
+        for j in range(u):
+            s[j] += row[j]
+    # necessary test: log-sum-exp ≥ mean (Jensen), so e > 0 needs C_c > mean_k C_k; every
+    # unit with h = 0, or cut above (J = 0), fails it
+    Jc = J[c]
+    m = 0
+    for j in range(u):
+        hj = np.float64(h[j])
+        if hj * (np.float64(Jc[j]) - s[j] * inv) > 0.0:
+            idx[m] = j
+            m += 1
+    hs = np.empty(m)
+    mean = np.empty(m)
+    for q in range(m):
+        j = idx[q]
+        hs[q] = h[j]
+        mean[q] = hs[q] * (s[j] * inv)
+    D = np.empty((K, m))
+    spread = np.zeros(m)
+    series = np.zeros(m)
+    for k in range(K):
+        row = J[k]
+        Dk = D[k]
+        for q in range(m):
+            d = hs[q] * np.float64(row[idx[q]]) - mean[q]  # h·J is exact in float64
+            Dk[q] = d
+            spread[q] = max(spread[q], abs(d))
+            series[q] += d * d * (0.5 + d * (1.0 / 6.0 + d * (1.0 / 24.0 + d * (1.0 / 120.0))))
+    n = 0
+    for q in range(m):
+        dc = D[c, q]
+        if spread[q] <= _SERIES_LIMIT:
+            e = dc - math.log1p(series[q] * inv)
+        else:
+            top = D[0, q]
+            for k in range(1, K):
+                top = max(top, D[k, q])
+            t = 0.0
+            for k in range(K):
+                t += math.exp(D[k, q] - top)
+            e = (dc - top) - math.log(t) + log_k
+        if e > 0.0:
+            idx[n] = idx[q]
+            out[n] = e
+            n += 1
+    return n
+
+
+@njit(cache=True, nogil=True)
+def scatter_add(g, argmax, size):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """The max-pool adjoint: dx (m, n, size) with dx[r, i, argmax[i, p]] += g[r, i, p]."""
+    m, n, P = g.shape
+    dx = np.zeros((m, n, size), g.dtype)
+    for r in range(m):
+        for i in range(n):
+            for p in range(P):
+                dx[r, i, argmax[i, p]] += g[r, i, p]
+    return dx
+
+
+@njit(cache=True, nogil=True)
+def window_argmax(x, table):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """Max-pool routing: x (N, C, S) flattened spatial, table (P, W) the flat index of each
+    window's elements (-1 in padding) → (N, C, P) the flat index of each window's first
+    maximum (padding never wins), per channel."""
+    N, C, S = x.shape
+    P, W = table.shape
+    arg = np.empty((N, C, P), np.int64)
+    for i in range(N):
+        for ch in range(C):
+            xc = x[i, ch]
+            for p in range(P):
+                best = table[p, 0]
+                for w in range(W):
+                    t = table[p, w]
+                    if t >= 0 and (best < 0 or xc[t] > xc[best]):
+                        best = t
+                arg[i, ch, p] = best
+    return arg
