@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -101,7 +101,9 @@ class Engine:
     # ------------------------------------------------------------------ helpers
 
     def _ctx(self, node: Node, n: int, state: Any = None) -> Ctx:
-        return replace(self.ctx[node.name], n=n, state=state)
+        c = self.ctx[node.name]
+        # the constructor, not dataclasses.replace: this runs once per node per sweep
+        return Ctx(n, c.in_shapes, c.out_shapes, c.const, state, c.kernels)
 
     def _inputs(self, node: Node, env: Mapping[str, Array]) -> list[Array | None]:
         out: list[Array | None] = []

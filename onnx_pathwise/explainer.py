@@ -183,14 +183,17 @@ class Explainer:
         scores = np.asarray(values[self.ir.output_name]).reshape(x.shape[0], -1)
         return Record(x=x, scores=scores, states=states, preactivations=pre)
 
+    @cached_property
+    def _biggest(self) -> int:
+        """Elements per sample of the largest tensor of the cone."""
+        return max((int(np.prod(s, dtype=np.int64)) for s in self.ir.shapes.values()), default=1)
+
     def _sample_chunk(self, rows_per_sample: int) -> int:
         """Samples per sweep so that rows × largest tensor stays within MAX_SWEEP_ELEMENTS."""
-        biggest = max((int(np.prod(s, dtype=np.int64)) for s in self.ir.shapes.values()), default=1)
-        return max(1, MAX_SWEEP_ELEMENTS // max(1, rows_per_sample * biggest))
+        return max(1, MAX_SWEEP_ELEMENTS // max(1, rows_per_sample * self._biggest))
 
     def _class_chunk(self, n: int) -> int:
-        biggest = max((int(np.prod(s, dtype=np.int64)) for s in self.ir.shapes.values()), default=1)
-        return max(1, MAX_SWEEP_ELEMENTS // max(1, n * biggest))
+        return max(1, MAX_SWEEP_ELEMENTS // max(1, n * self._biggest))
 
     def _score_seeds(self, classes: np.ndarray, n: int) -> dict[str, np.ndarray]:
         """Seeds e_k at the scores: (len(classes), n, *score shape)."""
@@ -263,8 +266,7 @@ class Explainer:
             others = np.where(table >= 0, others, 0)
             shape = (n, C) + table.shape
             pools.append((node, src, winners, others, valid, np.zeros(shape), np.zeros(shape)))
-        biggest = max(int(np.prod(s, dtype=np.int64)) for s in self.ir.shapes.values())
-        cols = max(1, MAX_SWEEP_ELEMENTS // max(1, n * biggest))
+        cols = max(1, MAX_SWEEP_ELEMENTS // max(1, n * self._biggest))
         eye = np.eye(D, dtype=eng.dtype)
         for start in range(0, D, cols):
             block = eye[start : start + cols]

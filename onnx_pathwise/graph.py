@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import networkx as nx
 import numpy as np
@@ -23,7 +24,7 @@ class GateLayer:
     input: str
     output: str
 
-    @property
+    @cached_property
     def units(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
 

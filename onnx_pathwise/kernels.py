@@ -121,3 +121,17 @@ def window_argmax(x, table):  # type: ignore[no-untyped-def]  # pragma: no cover
                         best = t
                 arg[i, ch, p] = best
     return arg
+
+
+@njit(cache=True, nogil=True)
+def keep_units(g, mask):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """g (K, n, u) with every unit outside ``mask`` (n, u) zeroed, as a new array: a copy of
+    the kept entries into zeros, cheaper than a multiply when few units are kept."""
+    K, n, u = g.shape
+    out = np.zeros((K, n, u), g.dtype)
+    for i in range(n):
+        for j in range(u):
+            if mask[i, j]:
+                for k in range(K):
+                    out[k, i, j] = g[k, i, j]
+    return out

@@ -182,13 +182,15 @@ class PathSweep:
         self.layers = {layer.name: layer for layer in layers}
 
     def _gate_hook(self, node: Node, g: np.ndarray) -> np.ndarray:
+        from . import kernels
+
         K, n = g.shape[:2]
         flat = g.reshape(K, n, -1)
         if node.name in self.widths:
             h = self.record.states[node.name].value.reshape(n, -1)
             mask = select_units(h, flat, self.target, self.widths[node.name])
             self.masks[node.name] = mask
-            flat = flat * mask[None].astype(flat.dtype)
+            flat = kernels.keep_units(flat, mask)
         if node.name == self.keep_at:
             rows = self.target if K > 1 else np.zeros(n, np.int64)  # one row once narrowed
             self.at_layer = flat[rows, np.arange(n)].copy()

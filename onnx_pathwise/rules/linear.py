@@ -40,7 +40,10 @@ class Gemm:
     def transpose(node: Node, cots: list[Array | None], ctx: Ctx) -> list[Array | None]:
         (g,) = cots
         assert g is not None
-        da = float(node.attrs.get("alpha", 1.0)) * (g @ _gemm_b(node, ctx).T.astype(g.dtype, copy=False))
+        da = g @ _gemm_b(node, ctx).T.astype(g.dtype, copy=False)
+        alpha = float(node.attrs.get("alpha", 1.0))
+        if alpha != 1.0:
+            da *= alpha
         out: list[Array | None] = [da] + [None] * (len(node.inputs) - 1)
         if len(node.inputs) > 2 and node.data[2]:
             # a computed C joins the product: C̄ = beta·Ȳ, summed over the axes C was broadcast along
