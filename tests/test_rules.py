@@ -587,3 +587,18 @@ def test_maxpool_routing_ties_go_to_the_first_maximum(ceil_mode: int) -> None:
                 np.testing.assert_array_equal(W[rows], expected)
                 rows += 1
     assert rows == W.shape[0]
+
+
+def test_products_leave_out_only_all_zero_columns() -> None:
+    """Gemm/MatMul adjoints skip cotangent columns that are zero in every row (cut units):
+    the result equals the dense product, whether few or many columns are live."""
+    from onnx_pathwise.rules.linear import _product_of_live_columns
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((256, 40)).astype(np.float32)
+    for live in (0, 3, 60, 256):
+        g = np.zeros((3, 7, 256), np.float32)
+        cols = rng.choice(256, live, replace=False)
+        g[..., cols] = rng.standard_normal((3, 7, live))
+        g[0, 0, cols[:1]] = 0.0  # a live column may hold zeros in some rows
+        np.testing.assert_allclose(_product_of_live_columns(g, w), g @ w, rtol=1e-5, atol=1e-5)

@@ -21,6 +21,20 @@ def _gemm_b(node: Node, ctx: Ctx) -> Array:
     return b.T if node.attrs.get("transB", 0) else b
 
 
+def _product_of_live_columns(g: Array, w: Array) -> Array:
+    """g @ w for g (..., k), w (k, j), leaving out the columns of g that are zero in every row:
+    units a path cut or a gate switched off. Pathwise sweeps keep a few per cent of each
+    layer's units, so the product shrinks by as much."""
+    k = g.shape[-1]
+    if k < 64:
+        return np.matmul(g, w)
+    g2 = g.reshape(-1, k)
+    live = np.flatnonzero(g2.any(axis=0))
+    if live.size > k // 4:
+        return np.matmul(g, w)
+    return (g2[:, live] @ w[live]).reshape(g.shape[:-1] + (w.shape[1],))
+
+
 @register("Gemm")
 class Gemm:
     """Y = alpha·A·B' + beta·C with A computed (B' = Bᵀ when transB); C constant, or computed
@@ -40,7 +54,7 @@ class Gemm:
     def transpose(node: Node, cots: list[Array | None], ctx: Ctx) -> list[Array | None]:
         (g,) = cots
         assert g is not None
-        da = g @ _gemm_b(node, ctx).T.astype(g.dtype, copy=False)
+        da = _product_of_live_columns(g, _gemm_b(node, ctx).T.astype(g.dtype, copy=False))
         alpha = float(node.attrs.get("alpha", 1.0))
         if alpha != 1.0:
             da *= alpha
@@ -76,6 +90,8 @@ class MatMul:
             w = w.astype(g.dtype, copy=False)
             if w.ndim == 1:
                 dx = g[..., None] * w
+            elif w.ndim == 2:
+                dx = _product_of_live_columns(g, w.T)
             else:
                 dx = np.matmul(g, np.swapaxes(w, -1, -2))
             shape = (rows,) + tuple(ctx.in_shapes[0] or ())
