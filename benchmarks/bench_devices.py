@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pathwise import median_time, toy_cnn, vgg_style  # noqa: E402
+from bench_pathwise import interleaved, toy_cnn, vgg_style  # noqa: E402
 
 from onnx_pathwise import Explainer, runtime  # noqa: E402
 
@@ -82,11 +82,14 @@ def main() -> None:
             for n in batches:
                 x = inputs(n)
                 same, differ, total, rel = compare(one.explain(x, width=WIDTH), two.explain(x, width=WIDTH))
-                t1 = median_time(lambda e=one, x=x: e.explain(x, width=WIDTH), args.repeat)
-                t2 = median_time(lambda e=two, x=x: e.explain(x, width=WIDTH), args.repeat)
-                t3 = median_time(lambda e=exhaustive, x=x: e.explain(x, width=WIDTH), args.repeat)
-                u1 = median_time(lambda e=one, x=x: e.unwrap(x), args.repeat)
-                u2 = median_time(lambda e=two, x=x: e.unwrap(x), args.repeat)
+                t = interleaved({
+                    "t1": lambda e=one, x=x: e.explain(x, width=WIDTH),
+                    "t2": lambda e=two, x=x: e.explain(x, width=WIDTH),
+                    "t3": lambda e=exhaustive, x=x: e.explain(x, width=WIDTH),
+                    "u1": lambda e=one, x=x: e.unwrap(x),
+                    "u2": lambda e=two, x=x: e.unwrap(x),
+                }, args.repeat)
+                t1, t2, t3, u1, u2 = t["t1"], t["t2"], t["t3"], t["u1"], t["u2"]
                 print(f"{name:10s} {n:5d} {'same' if same else 'DIFFER':>8s} {f'{differ}/{total}':>12s} {rel:9.1e} "
                       f"{t1:13.4f} {t2:13.4f} {t1 / t2:8.2f} {t3:10.4f} {u1:12.4f} {u2:12.4f} {u1 / u2:8.2f}",
                       flush=True)

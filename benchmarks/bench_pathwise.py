@@ -10,7 +10,9 @@ For each model, per explanation (batch 1, K = 10, all path layers, width 10%):
   carrying all K cotangents, selection at each ReLU as the sweep passes it);
 * ``ort_fwd``    — onnxruntime running 1 + K forward passes of the same model.
 
-Prints the median times and the ratios the targets are stated in. Run it on an idle machine:
+Prints the median times and the ratios the targets are stated in; the four are timed in turn,
+round after round, so that a slow spell of a shared machine cancels out of the ratios. Run it
+on an idle machine:
     python benchmarks/bench_pathwise.py [--repeat 20] [--device cpu|cuda]
 """
 
@@ -23,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -147,14 +150,18 @@ def single_sweep(model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         return g[c : c + 1] * x
 
 
-def median_time(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
+def interleaved(fns: dict[str, Any], repeat: int) -> dict[str, float]:
+    """Median time of each function, timed in turn (a, b, c, a, b, c, ...) so that a slow spell
+    of a shared machine touches all of them alike and cancels out of their ratios."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -186,10 +193,13 @@ def main() -> None:
             for _ in range(1 + K):
                 sess.run(None, {"x": xn})
 
-        t_ours = median_time(lambda ex=ex, xn=xn: ex.explain(xn, width=WIDTH), args.repeat)
-        t_pub = median_time(lambda model=model, x=x: published(model, x), max(3, args.repeat // 4))
-        t_sweep = median_time(lambda model=model, x=x: single_sweep(model, x), args.repeat)
-        t_ort = median_time(ort_fwd, args.repeat)
+        t = interleaved({
+            "ours": lambda ex=ex, xn=xn: ex.explain(xn, width=WIDTH),
+            "published": lambda model=model, x=x: published(model, x),
+            "sweep": lambda model=model, x=x: single_sweep(model, x),
+            "ort": ort_fwd,
+        }, args.repeat)
+        t_ours, t_pub, t_sweep, t_ort = t["ours"], t["published"], t["sweep"], t["ort"]
         print(f"{name:10s} {t_ours:9.4f} {t_pub:10.4f} {t_sweep:9.4f} {t_ort:9.4f} "
               f"{t_pub / t_ours:9.1f} {t_ours / t_sweep:11.2f} {t_ours / t_ort:9.2f}"
               f"   (max rel. diff vs sweep: ours {agree:.1e}, published {agree_pub:.1e})")
