@@ -25,7 +25,18 @@ from .rules.elementwise import Gate, GateState
 Array = np.ndarray
 #: A hook sees the cotangents (m, n, *s) arriving at a node's first output and returns them
 #: (possibly masked) before the node's offset and transpose are applied.
-Hook = Callable[[Node, Array], Array]
+
+
+@dataclass(frozen=True)
+class Through:
+    """A hook's answer at a gate without an offset: the cotangent at the gate's data input,
+    the gate's own transpose (× slope) already applied, so the sweep skips it."""
+
+    cotangent: Array
+
+
+Hook = Callable[[Node, Array], "Array | Through"]
+InputHook = Callable[[Any, Array], Array]
 
 
 #: Sweeps up to this many rows run numpy's BLAS on one thread (its matrices are small).
@@ -221,7 +232,7 @@ class Engine:
         seeds: Mapping[str, Array],
         record: Record,
         hooks: Mapping[str, Hook] | None = None,
-        input_hook: Hook | None = None,
+        input_hook: InputHook | None = None,
         bias_rows: Array | None = None,
         narrow_after: str | None = None,
     ) -> tuple[Array, Array]:
@@ -245,7 +256,7 @@ class Engine:
         seeds: Mapping[str, Array],
         record: Record,
         hooks: Mapping[str, Hook] | None,
-        input_hook: Hook | None,
+        input_hook: InputHook | None,
         bias_rows: Array | None,
         narrow_after: str | None,
     ) -> tuple[Array, Array]:
@@ -270,12 +281,19 @@ class Engine:
             cots = [env.pop(o, None) for o in node.outputs]
             if all(c is None for c in cots):
                 continue
+            through: Array | None = None
             if hooks is not None and node.name in hooks and cots[0] is not None:
                 g = cots[0]
-                cots[0] = hooks[node.name](node, g.reshape((m, n) + g.shape[1:])).reshape(g.shape)
+                answer = hooks[node.name](node, g.reshape((m, n) + g.shape[1:]))
+                if isinstance(answer, Through):
+                    through = answer.cotangent.reshape(g.shape)  # gates keep their shape
+                else:
+                    cots[0] = answer.reshape(g.shape)
             state = record.states.get(node.name)
             if node.role == GATE:
                 st: GateState = state  # type: ignore[assignment]
+                if through is not None and st.offset is not None:
+                    raise RuleError(f"a hook passed through gate {node.name}, which has an offset")
                 if st.offset is not None and cots[0] is not None:
                     sel_g = _rows_of(cots[0].reshape(m, n, -1), bias_rows)
                     bias += np.einsum("mnk,nk->mn", sel_g, st.offset.reshape(n, -1))
@@ -284,7 +302,10 @@ class Engine:
                     if c is not None and off is not None:
                         sel = _rows_of(c.reshape(m, n, -1), bias_rows)
                         bias += (sel.reshape(-1, sel.shape[2]) @ off.reshape(-1)).reshape(sel.shape[:2])
-            ins = RULES[node.op_type].transpose(node, cots, self._ctx(node, n, state))
+            if through is not None:
+                ins = [through if i == node.data.index(True) else None for i in range(len(node.inputs))]
+            else:
+                ins = RULES[node.op_type].transpose(node, cots, self._ctx(node, n, state))
             if len(ins) != len(node.inputs):
                 raise RuleError(
                     f"rule for {node.name} ({node.op_type}) returned {len(ins)} cotangents "
@@ -308,5 +329,5 @@ class Engine:
         g_in = env.get(self.ir.input_name)
         w = np.zeros(shape, self.dtype) if g_in is None else g_in.reshape(shape)
         if input_hook is not None:
-            w = input_hook(None, w)  # type: ignore[arg-type]
+            w = input_hook(None, w)
         return w, bias

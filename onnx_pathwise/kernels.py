@@ -124,14 +124,15 @@ def window_argmax(x, table):  # type: ignore[no-untyped-def]  # pragma: no cover
 
 
 @njit(cache=True, nogil=True)
-def keep_units(g, mask):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
-    """g (K, n, u) with every unit outside ``mask`` (n, u) zeroed, as a new array: a copy of
-    the kept entries into zeros, cheaper than a multiply when few units are kept."""
+def keep_units(g, mask, slope):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """g (K, n, u) times ``slope`` (n, u) on the units of ``mask`` (n, u), zero elsewhere, as a
+    new array: the kept entries written into zeros, cheaper than a multiply when few are kept."""
     K, n, u = g.shape
     out = np.zeros((K, n, u), g.dtype)
     for i in range(n):
         for j in range(u):
             if mask[i, j]:
+                s = slope[i, j]
                 for k in range(K):
-                    out[k, i, j] = g[k, i, j]
+                    out[k, i, j] = g[k, i, j] * s
     return out

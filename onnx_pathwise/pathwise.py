@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .engine import Engine, Record
+from .engine import Engine, Record, Through
 from .errors import PathwiseError
 from .graph import GateLayer
 from .ir import Node
@@ -181,16 +181,19 @@ class PathSweep:
         self.input_mask: np.ndarray | None = None
         self.layers = {layer.name: layer for layer in layers}
 
-    def _gate_hook(self, node: Node, g: np.ndarray) -> np.ndarray:
+    def _gate_hook(self, node: Node, g: np.ndarray) -> np.ndarray | Through:
         from . import kernels
 
         K, n = g.shape[:2]
         flat = g.reshape(K, n, -1)
         if node.name in self.widths:
-            h = self.record.states[node.name].value.reshape(n, -1)
-            mask = select_units(h, flat, self.target, self.widths[node.name])
+            state = self.record.states[node.name]
+            mask = select_units(state.value.reshape(n, -1), flat, self.target, self.widths[node.name])
             self.masks[node.name] = mask
-            flat = kernels.keep_units(flat, mask)
+            if state.offset is None and node.name != self.keep_at:
+                # the kept units times their frozen slopes: the gate's transpose done here
+                return Through(kernels.keep_units(flat, mask, state.slope.reshape(n, -1)).reshape(g.shape))
+            flat = kernels.keep_units(flat, mask, np.ones(mask.shape, flat.dtype))
         if node.name == self.keep_at:
             rows = self.target if K > 1 else np.zeros(n, np.int64)  # one row once narrowed
             self.at_layer = flat[rows, np.arange(n)].copy()

@@ -34,15 +34,42 @@ class Gated(nn.Module):
         self.masks: dict[str, torch.Tensor] = {}
         self.inject: dict[str, torch.Tensor] = {}
         self.order: list[str] = []
+        self.offsets: dict[str, torch.Tensor] = {}
+        #: gate kind per name (default ReLU): "leaky" (α = 0.1), "relu6", or a PReLU module
+        self.kinds: dict[str, object] = {}
+
+    def act(self, name: str, z: torch.Tensor) -> torch.Tensor:
+        kind = self.kinds.get(name, "relu")
+        if kind == "leaky":
+            return F.leaky_relu(z, 0.1)
+        if kind == "relu6":
+            return F.relu6(z)
+        if isinstance(kind, nn.PReLU):
+            return kind(z)
+        return F.relu(z)
+
+    def frozen(self, name: str, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slope, offset) of the gate at z; z = 0 counts as off."""
+        kind = self.kinds.get(name, "relu")
+        on = z > 0
+        zero = torch.zeros_like(z)
+        if kind == "leaky":
+            return torch.where(on, 1.0, 0.1).to(z.dtype), zero
+        if kind == "relu6":
+            return (on & (z < 6)).to(z.dtype), torch.where(z >= 6, 6.0, 0.0).to(z.dtype)
+        if isinstance(kind, nn.PReLU):
+            w = kind.weight.view((1, -1) + (1,) * (z.dim() - 2)).to(z.dtype)
+            return torch.where(on, torch.ones_like(z), w.expand_as(z)), zero
+        return on.to(z.dtype), zero
 
     def g(self, name: str, z: torch.Tensor) -> torch.Tensor:
         if self.mode is None:
-            return F.relu(z)
+            return self.act(name, z)
         if self.mode == "record":
             self.order.append(name)
-            self.slopes[name] = (z > 0).to(z.dtype)
-            return F.relu(z)
-        h = z * self.slopes[name]
+            self.slopes[name], self.offsets[name] = self.frozen(name, z)
+            return self.act(name, z)
+        h = z * self.slopes[name] + self.offsets[name]
         if name in self.inject:
             h = self.inject[name]
         if name in self.masks:
@@ -67,6 +94,25 @@ class MLP(Gated):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.f3(self.g("r2", self.f2(self.g("r1", self.f1(x)))))
+
+
+class Activations(Gated):
+    """LeakyReLU, PReLU (per-unit slopes, some negative) and ReLU6 (Clip; some units saturate)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f1, self.f2, self.f3, self.f4 = nn.Linear(6, 12), nn.Linear(12, 10), nn.Linear(10, 8), nn.Linear(8, 4)
+        with torch.no_grad():
+            self.f3.weight.mul_(4.0)  # pre-activations beyond 6: saturated ReLU6 units
+            self.f3.bias.add_(6.0)
+        self.pr = nn.PReLU(10)
+        with torch.no_grad():
+            self.pr.weight.copy_(torch.linspace(-0.3, 0.5, 10))
+        self.kinds = {"r1": "leaky", "r2": self.pr, "r3": "relu6"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.g("r2", self.f2(self.g("r1", self.f1(x))))
+        return self.f4(self.g("r3", self.f3(h)))
 
 
 class CNN(Gated):
@@ -181,11 +227,11 @@ def oracle(model: Gated, x: np.ndarray, width: object, depth: int | None) -> dic
     }
 
 
-@pytest.fixture(scope="module", params=[MLP, CNN, Residual, Branches], ids=lambda c: c.__name__)
+@pytest.fixture(scope="module", params=[MLP, Activations, CNN, Residual, Branches], ids=lambda c: c.__name__)
 def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Gated, Explainer, np.ndarray]:
     torch.manual_seed(1)
     model = request.param().eval()
-    shape = {"MLP": (6,), "CNN": (2, 8, 8), "Residual": (2, 6, 6), "Branches": (1, 4, 4)}[request.param.__name__]
+    shape = {"MLP": (6,), "Activations": (6,), "CNN": (2, 8, 8), "Residual": (2, 6, 6), "Branches": (1, 4, 4)}[request.param.__name__]
     path = tmp_path_factory.mktemp("pw") / f"{request.param.__name__}.onnx"
     torch.onnx.export(model, (torch.randn(1, *shape),), str(path), dynamo=False, input_names=["x"],
                       output_names=["logits"], dynamic_axes={"x": {0: "N"}}, opset_version=17)
