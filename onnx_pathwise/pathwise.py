@@ -10,7 +10,9 @@ network's unfolded sum, and W_p, b_p come out of the same sweep.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +72,45 @@ def _log_p(h: np.ndarray, J: np.ndarray, c: int) -> np.ndarray:
     return lead - np.log(C.sum(axis=0))
 
 
+#: units per chunk above which the unit scores of one sample are split across threads
+PARALLEL_UNITS = 1 << 15
+_pool: ThreadPoolExecutor | None = None
+
+
+def _workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _candidates(h: np.ndarray, J: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices (ascending) and scores e = log(K·P) of one sample's units with P > 1/K.
+
+    Each unit's score depends on that unit alone, so large layers are cut into chunks scored
+    on several threads (the compiled kernel releases the GIL); the result does not depend on
+    the cut."""
+    from . import kernels  # numba: imported on first use
+
+    global _pool
+    u = h.shape[0]
+
+    def score(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        idx, e = np.empty(b - a, np.int64), np.empty(b - a, np.float64)
+        m = kernels.unit_excess(h[a:b], J[:, a:b], c, idx, e)
+        return idx[:m] + a, e[:m]
+
+    parts = min(_workers(), u // PARALLEL_UNITS)
+    if parts <= 1:
+        return score(0, u)
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=_workers() - 1, thread_name_prefix="onnx-pathwise")
+    cuts = [u * p // parts for p in range(parts + 1)]
+    rest = [_pool.submit(score, a, b) for a, b in zip(cuts[1:-1], cuts[2:])]
+    chunks = [score(cuts[0], cuts[1])] + [f.result() for f in rest]
+    return np.concatenate([i for i, _ in chunks]), np.concatenate([e for _, e in chunks])
+
+
 def select_units(h: np.ndarray, J: np.ndarray, target: np.ndarray, width: int) -> np.ndarray:
     """The kept-unit mask (n, u) of one path layer.
 
@@ -78,21 +119,17 @@ def select_units(h: np.ndarray, J: np.ndarray, target: np.ndarray, width: int) -
     :func:`onnx_pathwise.kernels.unit_excess`), candidates by P descending with ties to the
     lower index, the first ``width`` kept when P > 1/K, else the first candidate.
     """
-    from . import kernels  # numba: imported on first use
-
     K, n, u = J.shape
     mask = np.zeros((n, u), bool)
-    idx = np.empty(u, np.int64)
-    excess = np.empty(u, np.float64)
     for i in range(n):
         c = int(target[i])
-        m = kernels.unit_excess(h[i], J[:, i], c, idx, excess)
+        candidates, e = _candidates(h[i], J[:, i], c)
+        m = candidates.size
         if m == 0:
             # nobody favours the target: keep the first candidate of the full order
             full = _log_p(h[i], J[:, i], c)
             mask[i, int(np.argmax(full))] = True  # argmax returns the lowest index among ties
             continue
-        candidates, e = idx[:m], excess[:m]
         if m > width:
             # the kept set is the `width` largest scores, ties at the cut to the lower index
             # (candidates ascend): everything above the cut, then the first ties at it

@@ -364,6 +364,25 @@ def test_unit_excess_matches_float64_logsumexp(scale: float, K: int) -> None:
             assert out[np.searchsorted(got, 30)] == out[np.searchsorted(got, 31)]
 
 
+def test_unit_scores_split_across_threads_are_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large layers are scored in chunks on several threads: same candidates, same scores."""
+    from onnx_pathwise import pathwise
+
+    rng = np.random.default_rng(11)
+    K, u = 10, 7001
+    h = np.maximum(rng.standard_normal(u), 0).astype(np.float32)
+    J = (rng.standard_normal((K, u)) * 1e-3).astype(np.float32)
+    whole = pathwise._candidates(h, J, 4)
+    before = select_units(h[None], J[:, None], np.array([4]), 50)
+    monkeypatch.setattr(pathwise, "PARALLEL_UNITS", 1000)
+    monkeypatch.setattr(pathwise, "_workers", lambda: 3)
+    split = pathwise._candidates(h, J, 4)
+    assert whole[0].size > 100
+    np.testing.assert_array_equal(split[0], whole[0])
+    np.testing.assert_array_equal(split[1], whole[1])
+    np.testing.assert_array_equal(select_units(h[None], J[:, None], np.array([4]), 50), before)
+
+
 def test_width_parsing() -> None:
     assert parse_width("5%", 100) == 5
     assert parse_width("0.1%", 100) == 1  # max(1, round(0.1))
