@@ -49,7 +49,10 @@ def main() -> None:
     ap.add_argument("--first", default="cpu")
     ap.add_argument("--second", default="cuda")
     ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--tf32", action="store_true", help="let CUDA use TF32 (onnxruntime's default) to see what it changes")
     args = ap.parse_args()
+    if args.tf32:
+        runtime.CUDA_OPTIONS["use_tf32"] = "1"
     batches = [int(b) for b in args.batches.split(",")]
     import onnxruntime as ort
 
