@@ -128,11 +128,20 @@ def keep_units(g, mask, slope):  # type: ignore[no-untyped-def]  # pragma: no co
     """g (K, n, u) times ``slope`` (n, u) on the units of ``mask`` (n, u), zero elsewhere, as a
     new array: the kept entries written into zeros, cheaper than a multiply when few are kept."""
     K, n, u = g.shape
-    out = np.zeros((K, n, u), g.dtype)
+    # the kept units of each sample, then row by row in memory order
+    start = np.zeros(n + 1, np.int64)
+    kept = np.empty(n * u, np.int64)
+    c = 0
     for i in range(n):
         for j in range(u):
             if mask[i, j]:
-                s = slope[i, j]
-                for k in range(K):
-                    out[k, i, j] = g[k, i, j] * s
+                kept[c] = j
+                c += 1
+        start[i + 1] = c
+    out = np.zeros((K, n, u), g.dtype)
+    for k in range(K):
+        for i in range(n):
+            for q in range(start[i], start[i + 1]):
+                j = kept[q]
+                out[k, i, j] = g[k, i, j] * slope[i, j]
     return out
