@@ -298,52 +298,41 @@ def _probe(explainer: Explainer, x0: Array, d: Array, owner: Array, alpha: Array
     pts = (x0[owner].astype(np.float64) + alpha.reshape(shp) * d[owner]).astype(x0.dtype)
     rec, values = record_rows(explainer, pts, preactivations=True)
     env = eng.tangent_env(d[owner][None].astype(eng.dtype), rec)
+    from . import kernels  # numba: imported on first use
+
     lo = np.zeros(P)
     hi = np.ones(P)
-
-    def tighten(margin: Array, rate: Array) -> None:
-        a, b = _bounds(margin, rate, alpha)
-        np.maximum(lo, a, out=lo)
-        np.minimum(hi, b, out=hi)
-
     for node in eng.gate_nodes:
-        z = rec.preactivations[node.name].reshape(P, -1).astype(np.float64)
-        dz = env[node.data_inputs[0]].reshape(P, -1).astype(np.float64)
+        z = rec.preactivations[node.name].reshape(P, -1)
+        dz = env[node.data_inputs[0]].reshape(P, -1)
         for kink, up_at_kink in _gate_kinks(node):
-            side = np.where((z >= kink) if up_at_kink else (z > kink), 1.0, -1.0)
-            tighten(np.maximum(side * (z - kink), 0.0), side * dz)
+            kernels.gate_piece(z, dz, float(kink), up_at_kink, alpha, lo, hi)
     for node in eng.routing_nodes:
         src = node.data_inputs[0]
-        v = np.asarray(values[src]).reshape(P, -1).astype(np.float64)
-        dv = env[src].reshape(P, -1).astype(np.float64)
         shape = ir.shapes[src]
-        C, S = shape[0], int(np.prod(shape[1:], dtype=np.int64))
+        S = int(np.prod(shape[1:], dtype=np.int64))
         if node.op_type == "MaxPool":
             table = _window_index(*_geometry(node, eng._ctx(node, P)))
         else:
-            table = np.arange(S)[None, :]
-        Kw = table.shape[1]
-        valid = np.broadcast_to(table[None] >= 0, (C,) + table.shape).reshape(-1, Kw)  # (C·Pout, Kw)
-        idx = np.where(valid, (table[None] + (np.arange(C) * S)[:, None, None]).reshape(-1, Kw), 0)
-        win = rec.states[node.name].argmax  # (P, C·Pout)
-        keep = valid[None] & (idx[None] != win[:, :, None])  # (P, C·Pout, Kw)
-        margin = np.take_along_axis(v, win, axis=1)[:, :, None] - v[:, idx]
-        rate = np.take_along_axis(dv, win, axis=1)[:, :, None] - dv[:, idx]
-        tighten(np.where(keep, np.maximum(margin, 0.0), np.inf).reshape(P, -1),
-                np.where(keep, rate, 0.0).reshape(P, -1))
+            table = np.arange(S, dtype=np.int64)[None, :]
+        kernels.window_piece(np.asarray(values[src]).reshape(P, -1), env[src].reshape(P, -1), table, S,
+                             rec.states[node.name].argmax, alpha, lo, hi)
     lo = np.clip(np.minimum(lo, alpha), 0.0, 1.0)
     hi = np.clip(np.maximum(hi, alpha), 0.0, 1.0)
-    keys = []
-    for r in range(P):
-        h = hashlib.blake2b(digest_size=16)
-        for node in eng.gate_nodes:
-            st = rec.states[node.name]
-            h.update(np.ascontiguousarray(st.slope[r]).tobytes())
-            if st.offset is not None:
-                h.update(np.ascontiguousarray(st.offset[r]).tobytes())
-        for node in eng.routing_nodes:
-            h.update(np.ascontiguousarray(rec.states[node.name].argmax[r]).tobytes())
-        keys.append(h.digest())
+    # one key per row: its activation pattern (gate slopes and offsets, max-pool choices)
+    parts = []
+    for node in eng.gate_nodes:
+        st = rec.states[node.name]
+        if node.op_type == "Relu":  # slopes are 0 or 1: one bit each
+            parts.append(np.packbits(st.slope.reshape(P, -1) != 0, axis=1))
+        else:
+            parts.append(np.ascontiguousarray(st.slope).reshape(P, -1).view(np.uint8))
+        if st.offset is not None:
+            parts.append(np.ascontiguousarray(st.offset).reshape(P, -1).view(np.uint8))
+    for node in eng.routing_nodes:
+        parts.append(rec.states[node.name].argmax.reshape(P, -1).astype(np.int32).view(np.uint8))
+    pattern = np.concatenate(parts, axis=1) if parts else np.zeros((P, 0), np.uint8)
+    keys = [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in pattern]
     return lo, hi, keys
 
 
@@ -384,25 +373,27 @@ def segment_pieces(
                     got[0], got[1] = min(got[0], a), max(got[1], b)
                     if min(ap - a, b - ap) > got[3]:  # the probe deepest inside represents the piece
                         got[2], got[3] = ap, min(ap - a, b - ap)
-        owner_l: list[int] = []
-        alpha_l: list[float] = []
+        owner_l: list[Array] = []
+        alpha_l: list[Array] = []
         for i in range(n):
-            pieces = sorted(found[i].values(), key=lambda p: (p[0] + p[1]) / 2)
-            edges = [(0.0, pieces[0][0])] + [(p[1], q[0]) for p, q in zip(pieces, pieces[1:])] + [(pieces[-1][1], 1.0)]
-            for a, b in edges:
-                if b - a > tol:
-                    owner_l.append(i)
-                    alpha_l.append((a + b) / 2)
-        if not owner_l:
+            pieces = np.array(list(found[i].values()))
+            pieces = pieces[np.argsort((pieces[:, 0] + pieces[:, 1]) / 2, kind="stable")]
+            # the gaps before, between and after the pieces, in order
+            a = np.concatenate([[0.0], pieces[:, 1]])
+            b = np.concatenate([pieces[:, 0], [1.0]])
+            open_ = b - a > tol
+            owner_l.append(np.full(int(open_.sum()), i, np.int64))
+            alpha_l.append((a[open_] + b[open_]) / 2)
+        owner, alpha = np.concatenate(owner_l), np.concatenate(alpha_l)
+        if not owner.size:
             break
-        owner, alpha = np.array(owner_l, np.int64), np.array(alpha_l)
     out = []
     for i in range(n):
-        pieces = sorted(found[i].values(), key=lambda p: (p[0] + p[1]) / 2)
-        inner = [(p[1] + q[0]) / 2 for p, q in zip(pieces, pieces[1:])]
+        final = sorted(found[i].values(), key=lambda p: (p[0] + p[1]) / 2)
+        inner = [(p[1] + q[0]) / 2 for p, q in zip(final, final[1:])]
         breaks = np.maximum.accumulate(np.clip(np.array([0.0] + inner + [1.0]), 0.0, 1.0))
         breaks[-1] = 1.0
-        out.append(SegmentPieces(breaks, np.array([p[2] for p in pieces])))
+        out.append(SegmentPieces(breaks, np.array([p[2] for p in final])))
     return out
 
 

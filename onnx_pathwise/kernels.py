@@ -145,3 +145,59 @@ def keep_units(g, mask, slope):  # type: ignore[no-untyped-def]  # pragma: no co
                 j = kept[q]
                 out[k, i, j] = g[k, i, j] * slope[i, j]
     return out
+
+
+@njit(cache=True, nogil=True)
+def gate_piece(z, dz, kink, up, alpha, lo, hi):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """Tighten each row's piece [lo, hi] of the segment (exact Integrated Gradients) so that no
+    gate unit crosses ``kink``: z (P, U) pre-activations at α (P,), dz (P, U) their rates along
+    the segment; z == kink counts as the upper side when ``up``. In float64, in place."""
+    P, U = z.shape
+    for r in range(P):
+        fwd = np.inf
+        bwd = np.inf
+        for j in range(U):
+            zz = np.float64(z[r, j])
+            above = zz >= kink if up else zz > kink
+            side = 1.0 if above else -1.0
+            m = max(side * (zz - kink), 0.0)
+            rate = side * np.float64(dz[r, j])
+            if rate < 0.0:
+                fwd = min(fwd, m / -rate)
+            elif rate > 0.0:
+                bwd = min(bwd, m / rate)
+        lo[r] = max(lo[r], alpha[r] - bwd)
+        hi[r] = min(hi[r], alpha[r] + fwd)
+
+
+@njit(cache=True, nogil=True)
+def window_piece(v, dv, table, size, argmax, alpha, lo, hi):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """Likewise for max-pool windows: no other element of a window overtakes its recorded
+    maximum. v, dv (P, C·size) the pooled input and its rates, table (Pout, W) each window's
+    per-channel flat indices (-1 in padding), argmax (P, C·Pout) the recorded maxima."""
+    P = v.shape[0]
+    Pout, W = table.shape
+    C = argmax.shape[1] // Pout
+    for r in range(P):
+        fwd = np.inf
+        bwd = np.inf
+        for c in range(C):
+            for p in range(Pout):
+                w = argmax[r, c * Pout + p]
+                vw = np.float64(v[r, w])
+                dw = np.float64(dv[r, w])
+                for k in range(W):
+                    t = table[p, k]
+                    if t < 0:
+                        continue
+                    e = c * size + t
+                    if e == w:
+                        continue
+                    m = max(vw - np.float64(v[r, e]), 0.0)
+                    rate = dw - np.float64(dv[r, e])
+                    if rate < 0.0:
+                        fwd = min(fwd, m / -rate)
+                    elif rate > 0.0:
+                        bwd = min(bwd, m / rate)
+        lo[r] = max(lo[r], alpha[r] - bwd)
+        hi[r] = min(hi[r], alpha[r] + fwd)

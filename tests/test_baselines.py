@@ -151,3 +151,58 @@ def test_attribute_result_and_errors():
         ex.attribute(x, "gradient", steps=3)
     with pytest.raises(PathwiseError, match="baseline"):
         ex.attribute(x, "integrated_gradients", baseline="blur")
+
+
+def _piece_reference(margin: np.ndarray, rate: np.ndarray, alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the α interval on which every margin + (α − α_p)·rate stays ≥ 0 (numpy)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fwd = np.where(rate < 0, margin / -rate, np.inf).min(axis=1, initial=np.inf)
+        bwd = np.where(rate > 0, margin / rate, np.inf).min(axis=1, initial=np.inf)
+    return alpha - bwd, alpha + fwd
+
+
+def test_piece_kernels_match_a_direct_computation() -> None:
+    """The compiled piece bounds of exact IG (gate kinks, max-pool window margins) against the
+    margins and rates written out in numpy, windows with padding and overlap included."""
+    from onnx_pathwise import kernels
+    from onnx_pathwise.rules.pooling import _window_table
+
+    rng = np.random.default_rng(2)
+    P, alpha = 5, np.linspace(0.1, 0.9, 5)
+    z = rng.standard_normal((P, 300)).astype(np.float32)
+    z[:, :7] = 0.0  # exactly at the kink
+    dz = rng.standard_normal((P, 300)).astype(np.float32)
+    for up in (False, True):
+        side = np.where((z >= 0) if up else (z > 0), 1.0, -1.0)
+        ref = _piece_reference(np.maximum(side * z, 0.0), side * dz.astype(np.float64), alpha)
+        lo, hi = np.full(P, -np.inf), np.full(P, np.inf)
+        kernels.gate_piece(z, dz, 0.0, up, alpha, lo, hi)
+        np.testing.assert_array_equal(lo, ref[0])
+        np.testing.assert_array_equal(hi, ref[1])
+
+    C, side_len = 3, 7
+    table = _window_table((side_len, side_len), (4, 4), (3, 3), (2, 2), (1, 1), (1, 1, 1, 1))  # overlapping, padded
+    S = side_len * side_len
+    v = rng.standard_normal((P, C * S)).astype(np.float32)
+    v[0, :S] = np.round(v[0, :S])  # one row with ties inside windows (a zero-width piece)
+    dv = rng.standard_normal((P, C * S)).astype(np.float32)
+    within = kernels.window_argmax(v.reshape(P, C, S), table)
+    argmax = (within + (np.arange(C) * S)[None, :, None]).reshape(P, -1)
+    margins, rates = [], []
+    for r in range(P):
+        m_r, q_r = [], []
+        for c in range(C):
+            for p in range(table.shape[0]):
+                w = argmax[r, c * table.shape[0] + p]
+                for t in table[p]:
+                    if t >= 0 and c * S + t != w:
+                        m_r.append(max(float(v[r, w]) - float(v[r, c * S + t]), 0.0))
+                        q_r.append(float(dv[r, w]) - float(dv[r, c * S + t]))
+        margins.append(m_r)
+        rates.append(q_r)
+    ref = _piece_reference(np.array(margins), np.array(rates), alpha)
+    lo, hi = np.full(P, -np.inf), np.full(P, np.inf)
+    kernels.window_piece(v, dv, table, S, argmax, alpha, lo, hi)
+    assert np.all(hi[1:] - lo[1:] > 0)  # the other rows have room to move
+    np.testing.assert_array_equal(lo, ref[0])
+    np.testing.assert_array_equal(hi, ref[1])
