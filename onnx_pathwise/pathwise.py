@@ -10,8 +10,9 @@ network's unfolded sum, and W_p, b_p come out of the same sweep.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,15 +85,26 @@ def _workers() -> int:
         return os.cpu_count() or 1
 
 
-def _candidates(h: np.ndarray, J: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
+def _in_parallel(tasks: list[Callable[[], Any]]) -> list[Any]:
+    """Run independent tasks on the calling thread and the worker threads, results in order.
+    The tasks must not call this themselves (the pool is not re-entrant)."""
+    global _pool
+    if len(tasks) <= 1 or _workers() <= 1:
+        return [task() for task in tasks]
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=_workers() - 1, thread_name_prefix="onnx-pathwise")
+    rest = [_pool.submit(task) for task in tasks[1:]]
+    return [tasks[0]()] + [f.result() for f in rest]
+
+
+def _candidates(h: np.ndarray, J: np.ndarray, c: int, split: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Flat indices (ascending) and scores e = log(K·P) of one sample's units with P > 1/K.
 
-    Each unit's score depends on that unit alone, so large layers are cut into chunks scored
-    on several threads (the compiled kernel releases the GIL); the result does not depend on
-    the cut."""
+    Each unit's score depends on that unit alone, so with ``split`` large layers are cut into
+    chunks scored on several threads (the compiled kernel releases the GIL); the result does
+    not depend on the cut."""
     from . import kernels  # numba: imported on first use
 
-    global _pool
     u = h.shape[0]
 
     def score(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
@@ -100,14 +112,11 @@ def _candidates(h: np.ndarray, J: np.ndarray, c: int) -> tuple[np.ndarray, np.nd
         m = kernels.unit_excess(h[a:b], J[:, a:b], c, idx, e)
         return idx[:m] + a, e[:m]
 
-    parts = min(_workers(), u // PARALLEL_UNITS)
+    parts = min(_workers(), u // PARALLEL_UNITS) if split else 1
     if parts <= 1:
         return score(0, u)
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=_workers() - 1, thread_name_prefix="onnx-pathwise")
     cuts = [u * p // parts for p in range(parts + 1)]
-    rest = [_pool.submit(score, a, b) for a, b in zip(cuts[1:-1], cuts[2:])]
-    chunks = [score(cuts[0], cuts[1])] + [f.result() for f in rest]
+    chunks = _in_parallel([functools.partial(score, a, b) for a, b in zip(cuts[:-1], cuts[1:])])
     return np.concatenate([i for i, _ in chunks]), np.concatenate([e for _, e in chunks])
 
 
@@ -117,19 +126,22 @@ def select_units(h: np.ndarray, J: np.ndarray, target: np.ndarray, width: int) -
     h (n, u) gate outputs, J (K, n, u) score cotangents, target (n,) classes. Scores
     P_i = softmax_k(h_i J_ik)[c] in float64 (as e = log(K·P) > 0, see
     :func:`onnx_pathwise.kernels.unit_excess`), candidates by P descending with ties to the
-    lower index, the first ``width`` kept when P > 1/K, else the first candidate.
+    lower index, the first ``width`` kept when P > 1/K, else the first candidate. Samples are
+    independent: a batch is spread over the cores sample by sample, a single sample's large
+    layer chunk by chunk.
     """
     K, n, u = J.shape
     mask = np.zeros((n, u), bool)
-    for i in range(n):
+
+    def one(i: int) -> None:
         c = int(target[i])
-        candidates, e = _candidates(h[i], J[:, i], c)
+        candidates, e = _candidates(h[i], J[:, i], c, split=n == 1)
         m = candidates.size
         if m == 0:
             # nobody favours the target: keep the first candidate of the full order
             full = _log_p(h[i], J[:, i], c)
             mask[i, int(np.argmax(full))] = True  # argmax returns the lowest index among ties
-            continue
+            return
         if m > width:
             # the kept set is the `width` largest scores, ties at the cut to the lower index
             # (candidates ascend): everything above the cut, then the first ties at it
@@ -139,6 +151,11 @@ def select_units(h: np.ndarray, J: np.ndarray, target: np.ndarray, width: int) -
             above[ties] = True
             candidates = candidates[above]
         mask[i, candidates] = True
+
+    if n == 1:
+        one(0)
+    else:
+        _in_parallel([functools.partial(one, i) for i in range(n)])
     return mask
 
 
