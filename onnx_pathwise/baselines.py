@@ -277,19 +277,10 @@ def _gate_kinks(node: Node) -> list[tuple[float, bool]]:
     return [(0.0, False)]
 
 
-def _bounds(margin: Array, rate: Array, alpha: Array) -> tuple[Array, Array]:
-    """Per row: the piece [lo, hi] on which every margin + (α − α_p)·rate stays ≥ 0.
-
-    margin, rate (P, M) float64 (margin ≥ 0), alpha (P,)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        fwd = np.where(rate < 0, margin / -rate, np.inf).min(axis=1, initial=np.inf)
-        bwd = np.where(rate > 0, margin / rate, np.inf).min(axis=1, initial=np.inf)
-    return alpha - bwd, alpha + fwd
-
-
 def _probe(explainer: Explainer, x0: Array, d: Array, owner: Array, alpha: Array) -> tuple[Array, Array, list[bytes]]:
     """Record at x₀ + α d for each row and return the row's piece [lo, hi] (clipped to
     [0, 1]) and its activation-pattern key."""
+    from . import kernels  # numba: imported on first use
     from .rules.pooling import _geometry, _window_index
 
     eng, ir = explainer.engine, explainer.ir
@@ -298,8 +289,6 @@ def _probe(explainer: Explainer, x0: Array, d: Array, owner: Array, alpha: Array
     pts = (x0[owner].astype(np.float64) + alpha.reshape(shp) * d[owner]).astype(x0.dtype)
     rec, values = record_rows(explainer, pts, preactivations=True)
     env = eng.tangent_env(d[owner][None].astype(eng.dtype), rec)
-    from . import kernels  # numba: imported on first use
-
     lo = np.zeros(P)
     hi = np.ones(P)
     for node in eng.gate_nodes:

@@ -23,8 +23,6 @@ from .rules import RULES, Ctx
 from .rules.elementwise import Gate, GateState
 
 Array = np.ndarray
-#: A hook sees the cotangents (m, n, *s) arriving at a node's first output and returns them
-#: (possibly masked) before the node's offset and transpose are applied.
 
 
 @dataclass(frozen=True)
@@ -35,6 +33,9 @@ class Through:
     cotangent: Array
 
 
+#: A hook sees the cotangents (m, n, *s) arriving at a node's first output and returns them
+#: (possibly masked) before the node's offset and transpose are applied, or, at a gate, a
+#: :class:`Through` that replaces the gate's transpose.
 Hook = Callable[[Node, Array], "Array | Through"]
 InputHook = Callable[[Any, Array], Array]
 

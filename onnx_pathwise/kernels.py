@@ -1,7 +1,8 @@
 """Compiled inner loops (numba) for the parts of the sweep that numpy does in many passes.
 
-Imported lazily by :mod:`onnx_pathwise.pathwise` (numba's import and the first compilation
-cost a second; compiled code is cached on disk, next to this file or in the user's cache).
+Imported on first use (by the pathwise selection, the max-pool rules and exact Integrated
+Gradients): numba's import costs a second and the first compilation a few more; compiled code
+is cached on disk, next to this file or in the user's cache directory.
 
 ``unit_excess`` scores the units of one path layer for one sample (DESIGN §4): the excess
 e = log(K·P) = C_c − log(mean_k exp C_k) of each unit, P = softmax_k(C)[c], C_k = h·J_k, in
