@@ -148,6 +148,16 @@ def keep_units(g, mask, slope):  # type: ignore[no-untyped-def]  # pragma: no co
     return out
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _reach(m, rate, fwd, bwd):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """How far α may move forward (fwd) and back (bwd) before margin m + Δα·rate turns negative."""
+    if rate < 0.0:
+        fwd = min(fwd, m / -rate)
+    elif rate > 0.0:
+        bwd = min(bwd, m / rate)
+    return fwd, bwd
+
+
 @njit(cache=True, nogil=True)
 def gate_piece(z, dz, kink, up, alpha, lo, hi):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
     """Tighten each row's piece [lo, hi] of the segment (exact Integrated Gradients) so that no
@@ -161,12 +171,7 @@ def gate_piece(z, dz, kink, up, alpha, lo, hi):  # type: ignore[no-untyped-def] 
             zz = np.float64(z[r, j])
             above = zz >= kink if up else zz > kink
             side = 1.0 if above else -1.0
-            m = max(side * (zz - kink), 0.0)
-            rate = side * np.float64(dz[r, j])
-            if rate < 0.0:
-                fwd = min(fwd, m / -rate)
-            elif rate > 0.0:
-                bwd = min(bwd, m / rate)
+            fwd, bwd = _reach(max(side * (zz - kink), 0.0), side * np.float64(dz[r, j]), fwd, bwd)
         lo[r] = max(lo[r], alpha[r] - bwd)
         hi[r] = min(hi[r], alpha[r] + fwd)
 
@@ -194,11 +199,6 @@ def window_piece(v, dv, table, size, argmax, alpha, lo, hi):  # type: ignore[no-
                     e = c * size + t
                     if e == w:
                         continue
-                    m = max(vw - np.float64(v[r, e]), 0.0)
-                    rate = dw - np.float64(dv[r, e])
-                    if rate < 0.0:
-                        fwd = min(fwd, m / -rate)
-                    elif rate > 0.0:
-                        bwd = min(bwd, m / rate)
+                    fwd, bwd = _reach(max(vw - np.float64(v[r, e]), 0.0), dw - np.float64(dv[r, e]), fwd, bwd)
         lo[r] = max(lo[r], alpha[r] - bwd)
         hi[r] = min(hi[r], alpha[r] + fwd)
