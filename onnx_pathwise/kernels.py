@@ -22,6 +22,8 @@ log K round-off near P = 1/K.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from numba import njit
@@ -29,7 +31,21 @@ from numba import njit
 _SERIES_LIMIT = 2.0**-10
 
 
-@njit(cache=True, nogil=True)
+def _compiled(**options: Any) -> Callable[[Callable[..., Any]], Any]:
+    """numba's njit with an on-disk cache where there is a writable place for one (beside this
+    file, or the user's cache directory); without one numba refuses ``cache=True`` at import,
+    so the kernels then compile once per process instead."""
+
+    def wrap(fn: Callable[..., Any]) -> Any:
+        try:
+            return njit(cache=True, nogil=True, **options)(fn)
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            return njit(nogil=True, **options)(fn)
+
+    return wrap
+
+
+@_compiled()
 def unit_excess(h, J, c, idx, out):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
     """Units with e > 0 for one sample: h (u,), J (K, u) any strides, c the target row.
 
@@ -91,7 +107,7 @@ def unit_excess(h, J, c, idx, out):  # type: ignore[no-untyped-def]  # pragma: n
     return n
 
 
-@njit(cache=True, nogil=True)
+@_compiled()
 def scatter_add(g, argmax, size):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
     """The max-pool adjoint: dx (m, n, size) with dx[r, i, argmax[i, p]] += g[r, i, p]."""
     m, n, P = g.shape
@@ -103,7 +119,7 @@ def scatter_add(g, argmax, size):  # type: ignore[no-untyped-def]  # pragma: no 
     return dx
 
 
-@njit(cache=True, nogil=True)
+@_compiled()
 def window_argmax(x, table):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
     """Max-pool routing: x (N, C, S) flattened spatial, table (P, W) the flat index of each
     window's elements (-1 in padding) → (N, C, P) the flat index of each window's first
@@ -124,7 +140,7 @@ def window_argmax(x, table):  # type: ignore[no-untyped-def]  # pragma: no cover
     return arg
 
 
-@njit(cache=True, nogil=True)
+@_compiled()
 def keep_units(g, mask, slope):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
     """g (K, n, u) times ``slope`` (n, u) on the units of ``mask`` (n, u), zero elsewhere, as a
     new array: the kept entries written into zeros, cheaper than a multiply when few are kept."""
@@ -148,7 +164,7 @@ def keep_units(g, mask, slope):  # type: ignore[no-untyped-def]  # pragma: no co
     return out
 
 
-@njit(cache=True, nogil=True, inline="always")
+@_compiled(inline="always")
 def _reach(m, rate, fwd, bwd):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
     """How far α may move forward (fwd) and back (bwd) before margin m + Δα·rate turns negative."""
     if rate < 0.0:
@@ -158,7 +174,7 @@ def _reach(m, rate, fwd, bwd):  # type: ignore[no-untyped-def]  # pragma: no cov
     return fwd, bwd
 
 
-@njit(cache=True, nogil=True)
+@_compiled()
 def gate_piece(z, dz, kink, up, alpha, lo, hi):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
     """Tighten each row's piece [lo, hi] of the segment (exact Integrated Gradients) so that no
     gate unit crosses ``kink``: z (P, U) pre-activations at α (P,), dz (P, U) their rates along
@@ -176,7 +192,7 @@ def gate_piece(z, dz, kink, up, alpha, lo, hi):  # type: ignore[no-untyped-def] 
         hi[r] = min(hi[r], alpha[r] + fwd)
 
 
-@njit(cache=True, nogil=True)
+@_compiled()
 def window_piece(v, dv, table, size, argmax, alpha, lo, hi):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
     """Likewise for max-pool windows: no other element of a window overtakes its recorded
     maximum. v, dv (P, C·size) the pooled input and its rates, table (Pout, W) each window's

@@ -449,3 +449,24 @@ def test_audit_reports_a_hostile_model_without_running_it(tmp_path: Path, no_onn
     assert result.exit_code == 1, result.output
     assert "FAIL" in result.stdout and "f29" in result.stdout
     assert no_onnxruntime == []
+
+
+def test_kernels_compile_without_a_writable_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """numba refuses cache=True when no cache location is writable (a read-only install and no
+    home directory): the kernels then compile without the on-disk cache instead of failing."""
+    from onnx_pathwise import kernels
+
+    real = kernels.njit
+
+    def no_cache(**options):  # type: ignore[no-untyped-def]
+        if options.get("cache"):
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'x.py'")
+        return real(**options)
+
+    monkeypatch.setattr(kernels, "njit", no_cache)
+
+    @kernels._compiled()
+    def twice(a):  # type: ignore[no-untyped-def]
+        return 2 * a
+
+    assert twice(np.arange(3)).tolist() == [0, 2, 4]
