@@ -1,0 +1,101 @@
+"""The memory budget: how much one command or API call may allocate for its own arrays.
+
+Everything that can grow with an option or a model's declared sizes (IG steps, class chunks,
+radius tangents, batch chunks) estimates its peak first and either runs in pieces that fit
+:func:`memory_budget` or refuses with the estimate (:func:`check_fits`), so that a request is
+never killed by the kernel.
+
+The budget is, in order: what :func:`set_memory_budget` set (the CLI's ``--memory-budget``),
+else the ``ONNX_PATHWISE_MEMORY_BUDGET`` environment variable, else
+:data:`DEFAULT_FRACTION` of the memory available now (``MemAvailable``).
+
+>>> parse_size("512M"), parse_size("1.5GiB"), parse_size("1000")
+(536870912, 1610612736, 1000)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+from .errors import PathwiseError
+
+ENV_VAR = "ONNX_PATHWISE_MEMORY_BUDGET"
+#: Share of the memory available at start that a run may use by default.
+DEFAULT_FRACTION = 0.5
+#: Never plan with less than this, whatever the machine reports.
+MIN_BUDGET = 64 * 2**20
+_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_override: int | None = None
+
+
+class BudgetError(PathwiseError):
+    """A request would need more memory than the budget allows (exit code 2, a usage error:
+    ask for less, or raise the budget)."""
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``"4G"``, ``"512MiB"``, ``"1.5g"`` or a plain number of bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = float(text)
+        unit = ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([KMGTkmgt]?)(?:i?[Bb])?\s*", str(text))
+        if not m:
+            raise PathwiseError(f"memory budget {text!r} is not a size such as 4G, 512M or 1000000")
+        value, unit = float(m.group(1)), m.group(2).upper()
+    nbytes = value * _UNITS[unit]
+    if not math.isfinite(nbytes) or nbytes < MIN_BUDGET:
+        raise PathwiseError(f"memory budget {text!r} is below the minimum of {MIN_BUDGET // 2**20} MiB")
+    return int(nbytes)
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (Linux ``MemAvailable``; elsewhere physical memory)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (OSError, ValueError, AttributeError):
+        return 4 * 2**30
+
+
+def set_memory_budget(size: str | int | None) -> None:
+    """Set the budget for this process (``None``: back to the environment or the default)."""
+    global _override
+    _override = None if size is None else parse_size(size)
+
+
+def memory_budget() -> int:
+    """Bytes one call may allocate for its own arrays."""
+    if _override is not None:
+        return _override
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return parse_size(env)
+    return max(MIN_BUDGET, int(available_memory() * DEFAULT_FRACTION))
+
+
+def format_bytes(n: float) -> str:
+    """``1.5 GiB``-style text for messages."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def check_fits(estimate: float, what: str) -> None:
+    """Refuse ``what`` with its estimate when it would not fit the memory budget."""
+    budget = memory_budget()
+    if not math.isfinite(estimate) or estimate > budget:
+        raise BudgetError(
+            f"{what} would need about {format_bytes(estimate)}, more than the memory budget of "
+            f"{format_bytes(budget)} (set --memory-budget or {ENV_VAR} to allow more)"
+        )
