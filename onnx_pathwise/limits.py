@@ -9,8 +9,8 @@ The budget is, in order: what :func:`set_memory_budget` set (the CLI's ``--memor
 else the ``ONNX_PATHWISE_MEMORY_BUDGET`` environment variable, else
 :data:`DEFAULT_FRACTION` of the memory available now (``MemAvailable``).
 
->>> parse_size("512M"), parse_size("1.5GiB"), parse_size("1000")
-(536870912, 1610612736, 1000)
+>>> parse_size("512M"), parse_size("1.5GiB"), parse_size("100000000")
+(536870912, 1610612736, 100000000)
 """
 
 from __future__ import annotations
