@@ -1,0 +1,207 @@
+"""Real-size models (224², random weights) side by side with the PyTorch references (issue 13).
+
+For each model, head size K and batch b, in one process, ours and the reference timed in turn,
+round after round (median of ``--repeat``), so drift of a shared machine cancels out of the ratios:
+
+* ``grad``     — ours ``attribute(x, "gradient")`` ÷ torch autograd of the target logit;
+* ``ig32``     — ours ``attribute(x, "integrated_gradients", steps=32)`` ÷ Captum
+  ``IntegratedGradients(method="riemann_middle", n_steps=32)`` (the same 32 midpoints; a
+  hand-written torch loop over the same points when Captum is not installed);
+* ``unwrap``   — ours ``attribute(x, "unwrap")`` (the top class's row of W_x) ÷ torch autograd;
+* ``pathwise`` — ours full-depth ``explain`` ÷ the limit: onnxruntime's forward pass of the batch
+  times (1 + K) (DESIGN §6: 1 + K forward-equivalents; measured once per round on b rows and
+  scaled, since running 1,001 forwards of a ResNet-50 per round would dominate the run);
+* ``rss``      — peak RSS of ours and the reference for IG-32, each in its own subprocess;
+* ``cli``      — a warm ``python -m onnx_pathwise explain`` ÷ the same explanation through the API,
+  and its breakdown (imports, load and analysis, explain, writing).
+
+    python benchmarks/realsize.py --models resnet18 [--classes 10] [--batch 1] [--repeat 3]
+    python benchmarks/realsize.py            # the full set (hours on a 2-core machine)
+
+Prints one table; paste it into benchmarks/README.md with the machine and thread counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+import archs  # noqa: E402
+
+from onnx_pathwise import Explainer  # noqa: E402
+
+
+def _captum_ig(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    try:
+        from captum.attr import IntegratedGradients
+    except ImportError:  # the same 32 midpoints by hand
+        total = torch.zeros_like(x)
+        for s in range(32):
+            xi = (x * (s + 0.5) / 32).requires_grad_(True)
+            model(xi).gather(1, target[:, None]).sum().backward()
+            total += xi.grad
+        return total * x / 32
+    return IntegratedGradients(model).attribute(x, target=target, n_steps=32, method="riemann_middle",
+                                                internal_batch_size=max(1, x.shape[0]))
+
+
+def _torch_grad(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    xi = x.clone().requires_grad_(True)
+    model(xi).gather(1, target[:, None]).sum().backward()
+    return xi.grad
+
+
+def _median_pair(ours: Callable[[], Any], ref: Callable[[], Any], repeat: int) -> tuple[float, float]:
+    ours(), ref()  # warm-up: kernel compilation, caches, allocator
+    a, b = [], []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        ours()
+        a.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        ref()
+        b.append(time.perf_counter() - t)
+    return statistics.median(a), statistics.median(b)
+
+
+def _child_rss(args: list[str]) -> float:
+    """Peak RSS in MiB of ``realsize.py --child ...`` run in its own process."""
+    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def child(kind: str, model_path: str, torch_spec: str, batch: int) -> None:
+    """One measured job in this process; prints its peak RSS in MiB."""
+    x = np.random.default_rng(1).normal(size=(batch, 3, 224, 224)).astype(np.float32)
+    if kind == "ours":
+        ex = Explainer(model_path, device="cpu")
+        ex.attribute(x, "integrated_gradients", steps=32)
+    else:
+        name, classes = torch_spec.split(":")
+        model = archs.build(name, int(classes))
+        xt = torch.from_numpy(x)
+        target = model(xt).argmax(1)
+        _captum_ig(model, xt, target)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def cli_overhead(model_path: str, x_path: str, out: Path, repeat: int) -> dict[str, float]:
+    """Warm CLI explain against the API, and where the CLI's time goes."""
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent))
+    cmd = [sys.executable, "-m", "onnx_pathwise", "explain", model_path, x_path, "--out", str(out),
+           "--force", "--device", "cpu", "--no-png"]
+    subprocess.run(cmd, env=env, capture_output=True, check=True)  # warm: kernel caches on disk
+    cli = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        subprocess.run(cmd, env=env, capture_output=True, check=True)
+        cli.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import onnx_pathwise.cli"], env=env, check=True)
+    imports = time.perf_counter() - t
+    t = time.perf_counter()
+    ex = Explainer(model_path, device="cpu")
+    load = time.perf_counter() - t
+    x = np.load(x_path)
+    t = time.perf_counter()
+    e = ex.explain(x)
+    api = time.perf_counter() - t
+    from onnx_pathwise.io import save_npz
+    t = time.perf_counter()
+    save_npz(out / "api.npz", {"attribution": e.attribution})
+    write = time.perf_counter() - t
+    c = statistics.median(cli)
+    return {"cli": c, "api": load + api, "imports": imports, "load": load, "explain": api, "write_npz": write,
+            "cli_minus_api": c - (load + api)}
+
+
+def run(names: list[str], classes: list[int], batches: list[int], repeat: int, what: set[str]) -> list[dict[str, Any]]:
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            for K in classes:
+                model = archs.build(name, K)
+                path = str(Path(tmp) / f"{name}_{K}.onnx")
+                onnx.save(archs.export(model), path)
+                ex = Explainer(path, device="cpu")
+                for b in batches:
+                    x = np.random.default_rng(1).normal(size=(b, 3, 224, 224)).astype(np.float32)
+                    xt = torch.from_numpy(x)
+                    with torch.no_grad():
+                        target = model(xt).argmax(1)
+                    row: dict[str, Any] = {"model": name, "K": K, "batch": b}
+                    if "grad" in what:
+                        o, r = _median_pair(lambda: ex.attribute(x, "gradient"),
+                                            lambda: _torch_grad(model, xt, target), repeat)
+                        row["grad"] = o / r
+                    if "unwrap" in what:
+                        o, r = _median_pair(lambda: ex.attribute(x, "unwrap"),
+                                            lambda: _torch_grad(model, xt, target), repeat)
+                        row["unwrap"] = o / r
+                    if "ig32" in what:
+                        o, r = _median_pair(lambda: ex.attribute(x, "integrated_gradients", steps=32),
+                                            lambda: _captum_ig(model, xt, target), repeat)
+                        row["ig32"] = o / r
+                    if "pathwise" in what:
+                        rec = ex._recorder_for(False)
+                        o, r = _median_pair(lambda: ex.explain(x), lambda: rec.run(x), repeat)
+                        row["pathwise"] = o / (r * (1 + K))
+                        row["pathwise_s"] = o
+                    if "rss" in what:
+                        ours = _child_rss(["ours", path, f"{name}:{K}", str(b)])
+                        ref = _child_rss(["ref", path, f"{name}:{K}", str(b)])
+                        row["rss_ig32"] = f"{ours:.0f} / {ref:.0f} MiB ({ours / ref:.2f})"
+                    if "cli" in what:
+                        xp = Path(tmp) / "x.npy"
+                        np.save(xp, x)
+                        row["cli"] = cli_overhead(path, str(xp), Path(tmp) / "out", repeat)
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+    return rows
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+        return
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(archs.ARCHS))
+    p.add_argument("--classes", default="1,10,1000")
+    p.add_argument("--batch", default="1,8")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--what", default="grad,unwrap,ig32,pathwise,rss,cli")
+    a = p.parse_args()
+    rows = run(a.models.split(","), [int(k) for k in a.classes.split(",")], [int(b) for b in a.batch.split(",")],
+               a.repeat, set(a.what.split(",")))
+    print(f"\nmachine: {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    cols = [c for c in ("grad", "unwrap", "ig32", "pathwise", "rss_ig32") if any(c in r for r in rows)]
+    print("| model | K | batch | " + " | ".join(cols) + " |")
+    print("|---" * (3 + len(cols)) + "|")
+    for r in rows:
+        vals = [f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
+        print(f"| {r['model']} | {r['K']} | {r['batch']} | " + " | ".join(vals) + " |")
+    for r in rows:
+        if "cli" in r:
+            print(f"cli {r['model']} K={r['K']} b={r['batch']}: " + ", ".join(f"{k} {v:.2f}s" for k, v in r["cli"].items()))
+
+
+if __name__ == "__main__":
+    main()
