@@ -132,6 +132,42 @@ def cli_overhead(model_path: str, x_path: str, out: Path, repeat: int) -> dict[s
             "cli_minus_api": c - (load + api)}
 
 
+def measure(ex: Explainer, model: torch.nn.Module, x: np.ndarray, path: str, name: str, K: int, repeat: int,
+            what: set[str], tmp: Path) -> dict[str, Any]:
+    """One row of the table: the chosen comparisons for one model, head and batch."""
+    b = x.shape[0]
+    xt = torch.from_numpy(x)
+    with torch.no_grad():
+        target = model(xt).argmax(1)
+    row: dict[str, Any] = {"model": name, "K": K, "batch": b}
+    if "grad" in what:
+        o, r = _median_pair(lambda: ex.attribute(x, "gradient"),
+                            lambda: _torch_grad(model, xt, target), repeat)
+        row["grad"] = o / r
+    if "unwrap" in what:
+        o, r = _median_pair(lambda: ex.attribute(x, "unwrap"),
+                            lambda: _torch_grad(model, xt, target), repeat)
+        row["unwrap"] = o / r
+    if "ig32" in what:
+        o, r = _median_pair(lambda: ex.attribute(x, "integrated_gradients", steps=32),
+                            lambda: _captum_ig(model, xt, target), repeat)
+        row["ig32"] = o / r
+    if "pathwise" in what:
+        rec = ex._recorder_for(False)
+        o, r = _median_pair(lambda: ex.explain(x), lambda: rec.run(x), repeat)
+        row["pathwise"] = o / (r * (1 + K))
+        row["pathwise_s"] = o
+    if "rss" in what:
+        ours = _child_rss(["ours", path, f"{name}:{K}", str(b)])
+        ref = _child_rss(["ref", path, f"{name}:{K}", str(b)])
+        row["rss_ig32"] = f"{ours:.0f} / {ref:.0f} MiB ({ours / ref:.2f})"
+    if "cli" in what:
+        xp = tmp / "x.npy"
+        np.save(xp, x)
+        row["cli"] = cli_overhead(path, str(xp), tmp / "out", repeat)
+    return row
+
+
 def run(names: list[str], classes: list[int], batches: list[int], repeat: int, what: set[str]) -> list[dict[str, Any]]:
     torch.set_num_threads(os.cpu_count() or 1)
     rows = []
@@ -144,35 +180,7 @@ def run(names: list[str], classes: list[int], batches: list[int], repeat: int, w
                 ex = Explainer(path, device="cpu")
                 for b in batches:
                     x = np.random.default_rng(1).normal(size=(b, 3, 224, 224)).astype(np.float32)
-                    xt = torch.from_numpy(x)
-                    with torch.no_grad():
-                        target = model(xt).argmax(1)
-                    row: dict[str, Any] = {"model": name, "K": K, "batch": b}
-                    if "grad" in what:
-                        o, r = _median_pair(lambda: ex.attribute(x, "gradient"),
-                                            lambda: _torch_grad(model, xt, target), repeat)
-                        row["grad"] = o / r
-                    if "unwrap" in what:
-                        o, r = _median_pair(lambda: ex.attribute(x, "unwrap"),
-                                            lambda: _torch_grad(model, xt, target), repeat)
-                        row["unwrap"] = o / r
-                    if "ig32" in what:
-                        o, r = _median_pair(lambda: ex.attribute(x, "integrated_gradients", steps=32),
-                                            lambda: _captum_ig(model, xt, target), repeat)
-                        row["ig32"] = o / r
-                    if "pathwise" in what:
-                        rec = ex._recorder_for(False)
-                        o, r = _median_pair(lambda: ex.explain(x), lambda: rec.run(x), repeat)
-                        row["pathwise"] = o / (r * (1 + K))
-                        row["pathwise_s"] = o
-                    if "rss" in what:
-                        ours = _child_rss(["ours", path, f"{name}:{K}", str(b)])
-                        ref = _child_rss(["ref", path, f"{name}:{K}", str(b)])
-                        row["rss_ig32"] = f"{ours:.0f} / {ref:.0f} MiB ({ours / ref:.2f})"
-                    if "cli" in what:
-                        xp = Path(tmp) / "x.npy"
-                        np.save(xp, x)
-                        row["cli"] = cli_overhead(path, str(xp), Path(tmp) / "out", repeat)
+                    row = measure(ex, model, x, path, name, K, repeat, what, Path(tmp))
                     print(json.dumps(row), flush=True)
                     rows.append(row)
     return rows
