@@ -352,21 +352,96 @@ def _elem_type(vi: onnx.ValueInfoProto) -> int:
     return vi.type.tensor_type.elem_type if vi.type.HasField("tensor_type") else 0
 
 
+#: Ops whose value is random: never folded, whatever they read.
+_RANDOM_OPS = frozenset(
+    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+)
+
+
+def _outer_reads(graph: onnx.GraphProto) -> set[str]:
+    """Names a subgraph reads from the scopes around it: used by one of its nodes (or nested
+    subgraphs, at any depth) or returned as one of its outputs, but defined neither as its input,
+    its initializer nor a node output inside it. onnxruntime resolves such a name in the nearest
+    enclosing graph that defines it; a local definition shadows an outer one."""
+    defined = {vi.name for vi in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.values.name for t in graph.sparse_initializer}
+    defined |= {o for n in graph.node for o in n.output}
+    reads = {o.name for o in graph.output}
+    for node in graph.node:
+        reads.update(node.input)
+        for g in _subgraphs(node):
+            reads |= _outer_reads(g)
+    reads.discard("")
+    return reads - defined
+
+
+def _node_reads(node: onnx.NodeProto) -> list[str]:
+    """Every tensor a node reads: its inputs, then the outer-scope names its subgraphs read."""
+    subgraphs = _subgraphs(node)
+    if not subgraphs:
+        return [i for i in node.input if i]
+    outer: set[str] = set()
+    for g in subgraphs:
+        outer |= _outer_reads(g)
+    inputs = [i for i in node.input if i]
+    return inputs + sorted(outer - set(inputs))
+
+
+def _is_random(node: onnx.NodeProto) -> bool:
+    """A random op, or control flow with one anywhere in its subgraphs."""
+    if node.op_type in _RANDOM_OPS:
+        return True
+    return any(_is_random(n) for g in _subgraphs(node) for n in g.node)
+
+
+def _duplicate_name(graph: onnx.GraphProto) -> str:
+    """Why the graph defines a value name twice (empty when it does not).
+
+    onnxruntime refuses a graph input listed twice and a node output that repeats another node
+    output, an initializer or a graph input; it silently takes the *last* of two initializers
+    with one name, and a Constant node over an initializer of the same name. Each is refused
+    here, so that the model is never analysed with one value and run with another. An
+    initializer that is also a graph input (an overridable default, IR ≥ 4; every initializer
+    in IR 3) is legal: it is not fed, so onnxruntime uses the initializer, as the analysis does.
+    """
+    seen: dict[str, str] = {}
+    for vi in graph.input:
+        if vi.name in seen:
+            return f"graph input {vi.name!r} is listed twice"
+        seen[vi.name] = "a graph input"
+    inits: set[str] = set()
+    for t in list(graph.initializer) + [s.values for s in graph.sparse_initializer]:
+        if t.name in inits:
+            return f"two initializers are named {t.name!r}"
+        inits.add(t.name)
+        seen.setdefault(t.name, "an initializer")
+    for node in graph.node:
+        for o in node.output:
+            if not o:
+                continue
+            if o in seen:
+                return (f"node {node.name or '<unnamed>'!r} ({node.op_type}) writes {o!r}, a name "
+                        f"already defined by {seen[o]}")
+            seen[o] = f"node {node.name or '<unnamed>'!r} ({node.op_type})"
+    return ""
+
+
 def _topological(nodes: Sequence[onnx.NodeProto], known: set[str]) -> list[onnx.NodeProto]:
-    """Kahn's order that keeps the file order where it is already valid."""
+    """Kahn's order that keeps the file order where it is already valid. A node waits for
+    everything it reads, including the outer-scope names its subgraphs read."""
     ready = set(known)
-    pending = list(nodes)
+    pending = [(n, _node_reads(n)) for n in nodes]
     order: list[onnx.NodeProto] = []
     while pending:
         rest = []
-        for n in pending:
-            if all(i == "" or i in ready for i in n.input):
+        for n, reads in pending:
+            if all(i in ready for i in reads):
                 order.append(n)
                 ready.update(n.output)
             else:
-                rest.append(n)
+                rest.append((n, reads))
         if len(rest) == len(pending):
-            missing = sorted({i for n in rest for i in n.input if i and i not in ready})
+            missing = sorted({i for _, reads in rest for i in reads if i not in ready})
             raise ModelError(f"graph is not a DAG or reads undefined tensors: {missing[:5]}")
         pending = rest
     return order
@@ -480,6 +555,10 @@ def _analyse(
         if n_bytes > MAX_CONSTANT_BYTES:
             raise ModelError(f"initializer {t.name!r} claims {n_bytes / 2**30:.1f} GiB")
 
+    duplicate = _duplicate_name(graph)
+    if duplicate:
+        raise ModelError(duplicate)
+
     # 1. the data input
     candidates = [vi for vi in graph.input if vi.name not in inits]
     if input_name is not None:
@@ -538,12 +617,13 @@ def _analyse(
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             kind[node.output[0]] = CONST
             continue
-        ins = [kind[i] for i in node.input if i]
+        # a node is constant only if all it reads is: its subgraphs' outer-scope reads count
+        ins = [kind[i] for i in _node_reads(node)]
         if node.op_type in ("Shape", "Size"):
             k = SHAPE_KIND if ins and ins[0] != CONST else CONST
         else:
             k = max(ins, default=CONST)
-            if node.op_type in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"):
+            if _is_random(node):
                 k = DATA
         for o in node.output:
             if o:
@@ -551,8 +631,10 @@ def _analyse(
 
     # 3. the explained output, terminal ops peeled
     peeled: list[str] = []
+    chains: dict[str, list[onnx.NodeProto]] = {}  # output name → the terminal nodes peeled below it
 
     def peel(t: str) -> str:
+        chain = chains[t] = []
         while t in producer:
             # pass-throughs above a terminal op (skl2onnx: probabilities = Identity(Softmax))
             # are post-processing too; elsewhere they stay in the cone
@@ -569,6 +651,7 @@ def _analyse(
             if not terminal or len(data_ins) != 1:
                 break
             peeled.append(p.op_type)
+            chain.append(p)
             t = data_ins[0]
         return t
 
@@ -606,6 +689,9 @@ def _analyse(
         explained, source_output = next(iter(found.items()))
     if kind.get(explained) != DATA:
         raise ModelError(f"output {explained!r} does not depend on input {in_vi.name!r}")
+    # peeled normalisers, checked against the recorded shapes after the probe run
+    heads = [p for p in chains[source_output]
+             if p.op_type in ("Softmax", "LogSoftmax") and p.domain in ("", "ai.onnx")]
 
     # 4. the cone: data nodes that the explained output reads, back to the input
     needed: set[str] = {explained}
@@ -614,8 +700,8 @@ def _analyse(
         if not any(o in needed for o in node.output):
             continue
         cone_nodes.append(node)
-        for i in node.input:
-            if i and kind.get(i) == DATA:
+        for i in _node_reads(node):
+            if kind.get(i) == DATA:
                 needed.add(i)
     cone_nodes.reverse()
     if in_vi.name not in needed and explained != in_vi.name:
@@ -627,9 +713,14 @@ def _analyse(
         domain = node.domain or ""
         v = _opset(model, domain) if domain not in ("", "ai.onnx") else opset
         where = f"{node.name or '<unnamed>'} ({node.op_type}, {'opset ' if not domain or domain == 'ai.onnx' else domain + ' opset '}{v})"
-        unfed = [i for i in node.input if i in other_inputs]
+        unfed = [i for i in _node_reads(node) if i in other_inputs]
         if unfed:
             problems.append(f"{where}: reads graph input(s) {unfed} that are not explained")
+        if _subgraphs(node):
+            computed = [i for i in _node_reads(node) if kind.get(i) == DATA]
+            problems.append(f"{where}: control flow whose result depends on the input is not supported "
+                            f"(it reads {computed}; only control flow on constants is folded)")
+            continue
         if domain not in ("", "ai.onnx") or node.op_type not in SUPPORTED_OPS:
             reason = "not piecewise linear" if node.op_type in _NONLINEAR else "not supported"
             if node.op_type in TERMINAL_OPS:
@@ -656,6 +747,7 @@ def _analyse(
     to_fetch = [t for t in const_needed if t not in consts] + [
         t for t in data_tensors if t != in_vi.name
     ]
+    to_fetch += [p.input[0] for p in heads if p.input[0] != in_vi.name]
     elem = _elem_type(in_vi)
     np_dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
     feed_shape = tuple(1 if d < 0 else d for d in in_shape)
@@ -672,6 +764,14 @@ def _analyse(
         if arr.ndim == 0 or arr.shape[0] != 1:
             raise ModelError(f"tensor {t!r} does not keep the batch axis first (shape {arr.shape})")
         shapes[t] = tuple(int(d) for d in arr.shape[1:])
+    problems = []
+    for p in heads:
+        head_shape = feed_shape if p.input[0] == in_vi.name else np.shape(values[p.input[0]])
+        problem = _normaliser_problem(p, opset, tuple(int(d) for d in head_shape))
+        if problem:
+            problems.append(f"{p.name or '<unnamed>'} ({p.op_type}, opset {opset}): {problem}")
+    if problems:
+        raise UnsupportedModelError(problems, list(SUPPORTED_OPS))
 
     # 6. IR nodes with canonical attributes and roles
     ir_nodes: list[Node] = []
@@ -728,6 +828,28 @@ _NONLINEAR = frozenset(
         "Round", "Floor", "Ceil", "Sign", "Reciprocal", "Neg",
     }
 )
+
+
+def _normaliser_problem(node: onnx.NodeProto, opset: int, shape: tuple[int, ...]) -> str:
+    """Why a terminal Softmax/LogSoftmax over a tensor of ``shape`` (batch axis first) is not a
+    per-sample classifier head (empty when it is one): it must normalise over exactly the
+    sample's scores — every non-batch axis longer than 1 — and never over the batch axis.
+    Softmax-13 normalises over its one ``axis`` (default -1); older versions coerce the input to
+    2-D at ``axis`` (default 1) and normalise over every axis from ``axis`` on."""
+    rank = len(shape)
+    axis = next((int(a.i) for a in node.attribute if a.name == "axis"), -1 if opset >= 13 else 1)
+    shown = "(" + ", ".join(["N", *map(str, shape[1:])]) + ")"
+    if not -rank <= axis < rank:
+        return f"axis {axis} is out of range for its input of shape {shown}"
+    normalised = {axis % rank} if opset >= 13 else set(range(axis % rank, rank))
+    if 0 in normalised:
+        return (f"normalises over the batch axis (axis {axis} of its input, shape {shown}): not a "
+                "per-sample classifier head")
+    classes = {i for i in range(1, rank) if shape[i] != 1}
+    if {i for i in normalised if shape[i] != 1} != classes:
+        return (f"normalises over axis {axis} of its input (shape {shown}), not over all of a "
+                "sample's scores: not a per-sample classifier head")
+    return ""
 
 
 def _structural_problem(node: onnx.NodeProto, n_data: int, kind: Mapping[str, int]) -> str:
