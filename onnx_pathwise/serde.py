@@ -700,9 +700,9 @@ def _analyse(
         if not any(o in needed for o in node.output):
             continue
         cone_nodes.append(node)
-        for i in _node_reads(node):
-            if kind.get(i) == DATA:
-                needed.add(i)
+        for read in _node_reads(node):
+            if kind.get(read) == DATA:
+                needed.add(read)
     cone_nodes.reverse()
     if in_vi.name not in needed and explained != in_vi.name:
         raise ModelError(f"output {explained!r} does not depend on input {in_vi.name!r}")
