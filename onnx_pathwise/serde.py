@@ -856,8 +856,9 @@ def _analyse(
             problems.append(f"{where}: reads graph input(s) {unfed} that are not explained")
         if _subgraphs(node):
             computed = [i for i in _node_reads(node) if kind.get(i) == DATA]
+            why = f"it reads {computed}" if computed else "a subgraph draws random numbers"
             problems.append(f"{where}: control flow whose result depends on the input is not supported "
-                            f"(it reads {computed}; only control flow on constants is folded)")
+                            f"({why}; only control flow on constants is folded)")
             continue
         if domain not in ("", "ai.onnx") or node.op_type not in SUPPORTED_OPS:
             reason = "not piecewise linear" if node.op_type in _NONLINEAR else "not supported"
