@@ -9,16 +9,19 @@ three ways: the oracle, onnxruntime on the rewritten model, and our unwrap W_x x
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper, version_converter
+from typer.testing import CliRunner
 
 from onnx_pathwise import Explainer, runtime, serde
+from onnx_pathwise.cli import app
 from onnx_pathwise.errors import ModelError
 
-ROOT_SAMPLES = __import__("pathlib").Path(__file__).resolve().parents[1] / "samples"
+ROOT_SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
 
 def legacy_broadcast(a: np.ndarray, b: np.ndarray, axis: int | None) -> np.ndarray:
@@ -151,6 +154,18 @@ def test_broadcast_that_does_not_fit_is_refused() -> None:
     model, _ = _broadcast_model("Add", (3, 4, 5), 2)  # runs past A's last axis
     with pytest.raises(ModelError, match=r"legacy_op.*does not fit A of rank 4 from axis 2"):
         Explainer(model, device="cpu")
+
+
+def test_broadcast_that_does_not_fit_exits_3(tmp_path: Path) -> None:
+    model, _ = _broadcast_model("Add", (4,), 1)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    np.save(tmp_path / "x.npy", np.zeros((1, 3, 4, 5), np.float32))
+    result = CliRunner().invoke(app, ["unwrap", str(tmp_path / "m.onnx"), str(tmp_path / "x.npy"),
+                                      "--out", str(tmp_path / "u.npz"), "--device", "cpu"])
+    assert result.exit_code == ModelError.exit_code
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("onnx-pathwise: error: ")
+    assert "'legacy_op' (Add, broadcast=1, axis=1)" in lines[0] and not (tmp_path / "u.npz").exists()
 
 
 def test_rewrite_is_a_no_op_for_new_opsets() -> None:
