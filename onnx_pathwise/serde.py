@@ -352,21 +352,96 @@ def _elem_type(vi: onnx.ValueInfoProto) -> int:
     return vi.type.tensor_type.elem_type if vi.type.HasField("tensor_type") else 0
 
 
+#: Ops whose value is random: never folded, whatever they read.
+_RANDOM_OPS = frozenset(
+    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+)
+
+
+def _outer_reads(graph: onnx.GraphProto) -> set[str]:
+    """Names a subgraph reads from the scopes around it: used by one of its nodes (or nested
+    subgraphs, at any depth) or returned as one of its outputs, but defined neither as its input,
+    its initializer nor a node output inside it. onnxruntime resolves such a name in the nearest
+    enclosing graph that defines it; a local definition shadows an outer one."""
+    defined = {vi.name for vi in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.values.name for t in graph.sparse_initializer}
+    defined |= {o for n in graph.node for o in n.output}
+    reads = {o.name for o in graph.output}
+    for node in graph.node:
+        reads.update(node.input)
+        for g in _subgraphs(node):
+            reads |= _outer_reads(g)
+    reads.discard("")
+    return reads - defined
+
+
+def _node_reads(node: onnx.NodeProto) -> list[str]:
+    """Every tensor a node reads: its inputs, then the outer-scope names its subgraphs read."""
+    subgraphs = _subgraphs(node)
+    if not subgraphs:
+        return [i for i in node.input if i]
+    outer: set[str] = set()
+    for g in subgraphs:
+        outer |= _outer_reads(g)
+    inputs = [i for i in node.input if i]
+    return inputs + sorted(outer - set(inputs))
+
+
+def _is_random(node: onnx.NodeProto) -> bool:
+    """A random op, or control flow with one anywhere in its subgraphs."""
+    if node.op_type in _RANDOM_OPS:
+        return True
+    return any(_is_random(n) for g in _subgraphs(node) for n in g.node)
+
+
+def _duplicate_name(graph: onnx.GraphProto) -> str:
+    """Why the graph defines a value name twice (empty when it does not).
+
+    onnxruntime refuses a graph input listed twice and a node output that repeats another node
+    output, an initializer or a graph input; it silently takes the *last* of two initializers
+    with one name, and a Constant node over an initializer of the same name. Each is refused
+    here, so that the model is never analysed with one value and run with another. An
+    initializer that is also a graph input (an overridable default, IR ≥ 4; every initializer
+    in IR 3) is legal: it is not fed, so onnxruntime uses the initializer, as the analysis does.
+    """
+    seen: dict[str, str] = {}
+    for vi in graph.input:
+        if vi.name in seen:
+            return f"graph input {vi.name!r} is listed twice"
+        seen[vi.name] = "a graph input"
+    inits: set[str] = set()
+    for t in list(graph.initializer) + [s.values for s in graph.sparse_initializer]:
+        if t.name in inits:
+            return f"two initializers are named {t.name!r}"
+        inits.add(t.name)
+        seen.setdefault(t.name, "an initializer")
+    for node in graph.node:
+        for o in node.output:
+            if not o:
+                continue
+            if o in seen:
+                return (f"node {node.name or '<unnamed>'!r} ({node.op_type}) writes {o!r}, a name "
+                        f"already defined by {seen[o]}")
+            seen[o] = f"node {node.name or '<unnamed>'!r} ({node.op_type})"
+    return ""
+
+
 def _topological(nodes: Sequence[onnx.NodeProto], known: set[str]) -> list[onnx.NodeProto]:
-    """Kahn's order that keeps the file order where it is already valid."""
+    """Kahn's order that keeps the file order where it is already valid. A node waits for
+    everything it reads, including the outer-scope names its subgraphs read."""
     ready = set(known)
-    pending = list(nodes)
+    pending = [(n, _node_reads(n)) for n in nodes]
     order: list[onnx.NodeProto] = []
     while pending:
         rest = []
-        for n in pending:
-            if all(i == "" or i in ready for i in n.input):
+        for n, reads in pending:
+            if all(i in ready for i in reads):
                 order.append(n)
                 ready.update(n.output)
             else:
-                rest.append(n)
+                rest.append((n, reads))
         if len(rest) == len(pending):
-            missing = sorted({i for n in rest for i in n.input if i and i not in ready})
+            missing = sorted({i for _, reads in rest for i in reads if i not in ready})
             raise ModelError(f"graph is not a DAG or reads undefined tensors: {missing[:5]}")
         pending = rest
     return order
@@ -377,11 +452,145 @@ def _topological(nodes: Sequence[onnx.NodeProto], known: set[str]) -> list[onnx.
 MIN_RUNTIME_OPSET = 7
 
 
+#: The last opset whose Add/Sub/Mul/Div and Gemm take ``broadcast`` (and ``axis``) attributes.
+LEGACY_BROADCAST_OPSET = 6
+_LEGACY_BINARY = frozenset({"Add", "Sub", "Mul", "Div"})
+
+
+def _converter_error(opset: int, exc: Exception) -> ModelError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ModelError(
+        f"opset {opset} is older than onnxruntime supports ({MIN_RUNTIME_OPSET}) and onnx's "
+        f"version converter cannot upgrade it: {first}"
+    )
+
+
+def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """``graph`` and every subgraph inside it, at any depth."""
+    out = [graph]
+    for node in graph.node:
+        for g in _subgraphs(node):
+            out += _graphs(g)
+    return out
+
+
+def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Every tensor's shape as far as onnx's shape inference knows it (None for an unknown
+    dimension; tensors of unknown rank are missing)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        inferred = model
+    shapes: dict[str, list[int | None]] = {}
+    for g in _graphs(inferred.graph):
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            tt = vi.type.tensor_type
+            if vi.type.HasField("tensor_type") and tt.HasField("shape"):
+                shapes[vi.name] = [int(d.dim_value) if d.HasField("dim_value") else None for d in tt.shape.dim]
+        for t in g.initializer:
+            shapes[t.name] = [int(d) for d in t.dims]
+        for node in g.node:
+            if node.op_type == "Constant" and node.output:
+                value = next((a.t for a in node.attribute if a.name == "value"), None)
+                if value is not None:
+                    shapes[node.output[0]] = [int(d) for d in value.dims]
+    return shapes
+
+
+def rewrite_legacy_broadcast(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return a copy of an opset-≤6 model whose Add/Sub/Mul/Div and Gemm carry no ``broadcast``
+    or ``axis`` attributes, computing the same values under numpy broadcasting (opset 7 on).
+
+    `Add-1/Add-6 <https://github.com/onnx/onnx/blob/main/docs/Changelog.md#Add-6>`_ (Sub, Mul,
+    Div alike): with ``broadcast=1`` the right-hand side B is broadcast to the shape of A; B is
+    a single element, or its shape is a contiguous run of A's shape starting at ``axis``
+    (suffix matching when ``axis`` is not set). So A (N, C, H, W) + B (C,) with ``axis=1`` adds
+    B[c] to every element of channel c. Numpy broadcasting matches trailing dimensions instead,
+    so B gets rank(A) − axis − rank(B) trailing unit axes (an ``Unsqueeze`` before the node);
+    suffix matching and ``broadcast=0`` (equal shapes) already agree with numpy. Gemm-1/Gemm-6
+    ``broadcast`` lets C broadcast to (M, N), which Gemm-7's unidirectional broadcasting does
+    for every shape the old rule allowed: the attribute is dropped. onnx's version converter
+    is not trusted with these: it turns ``axis=1`` with B (C,) on A (N, C, H) into
+    B (C, 1, 1), which broadcasts against the batch axis.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    shapes = _static_shapes(out)
+    names = {n for g in _graphs(out.graph) for n in shapes} | {
+        o for g in _graphs(out.graph) for node in g.node for o in node.output
+    }
+
+    def fresh(base: str) -> str:
+        name, k = f"{base}_legacy_broadcast", 1
+        while name in names:
+            k += 1
+            name = f"{base}_legacy_broadcast_{k}"
+        names.add(name)
+        return name
+
+    for g in _graphs(out.graph):
+        rewritten: list[onnx.NodeProto] = []
+        for node in g.node:
+            if node.domain in ("", "ai.onnx") and node.op_type == "Gemm":
+                _drop_attributes(node, ("broadcast",))
+            elif node.domain in ("", "ai.onnx") and node.op_type in _LEGACY_BINARY:
+                attrs = {a.name: a.i for a in node.attribute if a.name in ("broadcast", "axis")}
+                if attrs.get("broadcast", 0) and "axis" in attrs and len(node.input) == 2:
+                    trailing = _legacy_trailing_axes(node, attrs["axis"], shapes)
+                    if trailing:
+                        b = node.input[1]
+                        rank_b = len(shapes[b])
+                        unsqueezed = fresh(b)
+                        rewritten.append(helper.make_node(
+                            "Unsqueeze", [b], [unsqueezed], axes=list(range(rank_b, rank_b + trailing)),
+                            name=f"{node.name or node.op_type}/legacy_broadcast"))
+                        node.input[1] = unsqueezed
+                _drop_attributes(node, ("broadcast", "axis"))
+            rewritten.append(node)
+        del g.node[:]
+        g.node.extend(rewritten)
+    return out
+
+
+def _drop_attributes(node: onnx.NodeProto, names: tuple[str, ...]) -> None:
+    kept = [a for a in node.attribute if a.name not in names]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+
+
+def _legacy_trailing_axes(node: onnx.NodeProto, axis: int, shapes: Mapping[str, list[int | None]]) -> int:
+    """How many unit axes B needs after its own so that numpy aligns it with A at ``axis``
+    (legacy broadcasting, :func:`rewrite_legacy_broadcast`); refuses what the old rule forbids."""
+    where = f"node {node.name or '<unnamed>'!r} ({node.op_type}, broadcast=1, axis={axis})"
+    a, b = node.input[0], node.input[1]
+    if a not in shapes or b not in shapes:
+        missing = [t for t in (a, b) if t not in shapes]
+        raise ModelError(f"{where}: the rank of {missing} cannot be inferred, and legacy broadcasting "
+                         "along an axis needs it")
+    shape_a, shape_b = shapes[a], shapes[b]
+    rank_a, rank_b = len(shape_a), len(shape_b)
+    if all(d == 1 for d in shape_b):
+        return 0  # one element: numpy broadcasts it anywhere (rank ≤ rank(A), as the old rule asks)
+    start = axis + rank_a if axis < 0 else axis
+    trailing = rank_a - start - rank_b
+    if not 0 <= start < rank_a or trailing < 0:
+        raise ModelError(f"{where}: B of shape {shape_b} does not fit A of rank {rank_a} from axis {axis}")
+    for j, d in enumerate(shape_b):
+        # the batch axis is pinned to 1 for the converter: only other axes are checked
+        da = shape_a[start + j]
+        if start + j > 0 and d is not None and da is not None and d != da:
+            raise ModelError(f"{where}: B of shape {shape_b} does not match A's shape {shape_a} from "
+                             f"axis {start}")
+    return trailing
+
+
 def upgrade_old_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     """Return ``model`` upgraded to :data:`MIN_RUNTIME_OPSET` when its opset is older (else as is).
 
-    onnx's converter refuses symbolic dimensions, so they are pinned to 1 for the conversion
-    and restored afterwards; inferred ``value_info`` (which saw the pinned sizes) is dropped.
+    Legacy ``broadcast``/``axis`` attributes are rewritten by :func:`rewrite_legacy_broadcast`
+    first, following the operator spec; the rest is onnx's version converter. The converter
+    refuses symbolic dimensions, so they are pinned to 1 for the conversion and restored
+    afterwards; inferred ``value_info`` (which saw the pinned sizes) is dropped.
     """
     opset = _opset(model)
     if not 0 < opset < MIN_RUNTIME_OPSET:
@@ -399,13 +608,17 @@ def upgrade_old_opset(model: onnx.ModelProto) -> onnx.ModelProto:
                 params[(vi.name, i)] = d.dim_param
                 d.dim_value = 1
     try:
+        # opsets < 6 first become 6 (their Add-1 ... differ from Add-6 only in consumed_inputs),
+        # where shape inference gives the ranks that the legacy broadcast rewrite needs
+        if opset < LEGACY_BROADCAST_OPSET:
+            pinned = version_converter.convert_version(pinned, LEGACY_BROADCAST_OPSET)
+    except Exception as exc:
+        raise _converter_error(opset, exc) from None
+    pinned = rewrite_legacy_broadcast(pinned)
+    try:
         upgraded = version_converter.convert_version(pinned, MIN_RUNTIME_OPSET)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(
-            f"opset {opset} is older than onnxruntime supports ({MIN_RUNTIME_OPSET}) and onnx's "
-            f"version converter cannot upgrade it: {first}"
-        ) from None
+        raise _converter_error(opset, exc) from None
     for vi in list(upgraded.graph.input) + list(upgraded.graph.output):
         if not vi.type.HasField("tensor_type"):
             continue
@@ -480,6 +693,10 @@ def _analyse(
         if n_bytes > MAX_CONSTANT_BYTES:
             raise ModelError(f"initializer {t.name!r} claims {n_bytes / 2**30:.1f} GiB")
 
+    duplicate = _duplicate_name(graph)
+    if duplicate:
+        raise ModelError(duplicate)
+
     # 1. the data input
     candidates = [vi for vi in graph.input if vi.name not in inits]
     if input_name is not None:
@@ -538,12 +755,13 @@ def _analyse(
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             kind[node.output[0]] = CONST
             continue
-        ins = [kind[i] for i in node.input if i]
+        # a node is constant only if all it reads is: its subgraphs' outer-scope reads count
+        ins = [kind[i] for i in _node_reads(node)]
         if node.op_type in ("Shape", "Size"):
             k = SHAPE_KIND if ins and ins[0] != CONST else CONST
         else:
             k = max(ins, default=CONST)
-            if node.op_type in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"):
+            if _is_random(node):
                 k = DATA
         for o in node.output:
             if o:
@@ -551,8 +769,10 @@ def _analyse(
 
     # 3. the explained output, terminal ops peeled
     peeled: list[str] = []
+    chains: dict[str, list[onnx.NodeProto]] = {}  # output name → the terminal nodes peeled below it
 
     def peel(t: str) -> str:
+        chain = chains[t] = []
         while t in producer:
             # pass-throughs above a terminal op (skl2onnx: probabilities = Identity(Softmax))
             # are post-processing too; elsewhere they stay in the cone
@@ -569,6 +789,7 @@ def _analyse(
             if not terminal or len(data_ins) != 1:
                 break
             peeled.append(p.op_type)
+            chain.append(p)
             t = data_ins[0]
         return t
 
@@ -606,6 +827,9 @@ def _analyse(
         explained, source_output = next(iter(found.items()))
     if kind.get(explained) != DATA:
         raise ModelError(f"output {explained!r} does not depend on input {in_vi.name!r}")
+    # peeled normalisers, checked against the recorded shapes after the probe run
+    heads = [p for p in chains[source_output]
+             if p.op_type in ("Softmax", "LogSoftmax") and p.domain in ("", "ai.onnx")]
 
     # 4. the cone: data nodes that the explained output reads, back to the input
     needed: set[str] = {explained}
@@ -614,9 +838,9 @@ def _analyse(
         if not any(o in needed for o in node.output):
             continue
         cone_nodes.append(node)
-        for i in node.input:
-            if i and kind.get(i) == DATA:
-                needed.add(i)
+        for read in _node_reads(node):
+            if kind.get(read) == DATA:
+                needed.add(read)
     cone_nodes.reverse()
     if in_vi.name not in needed and explained != in_vi.name:
         raise ModelError(f"output {explained!r} does not depend on input {in_vi.name!r}")
@@ -627,9 +851,15 @@ def _analyse(
         domain = node.domain or ""
         v = _opset(model, domain) if domain not in ("", "ai.onnx") else opset
         where = f"{node.name or '<unnamed>'} ({node.op_type}, {'opset ' if not domain or domain == 'ai.onnx' else domain + ' opset '}{v})"
-        unfed = [i for i in node.input if i in other_inputs]
+        unfed = [i for i in _node_reads(node) if i in other_inputs]
         if unfed:
             problems.append(f"{where}: reads graph input(s) {unfed} that are not explained")
+        if _subgraphs(node):
+            computed = [i for i in _node_reads(node) if kind.get(i) == DATA]
+            why = f"it reads {computed}" if computed else "a subgraph draws random numbers"
+            problems.append(f"{where}: control flow whose result depends on the input is not supported "
+                            f"({why}; only control flow on constants is folded)")
+            continue
         if domain not in ("", "ai.onnx") or node.op_type not in SUPPORTED_OPS:
             reason = "not piecewise linear" if node.op_type in _NONLINEAR else "not supported"
             if node.op_type in TERMINAL_OPS:
@@ -656,6 +886,7 @@ def _analyse(
     to_fetch = [t for t in const_needed if t not in consts] + [
         t for t in data_tensors if t != in_vi.name
     ]
+    to_fetch += [p.input[0] for p in heads if p.input[0] != in_vi.name]
     elem = _elem_type(in_vi)
     np_dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
     feed_shape = tuple(1 if d < 0 else d for d in in_shape)
@@ -672,6 +903,14 @@ def _analyse(
         if arr.ndim == 0 or arr.shape[0] != 1:
             raise ModelError(f"tensor {t!r} does not keep the batch axis first (shape {arr.shape})")
         shapes[t] = tuple(int(d) for d in arr.shape[1:])
+    problems = []
+    for p in heads:
+        head_shape = feed_shape if p.input[0] == in_vi.name else np.shape(values[p.input[0]])
+        problem = _normaliser_problem(p, opset, tuple(int(d) for d in head_shape))
+        if problem:
+            problems.append(f"{p.name or '<unnamed>'} ({p.op_type}, opset {opset}): {problem}")
+    if problems:
+        raise UnsupportedModelError(problems, list(SUPPORTED_OPS))
 
     # 6. IR nodes with canonical attributes and roles
     ir_nodes: list[Node] = []
@@ -728,6 +967,28 @@ _NONLINEAR = frozenset(
         "Round", "Floor", "Ceil", "Sign", "Reciprocal", "Neg",
     }
 )
+
+
+def _normaliser_problem(node: onnx.NodeProto, opset: int, shape: tuple[int, ...]) -> str:
+    """Why a terminal Softmax/LogSoftmax over a tensor of ``shape`` (batch axis first) is not a
+    per-sample classifier head (empty when it is one): it must normalise over exactly the
+    sample's scores — every non-batch axis longer than 1 — and never over the batch axis.
+    Softmax-13 normalises over its one ``axis`` (default -1); older versions coerce the input to
+    2-D at ``axis`` (default 1) and normalise over every axis from ``axis`` on."""
+    rank = len(shape)
+    axis = next((int(a.i) for a in node.attribute if a.name == "axis"), -1 if opset >= 13 else 1)
+    shown = "(" + ", ".join(["N", *map(str, shape[1:])]) + ")"
+    if not -rank <= axis < rank:
+        return f"axis {axis} is out of range for its input of shape {shown}"
+    normalised = {axis % rank} if opset >= 13 else set(range(axis % rank, rank))
+    if 0 in normalised:
+        return (f"normalises over the batch axis (axis {axis} of its input, shape {shown}): not a "
+                "per-sample classifier head")
+    classes = {i for i in range(1, rank) if shape[i] != 1}
+    if {i for i in normalised if shape[i] != 1} != classes:
+        return (f"normalises over axis {axis} of its input (shape {shown}), not over all of a "
+                "sample's scores: not a per-sample classifier head")
+    return ""
 
 
 def _structural_problem(node: onnx.NodeProto, n_data: int, kind: Mapping[str, int]) -> str:
