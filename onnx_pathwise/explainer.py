@@ -169,7 +169,7 @@ class Explainer:
         if rec is None:
             rec = runtime.Recorder(
                 self.proto, self.ir.input_name, self.engine.recorded_tensors(preactivations), self.device,
-                self.ir.batch_fixed,
+                self.ir.fixed_batch or int(self.ir.batch_fixed),
             )
             self._recorders[preactivations] = rec
         return rec
