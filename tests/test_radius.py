@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -197,3 +199,27 @@ def test_onnxruntime_messages_keep_their_first_line() -> None:
     err = runtime.failure(RuntimeError("\n  [ONNXRuntimeError] : 6 : boom\nmore detail\n"), "running the record",
                           node="conv1", op="Conv")
     assert str(err) == "onnxruntime failed running the record at node 'conv1' (Conv): [ONNXRuntimeError] : 6 : boom"
+
+
+def test_the_cli_prints_one_line_with_a_cause_for_a_silent_onnxruntime(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from onnx_pathwise import runtime
+    from onnx_pathwise.cli import app
+
+    path = f"{tmp_path}/cnn.onnx"
+    onnx.save(tiny_cnn(), path)
+    np.save(f"{tmp_path}/x.npy", np.zeros((1, 1, 4, 4), np.float32))
+
+    class Silent:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            raise RuntimeError("")
+
+    monkeypatch.setattr(runtime.ort, "InferenceSession", Silent)
+    result = CliRunner().invoke(app, ["explain", path, f"{tmp_path}/x.npy", "--out", f"{tmp_path}/out",
+                                      "--device", "cpu"])
+    assert result.exit_code == 3, result.output
+    assert result.stderr.strip() == (f"onnx-pathwise: error: {path}: onnxruntime failed creating the session "
+                                     "for the analysis run: RuntimeError without a message")
