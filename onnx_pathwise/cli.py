@@ -239,7 +239,8 @@ def describe(ex: Explainer, model: Path | str) -> dict[str, Any]:
         "producer": ir.info.get("producer", ""),
         "opset": ir.opset,
         "input": {"name": ir.input_name, "shape": ["N", *ir.input_shape], "dtype": str(ir.input_dtype),
-                  "batch_fixed_in_file": ir.batch_fixed},
+                  "batch_fixed_in_file": ir.batch_fixed,
+                  **({"batch_in_file": ir.fixed_batch} if ir.batch_fixed else {})},
         "output": {"name": ir.source_output or ir.output_name, "explained": ir.output_name,
                    "peeled": list(ir.peeled), "classes": ir.num_classes},
         "gate_layers": [_gate_dict(g) for g in ex.gate_layers],
@@ -268,7 +269,10 @@ def _describe_text(info: Mapping[str, Any]) -> str:
     inp, out = info["input"], info["output"]
     producer = f"made by {info['producer']}, " if info["producer"] else ""
     lines = [f"{info['model']}  ({producer}opset {info['opset']})", ""]
-    batch = "fixed at 1 in the file; any N works" if inp["batch_fixed_in_file"] else "N is the batch axis"
+    batch = "N is the batch axis"
+    if inp["batch_fixed_in_file"]:
+        fixed = inp.get("batch_in_file") or 1
+        batch = f"fixed at {fixed} in the file; any N works" + (f", run in groups of {fixed}" if fixed > 1 else "")
     lines.append(f"Input     {inp['name']!r}: {inp['dtype']}, shape ({', '.join(map(str, inp['shape']))})"
                  f"  [{batch}]")
     if out["peeled"]:

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 
 from . import graph as graph_mod
-from . import runtime, serde
+from . import limits, runtime, serde
 from .engine import Engine, Record
 from .errors import InputError, PathwiseError
 from .ir import ModelIR
@@ -169,7 +169,7 @@ class Explainer:
         if rec is None:
             rec = runtime.Recorder(
                 self.proto, self.ir.input_name, self.engine.recorded_tensors(preactivations), self.device,
-                self.ir.batch_fixed,
+                self.ir.fixed_batch or int(self.ir.batch_fixed),
             )
             self._recorders[preactivations] = rec
         return rec
@@ -236,7 +236,8 @@ class Explainer:
         margin between each window's recorded maximum and every other element of the window over
         the norm of their gradient difference. Costs one forward tangent per input element,
         pushed in chunks that keep memory bounded; inputs larger than ``max_input_size``
-        elements must opt in by raising it.
+        elements must opt in by raising it. The chunks fit the memory budget
+        (:func:`onnx_pathwise.limits.memory_budget`); the result does not depend on them.
         """
         from .rules.pooling import _geometry, _window_index
 
@@ -270,18 +271,19 @@ class Explainer:
             others = np.where(table >= 0, others, 0)
             shape = (n, C) + table.shape
             pools.append((node, src, winners, others, valid, np.zeros(shape), np.zeros(shape)))
-        cols = max(1, MAX_SWEEP_ELEMENTS // max(1, n * self._biggest))
-        eye = np.eye(D, dtype=eng.dtype)
+        cols = self._radius_columns(n, D, sq, pools)
         for start in range(0, D, cols):
-            block = eye[start : start + cols]
-            t = np.broadcast_to(block[:, None, :], (len(block), n, D)).reshape((len(block), n) + self.input_shape)
-            env_t = eng.tangent_env(np.ascontiguousarray(t), rec)
+            # the tangents e_j of this chunk's input elements, built per chunk (never a D×D identity)
+            stop = min(D, start + cols)
+            t = np.zeros((stop - start, n, D), eng.dtype)
+            t[np.arange(stop - start), :, np.arange(start, stop)] = 1.0
+            env_t = eng.tangent_env(t.reshape((stop - start, n) + self.input_shape), rec)
             for name, tname in gates.items():
-                g = env_t[tname].reshape(len(block), n, -1).astype(np.float64)
+                g = env_t[tname].reshape(stop - start, n, -1).astype(np.float64)
                 sq[name] += (g * g).sum(axis=0)
                 ab[name] += np.abs(g).sum(axis=0)
             for _node, src, winners, others, _valid, psq, pab in pools:
-                tv = env_t[src].reshape(len(block), n, -1).astype(np.float64)
+                tv = env_t[src].reshape(stop - start, n, -1).astype(np.float64)
                 for i in range(n):
                     w = tv[:, i][:, winners[i]]  # (d, C, P)
                     dg = w[..., None] - tv[:, i][:, others[0]]  # (d, C, P, K)
@@ -328,6 +330,30 @@ class Explainer:
 
                 consider(r2.reshape(n, -1), r1.reshape(n, -1), label)
         return RadiusResult(best2, bestinf, unit2, unitinf)
+
+    def _radius_columns(self, n: int, D: int, sq: dict[str, np.ndarray], pools: list[Any]) -> int:
+        """Input elements whose tangents are pushed at once by :meth:`certified_radius`: as many
+        as fit the memory budget next to the accumulators, and no more than a sweep's
+        :data:`MAX_SWEEP_ELEMENTS` rows of the largest tensor (larger chunks were not faster).
+
+        Per tangent column and sample: every tensor of the cone (the tangent pass keeps them
+        all), the im2col copy of the widest convolution, the float64 copies of the largest
+        gate's gradients and of one max pool's window differences. Refuses with the estimate
+        (:class:`~onnx_pathwise.limits.BudgetError`) when not even one column fits."""
+        itemsize = self.engine.dtype.itemsize
+        elements = sum(int(np.prod(s, dtype=np.int64)) for s in self.ir.shapes.values())
+        im2col = max((int(np.prod(self.ir.shapes[node.data_inputs[0]], dtype=np.int64))
+                      * int(np.prod(node.attrs.get("kernel_shape") or [1], dtype=np.int64))
+                      for node in self.engine.nodes if node.op_type in ("Conv", "ConvTranspose")), default=0)
+        gate = max([v.shape[1] for v in sq.values()]
+                   + [int(np.prod(self.ir.shapes[p[1]], dtype=np.int64)) for p in pools], default=0)
+        window = max((int(np.prod(p[3].shape, dtype=np.int64)) for p in pools), default=0)
+        per_column = n * ((elements + im2col + D) * itemsize + 3 * gate * 8) + 3 * window * 8
+        held = 2 * sum(v.nbytes for v in sq.values()) + sum(
+            p[2].nbytes + p[3].nbytes + p[5].nbytes + p[6].nbytes for p in pools)
+        limits.check_fits(held + per_column, "the certified radius (accumulators and one input tangent)")
+        fit = (limits.memory_budget() - held) // per_column
+        return int(max(1, min(D, fit, MAX_SWEEP_ELEMENTS // max(1, n * self._biggest))))
 
     # ------------------------------------------------------------------ pathwise (DESIGN §4)
 

@@ -56,6 +56,8 @@ class ModelIR:
 
     ``shapes`` maps every data tensor to its per-sample shape (the batch axis removed);
     ``constants`` maps every constant tensor a cone node reads to its value.
+    ``batch_fixed``: the file fixes the batch dimension, at ``fixed_batch`` (B ≥ 1; 0 when the
+    batch dimension is symbolic); onnxruntime then runs groups of B samples.
     """
 
     nodes: list[Node]
@@ -66,6 +68,7 @@ class ModelIR:
     constants: dict[str, np.ndarray]
     shapes: dict[str, tuple[int, ...]]
     batch_fixed: bool = False
+    fixed_batch: int = 0
     peeled: tuple[str, ...] = ()
     opset: int = 0
     source_output: str = ""

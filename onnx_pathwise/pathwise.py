@@ -57,9 +57,11 @@ def path_layers(layers: Sequence[GateLayer], depth: int | None) -> list[GateLaye
     """The last ``depth`` gate layers (all when None or more than there are)."""
     if depth is None:
         return list(layers)
-    if isinstance(depth, bool) or int(depth) != depth or depth < 0:
+    whole = isinstance(depth, (int, np.integer)) or (isinstance(depth, float) and depth.is_integer())
+    if isinstance(depth, bool) or not whole or depth < 0:
         raise PathwiseError(f"depth {depth!r}: must be a non-negative integer")
-    return list(layers[len(layers) - int(depth):]) if depth else []
+    # clamp the start: a negative one would count from the end (depth = layers + 1 kept one)
+    return list(layers[max(0, len(layers) - int(depth)):])
 
 
 def _log_p(h: np.ndarray, J: np.ndarray, c: int) -> np.ndarray:

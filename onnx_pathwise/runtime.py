@@ -110,13 +110,40 @@ def providers_for(device: str) -> list[Any]:
     return _CPU
 
 
-def session(model: onnx.ModelProto | bytes, device: str = "cpu", threads: int = 0) -> ort.InferenceSession:
+#: Longest cause quoted from an onnxruntime message.
+MAX_CAUSE_CHARS = 500
+
+
+def failure(exc: BaseException, doing: str, node: str | None = None, op: str | None = None) -> ModelError:
+    """The one-line :class:`ModelError` for an onnxruntime exception: what onnxruntime was
+    ``doing``, the node and op when known, and the first line of its message — or, when the
+    message is empty or only whitespace, the exception's type, so the line always has a cause.
+    Every place that calls onnxruntime goes through here."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if lines:
+        cause = lines[0] if len(lines[0]) <= MAX_CAUSE_CHARS else lines[0][:MAX_CAUSE_CHARS] + "…"
+    else:
+        cause = f"{type(exc).__name__} without a message"
+    where = ""
+    if node and op:
+        where = f" at node {node!r} ({op})"
+    elif node or op:
+        where = f" at node {node!r}" if node else f" in its {op} op"
+    return ModelError(f"onnxruntime failed {doing}{where}: {cause}")
+
+
+def session(
+    model: onnx.ModelProto | bytes,
+    device: str = "cpu",
+    threads: int = 0,
+    what: str = "creating a session for the model",
+    op: str | None = None,
+) -> ort.InferenceSession:
     data = model if isinstance(model, bytes) else model.SerializeToString()
     try:
         return ort.InferenceSession(data, _options(threads), providers=providers_for(device))
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"onnxruntime cannot load the model: {first}") from None
+        raise failure(exc, what, op=op) from None
 
 
 def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
@@ -133,24 +160,35 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPro
     return out
 
 
-def probe(model: onnx.ModelProto, names: Sequence[str], feed: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """Run ``model`` once on the CPU and return the named tensors (intermediates included)."""
+def probe(
+    model: onnx.ModelProto, names: Sequence[str], feed: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]]
+) -> Any:
+    """Run ``model`` on the CPU and return the named tensors (intermediates included).
+
+    ``feed`` is one feed (the result is one dict) or a list of feeds run on the same session
+    (the result is a list of dicts, in order)."""
+    feeds = [feed] if isinstance(feed, Mapping) else list(feed)
     names = list(dict.fromkeys(names))
     if not names:
-        return {}
-    sess = session(_with_outputs(model, names), "cpu")
-    try:
-        values = sess.run(names, dict(feed))
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ModelError(f"onnxruntime failed to run the model: {first}") from None
-    return dict(zip(names, values))
+        return {} if isinstance(feed, Mapping) else [{} for _ in feeds]
+    sess = session(_with_outputs(model, names), "cpu", what="creating the session for the analysis run")
+    out = []
+    for one in feeds:
+        try:
+            values = sess.run(names, dict(one))
+        except Exception as exc:
+            raise failure(exc, "running the analysis run") from None
+        out.append(dict(zip(names, values)))
+    return out[0] if isinstance(feed, Mapping) else out
 
 
 class Recorder:
     """One cached session that returns the requested intermediates for a batch.
 
-    Models with a fixed batch dimension of 1 run one sample at a time.
+    ``batch`` is the batch dimension the file fixes (0 when it is symbolic; ``True`` counts as
+    1). A model with a fixed batch B runs in groups of B samples, each row one sample (the
+    loader checked that no op moves or mixes the batch axis): the last group is padded with
+    copies of its last sample and the padding's rows are dropped from every recorded tensor.
     """
 
     def __init__(
@@ -159,23 +197,37 @@ class Recorder:
         input_name: str,
         names: Sequence[str],
         device: str,
-        batch_fixed: bool,
+        batch: int | bool = 0,
     ) -> None:
         self.names = list(dict.fromkeys(names))
         self.input_name = input_name
         self.device = device
-        self.batch_fixed = batch_fixed
-        self._session = session(_with_outputs(model, self.names), device)
+        self.batch = int(batch)
+        self.batch_fixed = self.batch > 0
+        self._session = session(_with_outputs(model, self.names), device,
+                                what="creating the session for the forward record")
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        if self.batch_fixed and x.shape[0] != 1:
-            parts = [self.run(x[i : i + 1]) for i in range(x.shape[0])]
+        B = self.batch
+        if B and x.shape[0] != B:
+            parts = []
+            for start in range(0, x.shape[0], B):
+                group = x[start : start + B]
+                real = group.shape[0]
+                if real < B:
+                    group = np.concatenate([group, np.repeat(group[-1:], B - real, axis=0)])
+                values = self._run(group)
+                parts.append({k: v[:real] for k, v in values.items()})
+            if len(parts) == 1:
+                return parts[0]
             return {k: np.concatenate([p[k] for p in parts]) for k in self.names}
+        return self._run(x)
+
+    def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         try:
             values = self._session.run(self.names, {self.input_name: x})
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise ModelError(f"onnxruntime failed to run the model: {first}") from None
+            raise failure(exc, f"running the forward record (input shape {tuple(x.shape)})") from None
         return {k: np.asarray(v) for k, v in zip(self.names, values)}
 
 
@@ -208,7 +260,7 @@ class OpKernels:
             )
             model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
             model.ir_version = 8
-            sess = session(model, self.device)
+            sess = session(model, self.device, what=f"creating the {_KERNEL_WHAT[op]} session", op=op)
             self._cache[key] = (w, sess)
         return sess
 
@@ -251,7 +303,7 @@ class OpKernels:
         )
         key = ("ConvTranspose", id(w), tuple(strides), tuple(dilations), tuple(pads_l), group, tuple(output_padding))
         sess = self._single(key, "ConvTranspose", w, y.ndim, attrs)
-        return sess.run(None, {"x": np.ascontiguousarray(y, np.float32)})[0]
+        return _run_kernel(sess, "ConvTranspose", y, w)
 
     def _flip(self, w: np.ndarray, group: int) -> np.ndarray:
         hit = self._flipped.get(id(w))
@@ -276,4 +328,16 @@ class OpKernels:
         attrs = dict(strides=list(strides), dilations=list(dilations), pads=list(pads), group=group)
         key = ("Conv", id(w), tuple(strides), tuple(dilations), tuple(pads), group)
         sess = self._single(key, "Conv", w, x.ndim, attrs)
-        return sess.run(None, {"x": np.ascontiguousarray(x, np.float32)})[0]
+        return _run_kernel(sess, "Conv", x, w)
+
+
+#: What each single-op kernel does in the backward sweep, for error messages.
+_KERNEL_WHAT = {"ConvTranspose": "conv adjoint kernel", "Conv": "conv kernel"}
+
+
+def _run_kernel(sess: ort.InferenceSession, op: str, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    try:
+        return sess.run(None, {"x": np.ascontiguousarray(x, np.float32)})[0]  # type: ignore[no-any-return]
+    except Exception as exc:
+        raise failure(exc, f"running the {_KERNEL_WHAT[op]} (input {tuple(x.shape)}, weights "
+                           f"{tuple(w.shape)})", op=op) from None

@@ -12,7 +12,8 @@ that names the file and the cause:
    explained output. Every node of the cone is validated; all problems are reported at once,
    before any numerics.
 4. one probe run in onnxruntime at batch 1 folds constant and shape subgraphs to values and
-   records every data tensor's per-sample shape.
+   records every data tensor's per-sample shape. A file that fixes the batch at B > 1 is run
+   twice at B, with the rows moved by one place, to check that no tensor mixes samples.
 5. attributes get their schema defaults for the model's opset and canonical values from
    constant inputs (Pad-11 ``pads``, Squeeze-13 ``axes``, ...), so rules see one form.
 """
@@ -28,6 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from . import limits
 from .errors import ModelError, UnsupportedModelError
 from .ir import AFFINE, GATE, MERGE, ROUTING, SHAPE, ModelIR, Node
 
@@ -732,12 +734,10 @@ def _analyse(
                 f"input {in_vi.name!r} dimension {i} is symbolic ({d.dim_param or '?'}); "
                 "only the batch dimension may be"
             )
-    if in_shape[0] > 1:
-        raise ModelError(
-            f"input {in_vi.name!r} has a fixed batch dimension of {in_shape[0]}; "
-            "export it with a symbolic batch dimension or batch 1"
-        )
-    batch_fixed = in_shape[0] == 1
+    # a fixed leading dimension B (older PyTorch exports fix it at the tracing batch): inputs
+    # run in groups of B, each row one sample, once step 5 has checked that no op mixes rows
+    fixed_batch = max(in_shape[0], 0)
+    batch_fixed = fixed_batch >= 1
     other_inputs = {vi.name for vi in candidates if vi.name != in_vi.name}
 
     # 2. tensor kinds
@@ -891,24 +891,41 @@ def _analyse(
     np_dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
     feed_shape = tuple(1 if d < 0 else d for d in in_shape)
     _check_inferred_sizes(model)
-    values = probe(model, to_fetch, {in_vi.name: np.zeros(feed_shape, np_dtype)})
+    if fixed_batch > 1:
+        # B distinct rows, and the same rows moved down by one with a fresh first row: the
+        # numeric check below that no recorded tensor mixes rows compares the two runs
+        limits.check_fits(2 * int(np.prod(feed_shape, dtype=np.int64)) * np_dtype.itemsize,
+                          f"the analysis run at the file's fixed batch of {fixed_batch}")
+        rows = np.random.default_rng(0).normal(size=(fixed_batch + 1,) + feed_shape[1:]).astype(np_dtype)
+        runs = probe(model, to_fetch, [{in_vi.name: rows[1:]}, {in_vi.name: rows[:-1]}])
+        values = runs[0]
+    else:
+        values = probe(model, to_fetch, {in_vi.name: np.zeros(feed_shape, np_dtype)})
     for t in const_needed:
         if t not in consts:
             consts[t] = np.asarray(values[t])
     shapes: dict[str, tuple[int, ...]] = {in_vi.name: tuple(feed_shape[1:])}
+    produced_by = {o: node for node in cone_nodes for o in node.output}
+    problems = []
     for t in data_tensors:
         if t == in_vi.name:
             continue
         arr = np.asarray(values[t])
-        if arr.ndim == 0 or arr.shape[0] != 1:
-            raise ModelError(f"tensor {t!r} does not keep the batch axis first (shape {arr.shape})")
+        if arr.ndim == 0 or arr.shape[0] != feed_shape[0]:
+            if fixed_batch <= 1:
+                raise ModelError(f"tensor {t!r} does not keep the batch axis first (shape {arr.shape})")
+            problems.append(f"{_where(produced_by[t], opset)}: its output {t!r} has shape {arr.shape}: "
+                            f"the batch axis (fixed at {fixed_batch} in the file) does not stay first")
+            continue
         shapes[t] = tuple(int(d) for d in arr.shape[1:])
-    problems = []
     for p in heads:
         head_shape = feed_shape if p.input[0] == in_vi.name else np.shape(values[p.input[0]])
         problem = _normaliser_problem(p, opset, tuple(int(d) for d in head_shape))
         if problem:
             problems.append(f"{p.name or '<unnamed>'} ({p.op_type}, opset {opset}): {problem}")
+    if fixed_batch > 1:
+        problems = problems or _fixed_batch_problems(cone_nodes, kind, consts, shapes, fixed_batch, opset)
+        problems = problems or _rows_mixed(cone_nodes, needed, runs, fixed_batch, opset)
     if problems:
         raise UnsupportedModelError(problems, list(SUPPORTED_OPS))
 
@@ -949,11 +966,103 @@ def _analyse(
         constants={k: consts[k] for k in const_needed},
         shapes=shapes,
         batch_fixed=batch_fixed,
+        fixed_batch=fixed_batch,
         peeled=tuple(peeled),
         opset=opset,
         source_output=source_output,
         info={"label": label, "producer": model.producer_name, "ir_version": model.ir_version},
     )
+
+
+# --------------------------------------------------------------------------- fixed batch B > 1
+
+
+def _where(node: onnx.NodeProto, opset: int) -> str:
+    return f"{node.name or '<unnamed>'} ({node.op_type}, opset {opset})"
+
+
+#: Ops whose constant operands broadcast against the computed tensor, axes aligned from the
+#: right: a constant of the output's full rank has an axis on the batch axis.
+_BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Sum", "Max", "PRelu", "Concat"})
+
+
+def _fixed_batch_problems(
+    nodes: Sequence[onnx.NodeProto],
+    kind: Mapping[str, int],
+    consts: dict[str, np.ndarray],
+    shapes: Mapping[str, tuple[int, ...]],
+    batch: int,
+    opset: int,
+) -> list[str]:
+    """Graph checks for a file that fixes the batch at ``batch`` > 1, beyond those that
+    refuse an op on axis 0 at any batch size (:func:`canonical_attrs`): a MatMul whose constant
+    left operand contracts the batch axis, and constants that hold one value per batch row
+    (a sample's result would depend on its place in the group). A constant whose rows are all
+    equal is kept as one row, which broadcasts over any batch."""
+    problems: list[str] = []
+    per_row: dict[str, list[onnx.NodeProto]] = {}
+    other_uses: set[str] = set()
+    for node in nodes:
+        op = node.op_type
+        data = [t for t in node.input if t and kind.get(t) == DATA]
+        if not data:
+            continue
+        rank = len(shapes[data[0]]) + 1
+        out_rank = len(shapes[node.output[0]]) + 1 if node.output[0] in shapes else rank
+        if op == "MatMul" and len(node.input) > 1 and kind.get(node.input[1]) == DATA and rank <= 2:
+            problems.append(f"{_where(node, opset)}: MatMul(W, x) with a constant W on the left and x of "
+                            f"rank 2 contracts the batch axis (fixed at {batch} in the file): it mixes samples")
+        for i, t in enumerate(node.input):
+            if not t or kind.get(t) == DATA or t not in consts:
+                continue
+            c = np.asarray(consts[t])
+            if op in _BROADCASTING:
+                aligned = c.ndim == out_rank
+            elif op == "Gemm":
+                aligned = i == 2 and c.ndim == 2
+            elif op == "MatMul":
+                aligned = c.ndim >= 3 and c.ndim == rank
+            else:
+                aligned = False
+            if aligned and c.shape[0] == batch:
+                per_row.setdefault(t, []).append(node)
+            else:
+                other_uses.add(t)
+    for t, users in per_row.items():
+        c = np.asarray(consts[t])
+        if t not in other_uses and np.array_equal(c, np.broadcast_to(c[:1], c.shape), equal_nan=c.dtype.kind in "fc"):
+            consts[t] = c[:1]
+            continue
+        problems.append(f"{_where(users[0], opset)}: constant {t!r} of shape {c.shape} holds one value per "
+                        f"batch row (the batch is fixed at {batch} in the file): a sample's result would "
+                        "depend on its place in the group")
+    return problems
+
+
+def _rows_mixed(
+    nodes: Sequence[onnx.NodeProto], needed: set[str], runs: Sequence[Mapping[str, Any]], batch: int, opset: int
+) -> list[str]:
+    """The numeric check behind the graph checks for a fixed batch B > 1: the second run's
+    input holds the first run's rows moved down by one and a fresh row 0, so where every row
+    is computed on its own, row i+1 of every recorded tensor in the second run equals row i of
+    the first (to the round-off of a kernel that sees the row at another place). The first
+    tensor where it does not, in topological order, names the node that mixes samples."""
+    first, second = runs
+    for node in nodes:
+        for t in node.output:
+            if t not in needed or t not in first:
+                continue
+            a = np.asarray(first[t], np.float64)[:-1]
+            b = np.asarray(second[t], np.float64)[1:]
+            scale = max(float(np.abs(a).max(initial=0.0)), float(np.abs(b).max(initial=0.0)), 1e-30)
+            tol = (1e-4 if np.asarray(first[t]).dtype.itemsize >= 4 else 2e-2) * scale
+            diff = np.abs(a - b)
+            if not np.all((diff <= tol) | (a == b) | (np.isnan(a) & np.isnan(b))):
+                worst = float(np.nanmax(diff)) if np.any(np.isfinite(diff)) else float("nan")
+                return [f"{_where(node, opset)}: its output {t!r} mixes the samples of a batch (fixed at "
+                        f"{batch} in the file): moving the samples by one place changed their values by "
+                        f"up to {worst:.3g}, not just their place"]
+    return []
 
 
 _NONLINEAR = frozenset(
