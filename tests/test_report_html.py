@@ -129,6 +129,22 @@ def test_audit_and_diff_pages(pages: dict[str, Path]) -> None:
     assert "predictions changed</dt><dd>0 of 4" in diff and diff.count("<tr>") == 1 + 2 + 1 + 4
 
 
+def test_audit_page_of_a_model_that_cannot_be_analysed(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Tanh", ["x"], ["y"], name="<tanh>")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    model = tmp_path / "tanh.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    run("audit", model, "--report", "html", "--out", tmp_path / "a.html", "--device", "cpu", code=1)
+    page = (tmp_path / "a.html").read_text()
+    assert_self_contained(page)
+    assert "No summary: the model could not be analysed" in page and "&lt;tanh&gt;" in page
+    assert '<span class="badge fail">FAIL</span>' in page
+
+
 def test_diff_page_highlights_changed_predictions() -> None:
     report = DiffReport("old.onnx", "new.onnx", [
         {"old_prediction": 0, "new_prediction": 0, "correlation": 0.99, "jaccard": {"relu": 0.9}},
