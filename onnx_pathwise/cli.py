@@ -543,7 +543,7 @@ def explain(
     if png and plots.is_image(ex.input_shape):
         for i in range(x.shape[0]):
             title = plots.title(method, int(res.target[i]), float(res.output[i, res.target[i]]))
-            pngs[f"sample_{i}.png"] = plots.input_and_heatmap(x[i], res.attribution[i], title)
+            pngs[f"sample_{i}.png"] = plots.sample_figure(x[i], res.attribution[i], title) or b""
     if report_format is not None:
         from .report import explain_page
 
