@@ -123,6 +123,15 @@ DeviceOpt = Annotated[Device, typer.Option(
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
 
 
+class PageFormat(str, Enum):
+    html = "html"
+
+
+PageOpt = Annotated[PageFormat | None, typer.Option(
+    "--report", case_sensitive=False, help="Also write OUT/report.html: one self-contained page (figures "
+    "embedded, no network) with the model, the preprocessing and a card per sample.", show_default=False)]
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"{PROG} {__version__}")
@@ -248,6 +257,14 @@ def describe(ex: Explainer, model: Path | str) -> dict[str, Any]:
         "segments": segments,
         "parameters": sum(s["parameters"] for s in segments) + gate_params,
     }
+
+
+def _model_info(model: Path) -> dict[str, Any] | None:
+    """:func:`describe` of a model, or None when it cannot be analysed (for audit's page)."""
+    try:
+        return describe(_open_explainer(model, Device.cpu), model)
+    except PathwiseError:
+        return None
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "  ") -> list[str]:
@@ -491,6 +508,7 @@ def explain(
     input_name: InputNameOpt = None,
     output: OutputNameOpt = None,
     png: Annotated[bool, typer.Option("--png/--no-png", help="For image inputs, one PNG per sample.")] = True,
+    report_format: PageOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Explain each sample: pathwise (the default) or a baseline method.
@@ -504,7 +522,7 @@ def explain(
     w, iw = _width(width), _width(input_width)
     if method != "pathwise" and (w is not None or depth is not None or iw is not None):
         raise PathwiseError("--width, --depth and --input-width apply to --method pathwise only")
-    names = ["explanation.npz", "explanation.json"]
+    names = ["explanation.npz", "explanation.json"] + (["report.html"] if report_format else [])
     _guard_dir(out, names, force)
     ex = _open_explainer(model, device, input_name, output)
     x = _load_input(input, ex)
@@ -528,8 +546,15 @@ def explain(
     pngs = {}
     if png and plots.is_image(ex.input_shape):
         for i in range(x.shape[0]):
-            title = f"{method}, class {int(res.target[i])}"
-            pngs[f"sample_{i}.png"] = plots.input_and_heatmap(x[i], res.attribution[i], title)
+            title = plots.title(method, int(res.target[i]), float(res.output[i, res.target[i]]))
+            pngs[f"sample_{i}.png"] = plots.sample_figure(x[i], res.attribution[i], title) or b""
+    if report_format is not None:
+        from .report import explain_page
+
+        pngs["report.html"] = explain_page(
+            model_info=describe(ex, model), method=method, options=options, x=x, attribution=res.attribution,
+            output=res.output, target=res.target, samples=samples, bias=getattr(res, "bias", None),
+            masked_score=getattr(res, "masked_score", None), inputs=str(input)).encode()
     written = _write_dir(out, {"explanation.npz": arrays}, {"explanation.json": report}, pngs)
     extra = f", faithfulness {np.nanmean(res.faithfulness):.3f} (mean)" if method == "pathwise" else ""
     typer.echo(f"wrote {len(written)} file(s) to {out}: {x.shape[0]} sample(s), method {method}{extra}")
@@ -608,6 +633,7 @@ def evaluate(
     device: DeviceOpt = Device.auto,
     input_name: InputNameOpt = None,
     output: OutputNameOpt = None,
+    report_format: PageOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Rank explanation methods on MODEL with insertion/deletion AUC and more.
@@ -623,12 +649,13 @@ def evaluate(
     if bad or not chosen:
         raise PathwiseError(f"--methods: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(METHODS)}")
     widths = [_width(v) for v in width] if width else None
-    names = ["evaluation.json", "curves.png", "width_sweep.png"]
+    names = ["evaluation.json", "curves.png", "width_sweep.png"] + (["report.html"] if report_format else [])
     _guard_dir(out, names, force)
     ex = _open_explainer(model, device, input_name, output)
     x = _load_input(inputs, ex)
+    attributions: dict[str, np.ndarray] | None = {} if report_format else None
     result = run_evaluation(ex, x, chosen, widths=widths, depths=list(depth) if depth else None, step=step,
-                            target=target)
+                            target=target, attributions=attributions)
     result["model"] = str(model)
     metric_names = ["insertion_auc", "deletion_auc", "faithfulness", "sparsity", "completeness_delta"]
     rows = []
@@ -644,6 +671,12 @@ def evaluate(
     pngs = {"curves.png": plots.curves(result["methods"])}
     if widths and len(widths) > 1:
         pngs["width_sweep.png"] = plots.width_sweep(result["methods"])
+    if attributions is not None:
+        from .report import evaluate_page
+
+        pngs["report.html"] = evaluate_page(
+            model_info=describe(ex, model), evaluation=result, x=x, attributions=attributions,
+            output=ex.record(x).scores, figures=dict(pngs), inputs=str(inputs)).encode()
     written = _write_dir(out, {}, {"evaluation.json": result}, pngs)
     typer.echo(f"wrote {len(written)} file(s) to {out}")
 
@@ -654,6 +687,7 @@ def evaluate(
 class ReportFormat(str, Enum):
     json = "json"
     junit = "junit"
+    html = "html"
 
 
 @app.command()
@@ -666,7 +700,7 @@ def audit(
         "--max-delta", help="Largest completeness delta allowed, relative to the score scale (at least 1).")] = 1e-4,
     width: WidthOpt = None,
     report: Annotated[ReportFormat | None, typer.Option(
-        "--report", help="Also write a machine report: json or junit (XML that CI systems display).",
+        "--report", help="Also write a report: json, junit (XML that CI systems display) or html (a page).",
         show_default=False)] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write the report (default: stdout).",
                                              show_default=False)] = None,
@@ -685,7 +719,7 @@ def audit(
     if out is not None:
         _guard_output(out, force)
         if report is None:
-            raise PathwiseError("--out needs --report json or --report junit")
+            raise PathwiseError("--out needs --report json, junit or html")
     w = _width(width)
     x = None
     if inputs is not None:
@@ -698,6 +732,10 @@ def audit(
         machine = to_json(result.to_json())
     elif report is ReportFormat.junit:
         machine = result.to_junit()
+    elif report is ReportFormat.html:
+        from .report import audit_page
+
+        machine = audit_page(report=result, model_info=_model_info(model), inputs=str(inputs) if inputs else None)
     if machine is not None and out is not None:
         _make_parent(out)
         write_bytes(out, machine.encode())
@@ -725,6 +763,11 @@ def diff(
     depth: DepthOpt = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the full report as JSON here.",
                                                   show_default=False)] = None,
+    report_format: Annotated[PageFormat | None, typer.Option(
+        "--report", case_sensitive=False, help="Also write an HTML page of the changes to --out.",
+        show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where --report writes its page.",
+                                             show_default=False)] = None,
     device: DeviceOpt = Device.auto,
     force: ForceOpt = False,
 ) -> None:
@@ -737,6 +780,10 @@ def diff(
 
     if json_out is not None:
         _guard_output(json_out, force)
+    if (report_format is None) != (out is None):
+        raise PathwiseError("--report html and --out FILE go together")
+    if out is not None:
+        _guard_output(out, force)
     w = _width(width)
     x = load_array(inputs)
     result = run_diff(old, new, x, width=w, depth=depth, device=_resolve_device(device),
@@ -744,6 +791,11 @@ def diff(
                       inputs_name=str(inputs))
     if json_out is not None:
         _write_json(json_out, result.to_json())
+    if out is not None:
+        from .report import diff_page, write_page
+
+        _make_parent(out)
+        write_page(out, diff_page(report=result, inputs=str(inputs)))
     typer.echo(result.to_text())
     raise typer.Exit(0 if result.passed else 1)
 

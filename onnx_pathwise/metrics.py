@@ -277,6 +277,7 @@ def evaluate(
     target: Any = None,
     channel_axis: int | None = 0,
     max_input_size: int = 4096,
+    attributions: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Every applicable metric per method per sample, with mean and (population) std.
 
@@ -290,6 +291,7 @@ def evaluate(
     Returns a JSON-ready dict: {"n", "target", "step", "samples": {metric: summary},
     "methods": {label: {"method", "options", "metrics": {metric: summary}}}, "skipped": [...]}
     where a summary is {"values": [...], "mean", "std"} (NaN-free mean/std over finite values).
+    ``attributions``, when given, receives each method label's attribution array (N, *input shape).
     """
     from . import baselines
 
@@ -350,6 +352,8 @@ def evaluate(
         metrics["insertion_auc"] = _summary(ins.auc)
         metrics["deletion_auc"] = _summary(dele.auc)
         label = _label(name, opts)
+        if attributions is not None:
+            attributions[label] = attribution
         result["methods"][label] = {
             "method": name,
             "options": {k: _jsonable(v) for k, v in opts.items()},

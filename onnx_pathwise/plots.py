@@ -1,6 +1,11 @@
-"""PNG figures for the CLI (matplotlib, Agg backend): heatmaps beside inputs, decomposition
-grids, insertion/deletion curves and width sweeps. Each function returns PNG bytes, so the
-caller writes them atomically."""
+"""PNG figures for the CLI and the HTML report (matplotlib, Agg backend only): heatmaps over the
+original image or beside the input tensor, a grid comparing methods on one sample, bar charts of
+the top features of tabular samples, decomposition grids, insertion/deletion curves and width
+sweeps. Each function returns PNG bytes, so the caller writes (or embeds) them atomically.
+
+Signed attributions use one diverging colour map (:data:`CMAP`) with limits symmetric about 0,
+so white is always "no contribution", red for the target and blue against it.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,11 @@ from typing import Any
 import numpy as np
 
 Array = np.ndarray
+#: The diverging colour map of every signed attribution.
+CMAP = "RdBu_r"
+#: Largest side, in pixels, at which an original image is drawn (larger photos are scaled down).
+MAX_DISPLAY = 448
+_DPI = 90
 
 
 def is_image(shape: Sequence[int]) -> bool:
@@ -35,7 +45,7 @@ def _png(fig: Any) -> bytes:
 
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=90)
+    fig.savefig(buf, format="png", dpi=_DPI)
     plt.close(fig)
     return buf.getvalue()
 
@@ -124,3 +134,190 @@ def width_sweep(methods: Mapping[str, Mapping[str, Any]]) -> bytes:
     ax.set_title("pathwise: AUC against width", fontsize=9)
     ax.legend(fontsize=6)
     return _png(fig)
+
+
+# --------------------------------------------------------------------------- overlays, features
+
+
+def _signed_map(attribution: Array) -> Array:
+    """A 2-D map of an image attribution: summed over the channel axis (first, or last when the
+    layout is channels-last with a few channels)."""
+    a = np.asarray(attribution, dtype=np.float64)
+    if a.ndim == 3:
+        axis = 0 if a.shape[0] <= 4 or a.shape[-1] > 4 else -1
+        a = a.sum(axis=axis)
+    return a
+
+
+#: Percentile of |attribution| at which overlay colours saturate: a few extreme pixels must not
+#: wash out the rest (Captum's ``outlier_perc`` does the same).
+SATURATE_PERCENTILE = 99.5
+
+
+def signed_limit(m: Array) -> float:
+    """The symmetric colour limit of an overlay: the :data:`SATURATE_PERCENTILE` percentile of
+    |m|, or its maximum when that is 0 (sparse maps), or 1 for an all-zero map."""
+    a = np.abs(np.asarray(m, dtype=np.float64))
+    lim = float(np.percentile(a, SATURATE_PERCENTILE)) if a.size else 0.0
+    return lim if lim > 0 else (float(a.max()) if a.size and a.max() > 0 else 1.0)
+
+
+def _norm(lim: float) -> Any:
+    from matplotlib.colors import TwoSlopeNorm
+
+    lim = lim if np.isfinite(lim) and lim > 0 else 1.0
+    return TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim)
+
+
+def _grey(original: Array) -> Array:
+    """Luminance of an RGB (or grey) uint8 image, in [0, 1]."""
+    img = np.asarray(original, dtype=np.float64) / 255.0
+    if img.ndim == 3:
+        img = img[..., :3] @ np.array([0.299, 0.587, 0.114])
+    return img
+
+
+def _draw_overlay(ax: Any, original: Array, attribution: Array, title: str,
+                  region: tuple[float, float, float, float] | None) -> Any:
+    """The original (grey, so the colours belong to the heatmap) with the signed heatmap over it,
+    more opaque where the attribution is larger; ``region`` = (left, top, right, bottom) in the
+    original's pixels is where the model's input came from (default: the whole image)."""
+    h, w = original.shape[:2]
+    ax.imshow(_grey(original), cmap="gray", vmin=0.0, vmax=1.0, extent=(0, w, h, 0), interpolation="antialiased")
+    m = _signed_map(attribution)
+    lim = signed_limit(m)
+    alpha = np.clip(0.15 + 0.85 * np.abs(m) / lim, 0.0, 1.0) if np.abs(m).max() > 0 else np.zeros_like(m)
+    left, top, right, bottom = region if region is not None else (0.0, 0.0, float(w), float(h))
+    im = ax.imshow(m, cmap=CMAP, norm=_norm(lim), alpha=alpha, extent=(left, right, bottom, top),
+                   interpolation="nearest")
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    return im
+
+
+def _display_size(original: Array, cols: int = 1) -> tuple[float, float]:
+    """Figure inches that draw the original at its own size: scaled down to at most
+    :data:`MAX_DISPLAY` px, small images up to 240 px, plus room for the title and colour bar."""
+    h, w = original.shape[:2]
+    scale = MAX_DISPLAY / max(h, w) if max(h, w) > MAX_DISPLAY else max(1.0, 240 / max(h, w))
+    return w * scale / _DPI * 1.3 * cols + 0.2, h * scale / _DPI + 0.5
+
+
+def check_original(original: Array) -> Array:
+    """An original image as the overlays expect it: H×W×3 (or H×W×4, H×W) uint8."""
+    img = np.asarray(original)
+    if img.dtype != np.uint8 or img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[-1] not in (1, 3, 4)):
+        raise ValueError(f"original image: expected H×W×3 uint8, got {img.dtype} {img.shape}")
+    return img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img
+
+
+def picture(original: Array) -> bytes:
+    """The original image alone, at its own size (at most :data:`MAX_DISPLAY` px), no axes."""
+    img = check_original(original)
+    h, w = img.shape[:2]
+    scale = min(1.0, MAX_DISPLAY / max(h, w))
+    fig, axes = _figure(1, 1)
+    fig.set_size_inches(w * scale / _DPI, h * scale / _DPI)
+    ax = axes[0, 0]
+    ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="antialiased")
+    ax.set_position((0.0, 0.0, 1.0, 1.0))
+    ax.axis("off")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=_DPI)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def overlay(original: Array, attribution: Array, title: str,
+            region: tuple[float, float, float, float] | None = None) -> bytes:
+    """The signed heatmap of one sample drawn over its original image (before normalisation) at
+    the original's displayed size, with a colour bar; ``title`` names the method, the target
+    class and its score (see :func:`title`)."""
+    img = check_original(original)
+    fig, axes = _figure(1, 1)
+    fig.set_size_inches(*_display_size(img))
+    _draw_overlay(axes[0, 0], img, attribution, title, region)
+    return _png(fig)
+
+
+def methods_grid(original: Array | None, x: Array, attributions: Mapping[str, Array], title: str,
+                 region: tuple[float, float, float, float] | None = None) -> bytes:
+    """One sample, one panel per method: heatmaps over the original (or beside the input tensor
+    when there is no original), each with its own symmetric colour bar."""
+    cols = len(attributions) + 1
+    if original is not None:
+        img = check_original(original)
+        fig, axes = _figure(1, cols)
+        w_in, h_in = _display_size(img)
+        fig.set_size_inches(min(w_in, 4.0) * cols, min(h_in, 4.0))
+        axes[0, 0].imshow(img, cmap="gray" if img.ndim == 2 else None)
+        axes[0, 0].set_title("original", fontsize=9)
+        axes[0, 0].axis("off")
+        for ax, (label, a) in zip(axes[0, 1:], attributions.items()):
+            _draw_overlay(ax, img, a, label, region)
+    else:
+        fig, axes = _figure(1, cols)
+        pic, cmap = _as_picture(x)
+        axes[0, 0].imshow(pic, cmap=cmap)
+        axes[0, 0].set_title("input", fontsize=9)
+        axes[0, 0].axis("off")
+        for ax, (label, a) in zip(axes[0, 1:], attributions.items()):
+            _heat(ax, a, label)
+    fig.suptitle(title, fontsize=10)
+    return _png(fig)
+
+
+def top_features(attribution: Array, top: int) -> Array:
+    """Indices of the ``top`` largest |attribution| values, largest first (ties: lower index first)."""
+    return np.argsort(-np.abs(np.asarray(attribution).ravel()), kind="stable")[:top]
+
+
+def feature_bars(attribution: Array, features: Sequence[str] | None, title: str, top: int = 15) -> bytes:
+    """Horizontal bars of the ``top`` features by |attribution|, largest at the top, named by
+    ``features`` (default ``feature <i>``); red for the target, blue against it."""
+    a = np.asarray(attribution, dtype=np.float64).ravel()
+    names = list(features) if features is not None else [f"feature {i}" for i in range(a.size)]
+    if len(names) != a.size:
+        raise ValueError(f"{len(names)} feature names for {a.size} attributions")
+    order = top_features(a, top)[::-1]
+    fig, axes = _figure(1, 1)
+    fig.set_size_inches(5.5, 0.8 + 0.28 * len(order))
+    ax = axes[0, 0]
+    lim = float(np.abs(a).max()) or 1.0
+    import matplotlib
+
+    cmap = matplotlib.colormaps[CMAP]
+    colours = [cmap(_norm(lim)(v)) for v in a[order]]
+    ax.barh(np.arange(len(order)), a[order], color=colours, edgecolor="0.3", linewidth=0.4)
+    ax.set_yticks(np.arange(len(order)), [names[i] for i in order], fontsize=8)
+    ax.axvline(0.0, color="0.3", linewidth=0.6)
+    ax.set_xlabel("attribution", fontsize=8)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_title(title, fontsize=9)
+    return _png(fig)
+
+
+def title(method: str, target: int, score: float, labels: Sequence[str] | None = None) -> str:
+    """``"pathwise: tabby cat (class 281), score 12.3"``; without labels ``"pathwise: class 281, ..."``."""
+    name = f"{labels[target]} (class {target})" if labels is not None and 0 <= target < len(labels) else f"class {target}"
+    return f"{method}: {name}, score {score:.3g}"
+
+
+def sample_figure(x: Array, attribution: Array, title: str, original: Array | None = None,
+                  features: Sequence[str] | None = None,
+                  region: tuple[float, float, float, float] | None = None) -> bytes | None:
+    """The figure of one sample and one method: an overlay on the original when there is one,
+    else the input tensor beside its heatmap (image inputs) or a feature bar chart (flat
+    inputs); None when the input is neither."""
+    if original is not None:
+        return overlay(original, attribution, title, region)
+    if is_image(x.shape):
+        return input_and_heatmap(x, attribution, title)
+    if np.asarray(x).ndim == 1:
+        return feature_bars(attribution, features, title)
+    return None
