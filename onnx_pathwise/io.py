@@ -180,7 +180,7 @@ def existing_kind(path: str | os.PathLike[str]) -> str | None:
     (``"a FIFO"``, ``"a symbolic link"``, ...). Links are not followed."""
     try:
         mode = os.lstat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
         raise OutputError(f"{path}: cannot check ({exc.strerror or exc})") from None
@@ -352,6 +352,11 @@ def json_writer(obj: Any) -> Callable[[IO[bytes]], object]:
     return lambda f: f.write(data)
 
 
+def bytes_writer(data: bytes) -> Callable[[IO[bytes]], object]:
+    """A writer (for :func:`write_files`) of ``data`` as it is."""
+    return lambda f: f.write(data)
+
+
 def save_npz(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray], *,
              compress: bool = False, overwrite: bool = True) -> Path:
     """Write ``arrays`` as an ``.npz`` archive (readable by :func:`numpy.load`), atomically.
@@ -399,4 +404,4 @@ def write_json(path: str | os.PathLike[str], obj: Any, *, overwrite: bool = True
 
 def write_bytes(path: str | os.PathLike[str], data: bytes, *, overwrite: bool = True) -> Path:
     """Write ``data`` to ``path`` atomically."""
-    return _atomic_write(path, lambda f: f.write(data), overwrite=overwrite)
+    return _atomic_write(path, bytes_writer(data), overwrite=overwrite)
