@@ -78,7 +78,7 @@ EXIT_CODES: dict[int, tuple[str, str]] = {
     DeviceError.exit_code: ("device", "the requested device is not available "
                                       "(`--device cuda` without a usable GPU)"),
     130: ("interrupted", "SIGINT (Ctrl-C); nothing is written, no temporary file is left"),
-    143: ("terminated", "SIGTERM (129: SIGHUP); nothing is written, no temporary file is left"),
+    143: ("terminated", "SIGTERM (SIGHUP: 129); nothing is written, no temporary file is left"),
 }
 assert OutputError.exit_code == PathwiseError.exit_code
 
@@ -94,8 +94,10 @@ _UsageError = _click_class("UsageError")
 _NoArgsIsHelp: type[Exception] | None = getattr(sys.modules[_UsageError.__module__], "NoArgsIsHelpError", None)
 
 
-class OptionError(typer.BadParameter):
-    """An option value outside what the option allows, reported as ``--name VALUE: problem``."""
+class OptionError(typer.BadParameter, PathwiseError):
+    """An option value outside what the option allows, reported as ``--name VALUE: problem``
+    (a usage error of click's, so it is raised while the command line is parsed, and a
+    :class:`PathwiseError`, exit code 2)."""
 
     def __init__(self, option: str, value: object, problem: str) -> None:
         super().__init__(problem)
@@ -181,6 +183,8 @@ class _Group(TyperGroup):
             return super().invoke(ctx)
         except _ClickException as exc:
             _notices.clear()
+            if ctx.meta.get(_DEBUG) and isinstance(exc, OptionError):
+                raise PathwiseError(exc.house_message()) from exc  # click would print its own box
             raise _usage_error(exc) from None
         except PathwiseError as exc:
             _notices.clear()
@@ -235,11 +239,19 @@ _WIDTH_FORMS = "a count like 10, a percentage like 5% or 'all'"
 
 
 def _span(low: float | None, high: float | None) -> str:
+    """The range [low, high] in words (None: unbounded)."""
+    def show(v: float) -> str:
+        return str(v) if isinstance(v, int) else f"{v:g}"
+
     if low is not None and high is not None and high != MAX_COUNT:
-        return f"from {low:g} to {high:g}"
+        return f"from {show(low)} to {show(high)}"
     if low is not None:
-        return f"at least {low:g}"
-    return f"at most {high:g}" if high is not None else "any finite number"
+        return f"at least {show(low)}"
+    return f"at most {show(high)}" if high is not None else "any finite number"
+
+
+def _ranged(help: str, span: str) -> str:
+    return f"{help.rstrip('.')} ({span})."
 
 
 def count_option(name: str, help: str, *, low: int = 1, high: int = MAX_COUNT, **kwargs: Any) -> Any:
@@ -253,7 +265,7 @@ def count_option(name: str, help: str, *, low: int = 1, high: int = MAX_COUNT, *
             raise OptionError(name, value, f"must be {_span(low, high)}")
         return n
 
-    return typer.Option(name, parser=parse, metavar="N", help=f"{help} ({_span(low, high)}.)",
+    return typer.Option(name, parser=parse, metavar="N", help=_ranged(help, _span(low, high)),
                         show_default=kwargs.pop("show_default", False), **kwargs)
 
 
@@ -271,7 +283,7 @@ def number_option(name: str, help: str, *, low: float | None = None, high: float
             raise OptionError(name, value, f"must be {_span(low, high)}")
         return x
 
-    return typer.Option(name, parser=parse, metavar="X", help=f"{help} ({_span(low, high)}.)",
+    return typer.Option(name, parser=parse, metavar="X", help=_ranged(help, _span(low, high)),
                         show_default=kwargs.pop("show_default", False), **kwargs)
 
 
@@ -301,8 +313,8 @@ def parse_width(name: str, value: Any) -> int | str | None:
 
 def width_option(name: str, help: str, **kwargs: Any) -> Any:
     """A width: a count ≥ 1, a percentage in (0, 100] or 'all' (:func:`parse_width`)."""
-    return typer.Option(name, parser=lambda v: parse_width(name, v), metavar="W",
-                        help=f"{help} ({_WIDTH_FORMS}.)", show_default=False, **kwargs)
+    return typer.Option(name, parser=lambda v: parse_width(name, v), metavar="W", help=help,
+                        show_default=False, **kwargs)
 
 
 def size_option(name: str, help: str, **kwargs: Any) -> Any:
@@ -707,7 +719,7 @@ DepthOpt = Annotated[int | None, count_option(
     "--depth", help="How many of the last gate layers are path-constrained (default all; 0 = input×gradient; "
                     "more than there are = all)", low=0)]
 InputWidthOpt = Annotated[str | None, width_option(
-    "--input-width", help="Also keep only this many input elements (count or percentage).")]
+    "--input-width", help="Also keep only this many input elements: a count (10), a percentage (5%) or 'all'.")]
 TargetOpt = Annotated[int | None, count_option(
     "--target", help="Class to explain (default: each sample's predicted class); below the number of classes",
     low=0)]
