@@ -146,7 +146,7 @@ def audit(
         scale = max(1.0, float(np.abs(res.output).max()))
         rel = float(res.delta.max()) / scale
         status = PASS if rel <= max_delta else FAIL
-        return status, f"max |W x + b − f(x)| = {res.delta.max():.3g} ({rel:.3g} of the score scale; limit {max_delta:g})", {
+        return status, f"max |W x + b − f(x)| = {number(float(res.delta.max()), '.3g')} ({number(rel, '.3g')} of the score scale; limit {max_delta:g})", {
             "delta": res.delta.tolist(), "relative": rel}
 
     checks.append(_timed("completeness", completeness))
