@@ -1,6 +1,8 @@
 """Audits for CI: is a model analysable, are its explanations exact, what changed between two
 versions. Each check is a small function returning a :class:`Check`; the report renders as
-text, JSON or JUnit XML."""
+text, JSON or JUnit XML. Details quote names and messages from the model: the text and XML
+renderings pass them through :func:`onnx_pathwise.text.clean` (JSON escapes them itself), and an
+undefined value (a correlation of constant maps) is ``n/a`` in text and ``null`` in JSON."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import numpy as np
 from . import runtime, serde
 from .errors import PathwiseError, UnsupportedModelError
 from .explainer import Explainer
+from .text import clean, number
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 
@@ -45,29 +48,31 @@ class AuditReport:
     def to_junit(self) -> str:
         suite = ET.Element(
             "testsuite",
-            name=f"onnx-pathwise audit {os.path.basename(self.model)}",
+            name=clean(f"onnx-pathwise audit {os.path.basename(self.model)}"),
             tests=str(len(self.checks)),
             failures=str(sum(c.status == FAIL for c in self.checks)),
             skipped=str(sum(c.status == SKIP for c in self.checks)),
             time=f"{sum(c.seconds for c in self.checks):.3f}",
         )
         for c in self.checks:
-            case = ET.SubElement(suite, "testcase", classname="onnx_pathwise.audit", name=c.name, time=f"{c.seconds:.3f}")
+            detail = clean(c.detail)  # XML 1.0 cannot even hold most control characters
+            case = ET.SubElement(suite, "testcase", classname="onnx_pathwise.audit", name=clean(c.name),
+                                 time=f"{c.seconds:.3f}")
             if c.status == FAIL:
-                ET.SubElement(case, "failure", message=c.detail).text = c.detail
+                ET.SubElement(case, "failure", message=detail).text = detail
             elif c.status == SKIP:
-                ET.SubElement(case, "skipped", message=c.detail)
+                ET.SubElement(case, "skipped", message=detail)
             else:
-                ET.SubElement(case, "system-out").text = c.detail
+                ET.SubElement(case, "system-out").text = detail
         suites = ET.Element("testsuites")
         suites.append(suite)
         return ET.tostring(suites, encoding="unicode", xml_declaration=True)
 
     def to_text(self) -> str:
         width = max(len(c.name) for c in self.checks) if self.checks else 10
-        lines = [f"audit of {self.model}"]
+        lines = [f"audit of {clean(self.model)}"]
         for c in self.checks:
-            lines.append(f"  {c.status.upper():4s}  {c.name:{width}s}  {c.detail}")
+            lines.append(f"  {c.status.upper():4s}  {c.name:{width}s}  {clean(c.detail)}")
         verdict = "PASSED" if self.passed else "FAILED"
         n_fail = sum(c.status == FAIL for c in self.checks)
         lines.append(f"{verdict}: {len(self.checks) - n_fail} of {len(self.checks)} checks passed or skipped")
@@ -141,7 +146,7 @@ def audit(
         scale = max(1.0, float(np.abs(res.output).max()))
         rel = float(res.delta.max()) / scale
         status = PASS if rel <= max_delta else FAIL
-        return status, f"max |W x + b − f(x)| = {res.delta.max():.3g} ({rel:.3g} of the score scale; limit {max_delta:g})", {
+        return status, f"max |W x + b − f(x)| = {number(float(res.delta.max()), '.3g')} ({number(rel, '.3g')} of the score scale; limit {max_delta:g})", {
             "delta": res.delta.tolist(), "relative": rel}
 
     checks.append(_timed("completeness", completeness))
@@ -188,7 +193,11 @@ def audit(
         a = ex.explain(x, width=width).attribution.reshape(x.shape[0], -1)
         b = shuffled.explain(x, width=width).attribution.reshape(x.shape[0], -1)
         corr = [_correlation(a[i], b[i]) for i in range(x.shape[0])]
-        mean = float(np.nanmean(corr)) if np.isfinite(corr).any() else 0.0
+        defined = [c for c in corr if np.isfinite(c)]
+        if not defined:
+            return SKIP, f"randomising {name!r}: correlation n/a (the attributions are constant)", {
+                "correlation": corr}
+        mean = float(np.mean(defined))
         ok = mean < 0.99
         return (PASS if ok else FAIL), f"randomising {name!r} changes the explanations (mean correlation {mean:.3f})" if ok else (
             f"randomising {name!r} leaves the explanations unchanged (mean correlation {mean:.3f})"), {"correlation": corr}
@@ -214,8 +223,8 @@ class DiffReport:
     samples: list[dict[str, Any]]
     layers: dict[str, float]  # mean Jaccard per matched layer
     prediction_changes: int
-    mean_correlation: float
-    mean_jaccard: float
+    mean_correlation: float | None  # None: undefined (every attribution map constant)
+    mean_jaccard: float | None  # None: no gate layer matches
     failures: list[str]
 
     @property
@@ -229,14 +238,14 @@ class DiffReport:
         n = len(self.samples)
         lines = [f"diff {self.old} → {self.new} on {n} sample(s)",
                  f"  predictions changed   {self.prediction_changes} of {n}",
-                 f"  attribution corr.     {self.mean_correlation:.4f} (mean)",
-                 f"  path overlap          {self.mean_jaccard:.4f} (mean Jaccard over matched layers)"]
+                 f"  attribution corr.     {number(self.mean_correlation, '.4f')} (mean)",
+                 f"  path overlap          {number(self.mean_jaccard, '.4f')} (mean Jaccard over matched layers)"]
         for name, j in self.layers.items():
-            lines.append(f"    {name:30s} {j:.4f}")
+            lines.append(f"    {clean(name):30s} {number(j, '.4f')}")
         if not self.layers:
             lines.append("    (no gate layer matches by name and shape)")
         lines.append("FAILED: " + "; ".join(self.failures) if self.failures else "PASSED")
-        return "\n".join(lines)
+        return "\n".join(clean(line) for line in lines)
 
 
 def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
@@ -286,13 +295,15 @@ def diff(
     layers = {m: float(np.mean(v)) for m, v in per_layer.items() if v}
     changes = sum(s["old_prediction"] != s["new_prediction"] for s in samples)
     corrs = [float(s["correlation"]) for s in samples if np.isfinite(float(s["correlation"]))]
-    mean_corr = float(np.mean(corrs)) if corrs else float("nan")
-    mean_j = float(np.mean(list(layers.values()))) if layers else float("nan")
+    mean_corr = float(np.mean(corrs)) if corrs else None
+    mean_j = float(np.mean(list(layers.values()))) if layers else None
     failures = []
-    if min_correlation is not None and not mean_corr >= min_correlation:
-        failures.append(f"mean attribution correlation {mean_corr:.4f} < {min_correlation}")
-    if min_jaccard is not None and not mean_j >= min_jaccard:
-        failures.append(f"mean path overlap {mean_j:.4f} < {min_jaccard}")
+    if min_correlation is not None and (mean_corr is None or mean_corr < min_correlation):
+        failures.append(f"mean attribution correlation {number(mean_corr, '.4f')} < {min_correlation}"
+                        + (" (undefined: every attribution map is constant)" if mean_corr is None else ""))
+    if min_jaccard is not None and (mean_j is None or mean_j < min_jaccard):
+        failures.append(f"mean path overlap {number(mean_j, '.4f')} < {min_jaccard}"
+                        + (" (undefined: no gate layer matches by name and shape)" if mean_j is None else ""))
     if max_prediction_changes is not None and changes > max_prediction_changes:
         failures.append(f"{changes} prediction(s) changed > {max_prediction_changes}")
     return DiffReport(str(old), str(new), samples, layers, changes, mean_corr, mean_j, failures)

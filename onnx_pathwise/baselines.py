@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import limits
 from .engine import Hook, Record
 from .errors import PathwiseError
 from .ir import Node
@@ -200,6 +201,11 @@ def _baseline(explainer: Explainer, x: Array, baseline: Any) -> Array:
     return explainer.check_input(np.array(b), "baseline")
 
 
+#: Bytes Integrated Gradients holds per (sample, step): the step's alpha, weight and owner row
+#: and their temporaries (the probe points themselves go in budget-sized chunks).
+IG_BYTES_PER_STEP = 40
+
+
 def integrated_gradients(
     explainer: Explainer,
     x: Any,
@@ -226,6 +232,8 @@ def integrated_gradients(
     if isinstance(steps, bool) or int(steps) != steps or steps < 1:
         raise PathwiseError(f"steps {steps!r}: must be a positive integer")
     steps = int(steps)
+    limits.check_fits(IG_BYTES_PER_STEP * float(x.shape[0]) * steps,
+                      f"Integrated Gradients with {steps} steps on {x.shape[0]} sample(s)")
     tgt, _ = _targets(explainer, x, target, record)
     x0 = _baseline(explainer, x, baseline)
     d = x.astype(np.float64) - x0.astype(np.float64)

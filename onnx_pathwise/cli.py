@@ -2,30 +2,43 @@
 
 Commands only parse options, call the library and print. The plumbing lives in one helper
 each, for every command to share: :func:`_open_explainer` (model + device),
-:func:`_load_input` (a checked input batch), :func:`_guard_output` (refuse to clobber before any
-work is done) and :func:`_write_npz` / :func:`_write_json` (atomic output).
+:func:`_load_input` (a checked input batch), :func:`_guard_output` / :func:`_guard_dir` (refuse
+to clobber before any work is done), :func:`_write_npz` / :func:`_write_json` / :func:`_write_dir`
+(atomic output) and :func:`_out` (every text printed, sanitised).
 
-Errors: every :class:`~onnx_pathwise.errors.PathwiseError` becomes one line on stderr,
-``onnx-pathwise: error: <message>``, and the error's ``exit_code`` (:data:`EXIT_CODES`, also the
-table in README.md); ``--debug`` shows its traceback instead. Any other exception is a bug and
-keeps its traceback.
+Options: one helper per kind of value, each checked while the command line is parsed (before
+any model is loaded) against the range its help text states: :func:`count_option`,
+:func:`number_option`, :func:`width_option`, :func:`size_option`, :func:`choice_option`. A bad
+value is reported as ``--name VALUE: what is allowed``.
+
+Errors: every :class:`~onnx_pathwise.errors.PathwiseError`, and every usage error of the command
+line itself (unknown option, missing argument, a value of the wrong type), becomes one line on
+stderr, ``onnx-pathwise: error: <message>``, and the error's ``exit_code`` (:data:`EXIT_CODES`,
+also the table in README.md); ``--debug`` shows its traceback instead. Any other exception is a
+bug and keeps its traceback. SIGINT, SIGTERM and SIGHUP end a command through the same cleanup
+(no partial output, no temporary files) with exit code 128 + the signal number.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 
 import numpy as np
 import typer
 from typer.core import TyperGroup
 
-from . import __version__, plots, runtime
+from . import __version__, limits, plots, runtime
 from .errors import (
     DeviceError,
     InputError,
@@ -36,11 +49,14 @@ from .errors import (
 )
 from .explainer import Explainer, concat_batches
 from .graph import GateLayer, Segment
-from .io import load_array, save_npz, to_json, write_bytes, write_json
+from .io import bytes_writer, existing_kind, json_writer, load_array, npz_writer, to_json, write_files
 from .ir import GATE, ROUTING
+from .metrics import finite_mean
+from .text import clean, clean_block, number
 
 PROG = "onnx-pathwise"
 _DEBUG = "onnx_pathwise.debug"
+_BUDGET_SET = "onnx_pathwise.budget"
 #: Notices held back while a command runs; :class:`_Group` shows them once it has succeeded.
 _notices: list[str] = []
 
@@ -50,8 +66,10 @@ EXIT_CODES: dict[int, tuple[str, str]] = {
     1: ("check failed", "`inspect` found unsupported nodes (its report lists every one), `audit` "
                         "failed a check or `diff` crossed a threshold; also any unexpected error, i.e. "
                         "a bug, which prints a traceback"),
-    PathwiseError.exit_code: ("usage", "a bad option or argument, or an output path that may not be "
-                                       "written (exists without `--force`, is a directory, ...)"),
+    PathwiseError.exit_code: ("usage", "a bad option or argument (unknown, missing, of the wrong type or "
+                                       "outside its range), a request over the memory budget, or an output "
+                                       "path that may not be written (exists without `--force`, is a "
+                                       "directory, a link, a FIFO, ...)"),
     ModelError.exit_code: ("model", "the model file cannot be read or analysed"),
     UnsupportedModelError.exit_code: ("unsupported", "the input→output path holds unsupported "
                                                      "operations (the message lists them all)"),
@@ -59,31 +77,137 @@ EXIT_CODES: dict[int, tuple[str, str]] = {
                                     "not numeric, wrong shape, NaN or infinite values"),
     DeviceError.exit_code: ("device", "the requested device is not available "
                                       "(`--device cuda` without a usable GPU)"),
+    130: ("interrupted", "SIGINT (Ctrl-C); nothing is written, no temporary file is left"),
+    143: ("terminated", "SIGTERM (SIGHUP: 129); nothing is written, no temporary file is left"),
 }
 assert OutputError.exit_code == PathwiseError.exit_code
 
 
+def _click_class(name: str) -> type[Exception]:
+    """The click exception class ``name`` of the click that Typer uses (its own copy in newer
+    Typer releases, the ``click`` package in older ones)."""
+    return next(c for c in typer.BadParameter.__mro__ if c.__name__ == name)
+
+
+_ClickException = _click_class("ClickException")
+_UsageError = _click_class("UsageError")
+_NoArgsIsHelp: type[Exception] | None = getattr(sys.modules[_UsageError.__module__], "NoArgsIsHelpError", None)
+
+
+class OptionError(typer.BadParameter, PathwiseError):
+    """An option value outside what the option allows, reported as ``--name VALUE: problem``
+    (a usage error of click's, so it is raised while the command line is parsed, and a
+    :class:`PathwiseError`, exit code 2)."""
+
+    def __init__(self, option: str, value: object, problem: str) -> None:
+        super().__init__(problem)
+        self.option, self.value, self.problem = option, value, problem
+
+    def house_message(self) -> str:
+        text = str(self.value)
+        try:
+            float(text)
+            shown = text.strip()
+        except ValueError:
+            shown = repr(text)
+        return f"{self.option} {shown}: {self.problem}"
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP arrived while a command ran; raised (like KeyboardInterrupt for SIGINT)
+    so that every ``finally`` and cleanup runs before the process exits with 128 + signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signum)
+
+
+def _catch_signals() -> dict[int, Any]:
+    """Turn SIGTERM and SIGHUP into :class:`Interrupted` while a command runs (their default
+    action would kill Python without cleanup). Signals the caller ignores stay ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous: dict[int, Any] = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is None or signal.getsignal(signum) is signal.SIG_IGN:
+            continue
+        previous[signum] = signal.signal(signum, _raise_interrupted)
+    return previous
+
+
+def _usage_error(exc: Exception) -> typer.Exit:
+    """One house line for a usage error of the command line itself; the Exit to raise."""
+    if isinstance(exc, OptionError):
+        message = exc.house_message()
+    else:
+        message = exc.format_message()  # type: ignore[attr-defined]
+        ctx = getattr(exc, "ctx", None)
+        if ctx is not None:
+            message = f"{message.rstrip('.')} (see '{ctx.command_path} --help')"
+    typer.echo(f"{PROG}: error: {clean(message)}", err=True)
+    code = PathwiseError.exit_code if isinstance(exc, _UsageError) else exc.exit_code  # type: ignore[attr-defined]
+    return typer.Exit(code)
+
+
+def _out(text: str, err: bool = False) -> None:
+    """Print ``text`` (stdout, or stderr with ``err``); model-derived text in it is sanitised."""
+    typer.echo(clean_block(text), err=err)
+
+
 class _Group(TyperGroup):
-    """Turns a :class:`PathwiseError` raised by any command into one line and its exit code.
+    """Turns a :class:`PathwiseError` raised by any command, a usage error and an interrupt into
+    one line and its exit code.
 
     Notices held back while the command ran (the CPU fallback of ``--device auto``) are shown
     after it, unless it failed: a failed command prints its one error line and nothing else.
     """
 
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None,  # type: ignore[override]
+                     **extra: Any) -> Any:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except _ClickException as exc:
+            if _NoArgsIsHelp is not None and isinstance(exc, _NoArgsIsHelp):
+                raise
+            raise _usage_error(exc) from None
+
     def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
         _notices.clear()
+        previous = _catch_signals()
         try:
             return super().invoke(ctx)
+        except _ClickException as exc:
+            _notices.clear()
+            if ctx.meta.get(_DEBUG) and isinstance(exc, OptionError):
+                raise PathwiseError(exc.house_message()) from exc  # click would print its own box
+            raise _usage_error(exc) from None
         except PathwiseError as exc:
             _notices.clear()
             if ctx.meta.get(_DEBUG):
                 raise
-            message = " ".join(str(exc).split("\n"))
-            typer.echo(f"{PROG}: error: {message}", err=True)
+            typer.echo(f"{PROG}: error: {clean(str(exc))}", err=True)
             raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            _notices.clear()
+            typer.echo(f"{PROG}: error: interrupted (SIGINT); no output written", err=True)
+            raise typer.Exit(128 + signal.SIGINT) from None
+        except Interrupted as exc:
+            _notices.clear()
+            name = signal.Signals(exc.signum).name
+            typer.echo(f"{PROG}: error: terminated ({name}); no output written", err=True)
+            raise typer.Exit(128 + exc.signum) from None
         finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            if ctx.meta.pop(_BUDGET_SET, False):
+                limits.set_memory_budget(None)
             for notice in _notices:
-                typer.echo(notice, err=True)
+                _out(notice, err=True)
             _notices.clear()
 
 
@@ -105,6 +229,118 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+# --------------------------------------------------------------------------- option kinds
+
+#: Largest count any option takes (a 32-bit signed integer).
+MAX_COUNT = 2**31 - 1
+#: Largest ``--steps`` of Integrated Gradients.
+MAX_STEPS = 1_000_000
+_WIDTH_FORMS = "a count like 10, a percentage like 5% or 'all'"
+
+
+def _span(low: float | None, high: float | None) -> str:
+    """The range [low, high] in words (None: unbounded)."""
+    def show(v: float) -> str:
+        return str(v) if isinstance(v, int) else f"{v:g}"
+
+    if low is not None and high is not None and high != MAX_COUNT:
+        return f"from {show(low)} to {show(high)}"
+    if low is not None:
+        return f"at least {show(low)}"
+    return f"at most {show(high)}" if high is not None else "any finite number"
+
+
+def _ranged(help: str, span: str) -> str:
+    return f"{help.rstrip('.')} ({span})."
+
+
+def count_option(name: str, help: str, *, low: int = 1, high: int = MAX_COUNT, **kwargs: Any) -> Any:
+    """An integer option in [``low``, ``high``] (a count, an index, a batch size)."""
+    def parse(value: Any) -> int:
+        try:
+            n = int(str(value).strip())
+        except ValueError:
+            raise OptionError(name, value, f"expected a whole number, {_span(low, high)}") from None
+        if not low <= n <= high:
+            raise OptionError(name, value, f"must be {_span(low, high)}")
+        return n
+
+    return typer.Option(name, parser=parse, metavar="N", help=_ranged(help, _span(low, high)),
+                        show_default=kwargs.pop("show_default", False), **kwargs)
+
+
+def number_option(name: str, help: str, *, low: float | None = None, high: float | None = None,
+                  **kwargs: Any) -> Any:
+    """A finite real option in [``low``, ``high``]; NaN and infinities are refused."""
+    def parse(value: Any) -> float:
+        try:
+            x = float(str(value).strip())
+        except ValueError:
+            raise OptionError(name, value, f"expected a number, {_span(low, high)}") from None
+        if not math.isfinite(x):
+            raise OptionError(name, value, f"must be a finite number, {_span(low, high)}")
+        if (low is not None and x < low) or (high is not None and x > high):
+            raise OptionError(name, value, f"must be {_span(low, high)}")
+        return x
+
+    return typer.Option(name, parser=parse, metavar="X", help=_ranged(help, _span(low, high)),
+                        show_default=kwargs.pop("show_default", False), **kwargs)
+
+
+def parse_width(name: str, value: Any) -> int | str | None:
+    """A width value: a count ≥ 1 (int), a percentage in (0, 100] (the string) or 'all' (None)."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    if text.lower() == "all":
+        return None
+    if text.endswith("%"):
+        try:
+            p = float(text[:-1])
+        except ValueError:
+            raise OptionError(name, value, f"expected {_WIDTH_FORMS}") from None
+        if not (math.isfinite(p) and 0 < p <= 100):
+            raise OptionError(name, value, "the percentage must be in (0, 100]")
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        raise OptionError(name, value, f"expected {_WIDTH_FORMS}") from None
+    if not 1 <= n <= MAX_COUNT:
+        raise OptionError(name, value, f"a count must be at least 1 (and at most {MAX_COUNT})")
+    return n
+
+
+def width_option(name: str, help: str, **kwargs: Any) -> Any:
+    """A width: a count ≥ 1, a percentage in (0, 100] or 'all' (:func:`parse_width`)."""
+    return typer.Option(name, parser=lambda v: parse_width(name, v), metavar="W", help=help,
+                        show_default=False, **kwargs)
+
+
+def size_option(name: str, help: str, **kwargs: Any) -> Any:
+    """A memory size such as 4G, 512M or a number of bytes (at least 64 MiB)."""
+    def parse(value: Any) -> int:
+        try:
+            return limits.parse_size(str(value))
+        except PathwiseError:
+            raise OptionError(name, value, f"expected a size such as 4G, 512M or 1000000 (bytes), at least "
+                                           f"{limits.MIN_BUDGET // 2**20}M") from None
+
+    return typer.Option(name, parser=parse, metavar="SIZE", help=help, show_default=False, **kwargs)
+
+
+def choice_option(name: str, choices: Sequence[str], help: str, **kwargs: Any) -> Any:
+    """One of ``choices`` (exact spelling)."""
+    def parse(value: Any) -> str:
+        text = str(value).strip()
+        if text not in choices:
+            raise OptionError(name, value, f"choose one of {', '.join(choices)}")
+        return text
+
+    return typer.Option(name, parser=parse, metavar="|".join(choices) if len(choices) <= 3 else "NAME",
+                        help=f"{help} One of: {', '.join(choices)}.", **kwargs)
+
+
 # --------------------------------------------------------------------------- shared options
 
 ModelArg = Annotated[Path, typer.Argument(help="ONNX model file.", metavar="MODEL", show_default=False)]
@@ -120,7 +356,7 @@ OutputNameOpt = Annotated[str | None, typer.Option(
 DeviceOpt = Annotated[Device, typer.Option(
     "--device", case_sensitive=False,
     help="Where onnxruntime runs: auto (CUDA when usable, else CPU), cpu or cuda.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files (regular files only).")]
 
 
 class PageFormat(str, Enum):
@@ -143,11 +379,25 @@ def _root(
     ctx: typer.Context,
     debug: Annotated[bool, typer.Option(
         "--debug", help="Show the full traceback of errors too (normally one line).")] = False,
+    memory_budget: Annotated[int | None, size_option(
+        "--memory-budget", help="Most memory one request may plan to use, e.g. 4G or 512M (default: "
+                                f"${limits.ENV_VAR}, else half the memory available).")] = None,
     version: Annotated[bool, typer.Option(
         "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     """Exact local affine models and pathwise explanations of piecewise-linear (ReLU) ONNX models."""
     ctx.meta[_DEBUG] = debug
+    if memory_budget is not None:
+        limits.set_memory_budget(memory_budget)
+        ctx.meta[_BUDGET_SET] = True
+        return
+    env = os.environ.get(limits.ENV_VAR)
+    if env:
+        try:
+            limits.parse_size(env)
+        except PathwiseError:
+            raise PathwiseError(f"{limits.ENV_VAR}={env!r}: expected a size such as 4G, 512M or 1000000 "
+                                f"(bytes), at least {limits.MIN_BUDGET // 2**20}M") from None
 
 
 # --------------------------------------------------------------------------- plumbing
@@ -176,14 +426,28 @@ def _load_input(path: Path, explainer: Explainer) -> np.ndarray:
     return explainer.check_input(load_array(path), name=str(path))
 
 
-def _guard_output(path: Path, force: bool) -> None:
-    """Refuse, before any work, an output path that cannot or may not be written.
+def _check_target(target: int | None, ex: Explainer) -> None:
+    """``--target`` must name one of the model's classes (known once the model is read)."""
+    if target is not None and not 0 <= target < ex.num_classes:
+        raise PathwiseError(f"--target {target}: out of range for {ex.num_classes} scores "
+                            f"(classes 0 to {ex.num_classes - 1})")
 
-    Missing folders on the way are allowed: the writers create them.
-    """
-    if path.is_dir():
+
+def _refuse_kind(path: Path, kind: str | None) -> None:
+    if kind == "a directory":
         raise OutputError(f"{path}: is a directory; give a file name")
-    if (path.exists() or path.is_symlink()) and not force:
+    if kind not in (None, "a file"):
+        raise OutputError(f"{path}: is {kind}; --force replaces regular files only")
+
+
+def _guard_output(path: Path, force: bool) -> None:
+    """Refuse, before any work, an output path that cannot or may not be written: one that
+    exists without ``force``, or is anything but a regular file (directory, symbolic link,
+    FIFO, device, socket) even with it. Missing folders on the way are allowed: the writers
+    create them."""
+    kind = existing_kind(path)
+    _refuse_kind(path, kind)
+    if kind is not None and not force:
         raise OutputError(f"{path}: already exists; pass --force to overwrite it")
     for parent in path.parents:
         if parent.exists():
@@ -201,16 +465,21 @@ def _make_parent(path: Path) -> None:
         raise OutputError(f"{path}: cannot create folder {str(path.parent)!r} ({exc.strerror or exc})") from None
 
 
-def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
+def _write_npz(path: Path, arrays: Mapping[str, np.ndarray], force: bool = False) -> Path:
     """Write arrays atomically, creating missing folders; the file is named exactly ``path``."""
     _make_parent(path)
-    return save_npz(path, arrays)
+    return write_files(path.parent, {path.name: npz_writer(arrays)}, overwrite=force)[0]
 
 
-def _write_json(path: Path, obj: Any) -> Path:
+def _write_json(path: Path, obj: Any, force: bool = False) -> Path:
     """Write strict JSON atomically, creating missing folders."""
     _make_parent(path)
-    return write_json(path, obj)
+    return write_files(path.parent, {path.name: json_writer(obj)}, overwrite=force)[0]
+
+
+def _write_bytes(path: Path, data: bytes, force: bool = False) -> Path:
+    _make_parent(path)
+    return write_files(path.parent, {path.name: bytes_writer(data)}, overwrite=force)[0]
 
 
 # --------------------------------------------------------------------------- inspect
@@ -268,7 +537,7 @@ def _model_info(model: Path) -> dict[str, Any] | None:
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "  ") -> list[str]:
-    cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
+    cells = [list(map(str, headers))] + [[clean(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     return [indent + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
 
@@ -285,7 +554,7 @@ def _ops_summary(ops: Sequence[str], limit: int = 5) -> str:
 def _describe_text(info: Mapping[str, Any]) -> str:
     inp, out = info["input"], info["output"]
     producer = f"made by {info['producer']}, " if info["producer"] else ""
-    lines = [f"{info['model']}  ({producer}opset {info['opset']})", ""]
+    lines = [f"{clean(info['model'])}  ({clean(producer)}opset {info['opset']})", ""]
     batch = "N is the batch axis"
     if inp["batch_fixed_in_file"]:
         fixed = inp.get("batch_in_file") or 1
@@ -310,7 +579,7 @@ def _describe_text(info: Mapping[str, Any]) -> str:
     lines.append("")
     routing = info["routing"]
     lines.append(f"Routing nodes: {len(routing)} (max-pool choices, frozen at each input, never selected)")
-    lines += [f"  {r['name']} ({r['op_type']})" for r in routing] or ["  none"]
+    lines += [f"  {clean(r['name'])} ({clean(r['op_type'])})" for r in routing] or ["  none"]
     lines.append("")
     segs = info["segments"]
     lines.append(f"Segments: {len(segs)} (the affine pieces between gates, after folding constants and BatchNorm)")
@@ -323,9 +592,9 @@ def _describe_text(info: Mapping[str, Any]) -> str:
 
 
 def _unsupported_text(model: Path, exc: UnsupportedModelError) -> str:
-    lines = [f"{model}: not analysable: {len(exc.problems)} node(s) on the input→output path "
+    lines = [f"{clean(model)}: not analysable: {len(exc.problems)} node(s) on the input→output path "
              "are not supported:"]
-    lines += [f"  - {p}" for p in exc.problems]
+    lines += [f"  - {clean(p)}" for p in exc.problems]
     lines.append("Supported ops: " + ", ".join(sorted(exc.supported)) + ".")
     lines.append("A final Softmax, LogSoftmax or Sigmoid is allowed (peeled).")
     return "\n".join(lines)
@@ -346,13 +615,13 @@ def inspect(
         ex = _open_explainer(model, Device.cpu, input_name, output)
     except UnsupportedModelError as exc:
         if json_out:
-            typer.echo(to_json({"model": str(model), "analysable": False, "problems": exc.problems,
-                                "supported": sorted(exc.supported)}))
+            _out(to_json({"model": str(model), "analysable": False, "problems": exc.problems,
+                          "supported": sorted(exc.supported)}))
         else:
-            typer.echo(_unsupported_text(model, exc))
+            _out(_unsupported_text(model, exc))
         raise typer.Exit(1) from None
     info = describe(ex, model)
-    typer.echo(to_json(info) if json_out else _describe_text(info))
+    _out(to_json(info) if json_out else _describe_text(info))
 
 
 # --------------------------------------------------------------------------- unwrap
@@ -378,9 +647,9 @@ def unwrap(
     ex = _open_explainer(model, device, input_name, output)
     x = _load_input(input, ex)
     res = ex.unwrap(x)
-    _write_npz(out, {"weight": res.weight, "bias": res.bias, "output": res.output, "delta": res.delta})
+    _write_npz(out, {"weight": res.weight, "bias": res.bias, "output": res.output, "delta": res.delta}, force)
     n, k = res.output.shape
-    typer.echo(f"wrote {out}: {n} sample(s) × {k} scores of {ex.ir.output_name!r}, weight "
+    _out(f"wrote {out}: {n} sample(s) × {k} scores of {ex.ir.output_name!r}, weight "
                f"{tuple(res.weight.shape)}, max completeness delta {float(res.delta.max()):.2g}")
 
 
@@ -416,74 +685,66 @@ def _chunked(fn: Callable[[np.ndarray], Any], x: np.ndarray, what: str) -> Any:
     return concat_batches(results)
 
 
-def _guard_dir(out: Path, names: Sequence[str], force: bool) -> None:
-    """Refuse, before any work, an output folder that is a file or already holds our outputs."""
-    if out.exists() and not out.is_dir():
+def _guard_dir(out: Path, names: Iterable[str], force: bool) -> None:
+    """Refuse, before any work, an output folder that is not a folder, or that holds a file
+    with one of the names the command writes (without ``force``), or anything but a regular
+    file under one of those names (even with ``force``)."""
+    kind = existing_kind(out)
+    if kind not in (None, "a directory") and not (kind == "a symbolic link" and out.is_dir()):
         raise OutputError(f"{out}: exists and is not a folder")
-    if out.is_dir() and not force:
-        clash = [n for n in names if (out / n).exists()]
-        if clash:
+    if out.is_dir():
+        clash = []
+        for name in names:
+            found = existing_kind(out / name)
+            _refuse_kind(out / name, found)
+            if found is not None:
+                clash.append(name)
+        if clash and not force:
             raise OutputError(f"{out}: already holds {', '.join(clash)}; pass --force to overwrite")
     _guard_output(out / "probe.tmp", True)
 
 
 def _write_dir(out: Path, npz: Mapping[str, Mapping[str, np.ndarray]], json_files: Mapping[str, Any],
-               pngs: Mapping[str, bytes]) -> list[str]:
-    """Write every file into a fresh temporary folder beside ``out``, then move them in: a
-    failure leaves no partial output behind."""
-    import shutil
-    import tempfile
-
+               pngs: Mapping[str, bytes], force: bool) -> list[str]:
+    """Write every file into ``out`` all or nothing (:func:`onnx_pathwise.io.write_files`): a
+    failure or an interrupt leaves no partial output behind, not even a folder it created."""
+    created = existing_kind(out) is None
     _make_parent(out / "x")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    writers: dict[str, Callable[[Any], object]] = {}
+    writers.update({name: npz_writer(arrays) for name, arrays in npz.items()})
+    writers.update({name: json_writer(obj) for name, obj in json_files.items()})
+    writers.update({name: bytes_writer(data) for name, data in pngs.items()})
     try:
-        for name, arrays in npz.items():
-            save_npz(tmp / name, arrays)
-        for name, obj in json_files.items():
-            write_json(tmp / name, obj)
-        for name, data in pngs.items():
-            (tmp / name).write_bytes(data)
-        names = sorted(p.name for p in tmp.iterdir())
-        for name in names:
-            os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return names
+        write_files(out, writers, overwrite=force)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    return sorted(writers)
+
+
+def _png_names(png: bool, ex: Explainer, n: int) -> list[str]:
+    """The per-sample PNG names a command writes for image inputs."""
+    return [f"sample_{i}.png" for i in range(n)] if png and plots.is_image(ex.input_shape) else []
 
 
 def _path_json(path: Sequence[Any]) -> list[dict[str, Any]]:
     return [{"node": p.node, "kept": p.kept.tolist(), "count": p.count, "units": p.units} for p in path]
 
 
-WidthOpt = Annotated[str | None, typer.Option(
+WidthOpt = Annotated[str | None, width_option(
     "--width", help="Units kept per path layer: a count (10), a percentage of the layer (5%) or "
-                    "'all'. Default: every unit that favours the target.", show_default=False)]
-DepthOpt = Annotated[int | None, typer.Option(
-    "--depth", help="How many of the last gate layers are path-constrained (default all; 0 = input×gradient).",
-    show_default=False, min=0)]
-InputWidthOpt = Annotated[str | None, typer.Option(
-    "--input-width", help="Also keep only this many input elements (count or percentage).", show_default=False)]
-TargetOpt = Annotated[int | None, typer.Option(
-    "--target", help="Class to explain (default: each sample's predicted class).", show_default=False)]
+                    "'all'. Default: every unit that favours the target.")]
+DepthOpt = Annotated[int | None, count_option(
+    "--depth", help="How many of the last gate layers are path-constrained (default all; 0 = input×gradient; "
+                    "more than there are = all)", low=0)]
+InputWidthOpt = Annotated[str | None, width_option(
+    "--input-width", help="Also keep only this many input elements: a count (10), a percentage (5%) or 'all'.")]
+TargetOpt = Annotated[int | None, count_option(
+    "--target", help="Class to explain (default: each sample's predicted class); below the number of classes",
+    low=0)]
 OutDirOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (created if missing).", show_default=False)]
-
-
-def _width(value: str | None) -> int | str | None:
-    """A --width/--input-width value, checked before any work (count, percentage or 'all')."""
-    from .pathwise import parse_width
-
-    if value is None or value.strip().lower() == "all":
-        return None
-    spec: int | str = value if value.strip().endswith("%") else _int_option("--width", value)
-    parse_width(spec, 1_000_000)  # raises on 0, negatives and percentages outside (0, 100]
-    return spec
-
-
-def _int_option(name: str, value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise PathwiseError(f"{name} {value!r}: expected a count like 10 or a percentage like 5%") from None
 
 
 METHODS = ("pathwise", "gradient", "input_x_gradient", "integrated_gradients", "guided_backprop", "unwrap")
@@ -497,12 +758,13 @@ def explain(
     model: ModelArg,
     input: InputArg,
     out: OutDirOpt,
-    method: Annotated[str, typer.Option("--method", help=f"One of: {', '.join(METHODS)}.")] = "pathwise",
+    method: Annotated[str, choice_option("--method", METHODS, help="Attribution method.")] = "pathwise",
     target: TargetOpt = None,
     width: WidthOpt = None,
     depth: DepthOpt = None,
     input_width: InputWidthOpt = None,
-    steps: Annotated[int, typer.Option("--steps", help="Integrated Gradients: interpolation steps.", min=1)] = 32,
+    steps: Annotated[int, count_option("--steps", help="Integrated Gradients: interpolation steps", high=MAX_STEPS,
+                                       show_default=True)] = 32,
     exact: Annotated[bool, typer.Option("--exact", help="Integrated Gradients: integrate exactly over linear pieces.")] = False,
     device: DeviceOpt = Device.auto,
     input_name: InputNameOpt = None,
@@ -517,15 +779,15 @@ def explain(
     masked_score), OUT/explanation.json (per sample: target, score and, for pathwise,
     faithfulness and the path) and, for image inputs, OUT/sample_<i>.png.
     """
-    if method not in METHODS:
-        raise PathwiseError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
-    w, iw = _width(width), _width(input_width)
+    w, iw = width, input_width
     if method != "pathwise" and (w is not None or depth is not None or iw is not None):
         raise PathwiseError("--width, --depth and --input-width apply to --method pathwise only")
     names = ["explanation.npz", "explanation.json"] + (["report.html"] if report_format else [])
     _guard_dir(out, names, force)
     ex = _open_explainer(model, device, input_name, output)
+    _check_target(target, ex)
     x = _load_input(input, ex)
+    _guard_dir(out, names + _png_names(png, ex, x.shape[0]), force)
     if method == "pathwise":
         res = _chunked(lambda b: ex.explain(b, target=target, width=w, depth=depth, input_width=iw), x, "explaining")
         arrays = {"attribution": res.attribution, "weight": res.weight, "bias": res.bias, "output": res.output,
@@ -555,9 +817,9 @@ def explain(
             model_info=describe(ex, model), method=method, options=options, x=x, attribution=res.attribution,
             output=res.output, target=res.target, samples=samples, bias=getattr(res, "bias", None),
             masked_score=getattr(res, "masked_score", None), inputs=str(input)).encode()
-    written = _write_dir(out, {"explanation.npz": arrays}, {"explanation.json": report}, pngs)
-    extra = f", faithfulness {np.nanmean(res.faithfulness):.3f} (mean)" if method == "pathwise" else ""
-    typer.echo(f"wrote {len(written)} file(s) to {out}: {x.shape[0]} sample(s), method {method}{extra}")
+    written = _write_dir(out, {"explanation.npz": arrays}, {"explanation.json": report}, pngs, force)
+    extra = f", faithfulness {number(finite_mean(res.faithfulness), '.3f')} (mean)" if method == "pathwise" else ""
+    _out(f"wrote {len(written)} file(s) to {out}: {x.shape[0]} sample(s), method {method}{extra}")
 
 
 # --------------------------------------------------------------------------- decompose
@@ -570,8 +832,9 @@ def decompose(
     out: OutDirOpt,
     layer: Annotated[str | None, typer.Option("--layer", help="Gate layer (node name); default the last.",
                                               show_default=False)] = None,
-    top: Annotated[int, typer.Option("--top", help="How many parts to keep.", min=1)] = 8,
-    group: Annotated[str, typer.Option("--group", help="unit or channel.")] = "unit",
+    top: Annotated[int, count_option("--top", help="How many parts to keep (more than the layer has: all)",
+                                     show_default=True)] = 8,
+    group: Annotated[str, choice_option("--group", ("unit", "channel"), help="What a part runs through.")] = "unit",
     target: TargetOpt = None,
     width: WidthOpt = None,
     depth: DepthOpt = None,
@@ -586,12 +849,14 @@ def decompose(
 
     Writes OUT/decomposition.npz, OUT/decomposition.json and, for image inputs, a PNG grid per sample.
     """
-    w = _width(width)
     names = ["decomposition.npz", "decomposition.json"]
     _guard_dir(out, names, force)
     ex = _open_explainer(model, device, input_name, output)
+    _check_target(target, ex)
     x = _load_input(input, ex)
-    d = _chunked(lambda b: ex.decompose(b, layer=layer, top=top, group=group, target=target, width=w, depth=depth),
+    _guard_dir(out, names + _png_names(png, ex, x.shape[0]), force)
+    d = _chunked(lambda b: ex.decompose(b, layer=layer, top=top, group=group, target=target, width=width,
+                                        depth=depth),
                  x, "decomposing")
     arrays = {"attribution": d.attribution, "parts": d.parts, "part_index": d.part_index,
               "part_score": d.part_score, "rest": d.rest, "bypass": d.bypass, "target": d.target,
@@ -607,8 +872,8 @@ def decompose(
         for i in range(x.shape[0]):
             labels = [f"{group} {int(d.part_index[i, j])}: {d.part_score[i, j]:.3g}" for j in range(d.parts.shape[1])]
             pngs[f"sample_{i}.png"] = plots.parts_grid(x[i], d.attribution[i], d.parts[i], labels)
-    written = _write_dir(out, {"decomposition.npz": arrays}, {"decomposition.json": report}, pngs)
-    typer.echo(f"wrote {len(written)} file(s) to {out}: {x.shape[0]} sample(s), layer {d.layer!r}, "
+    written = _write_dir(out, {"decomposition.npz": arrays}, {"decomposition.json": report}, pngs, force)
+    _out(f"wrote {len(written)} file(s) to {out}: {x.shape[0]} sample(s), layer {d.layer!r}, "
                f"max |parts + rest + bypass - attribution| {float(d.delta.max()):.2g}")
 
 
@@ -622,13 +887,12 @@ def evaluate(
     out: OutDirOpt,
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods.")] = (
         "pathwise,gradient,input_x_gradient,integrated_gradients,guided_backprop"),
-    width: Annotated[list[str] | None, typer.Option(
-        "--width", help="Pathwise width(s); repeat for a sweep (e.g. --width 5% --width 20%).",
-        show_default=False)] = None,
-    depth: Annotated[list[int] | None, typer.Option("--depth", help="Pathwise depth(s); repeat for several.",
-                                                     show_default=False)] = None,
-    step: Annotated[int | None, typer.Option("--step", help="Pixels per insertion/deletion step "
-                                             "(default: one image row).", show_default=False, min=1)] = None,
+    width: Annotated[list[str] | None, width_option(
+        "--width", help="Pathwise width(s); repeat for a sweep (e.g. --width 5% --width 20%).")] = None,
+    depth: Annotated[list[int] | None, count_option("--depth", help="Pathwise depth(s); repeat for several",
+                                                     low=0)] = None,
+    step: Annotated[int | None, count_option("--step", help="Pixels per insertion/deletion step "
+                                             "(default: one image row)")] = None,
     target: TargetOpt = None,
     device: DeviceOpt = Device.auto,
     input_name: InputNameOpt = None,
@@ -648,10 +912,12 @@ def evaluate(
     bad = [m for m in chosen if m not in METHODS]
     if bad or not chosen:
         raise PathwiseError(f"--methods: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(METHODS)}")
-    widths = [_width(v) for v in width] if width else None
-    names = ["evaluation.json", "curves.png", "width_sweep.png"] + (["report.html"] if report_format else [])
+    widths: list[int | str | None] | None = list(width) if width else None
+    names = ["evaluation.json", "curves.png"] + (["width_sweep.png"] if widths and len(widths) > 1 else []) + (
+        ["report.html"] if report_format else [])
     _guard_dir(out, names, force)
     ex = _open_explainer(model, device, input_name, output)
+    _check_target(target, ex)
     x = _load_input(inputs, ex)
     attributions: dict[str, np.ndarray] | None = {} if report_format else None
     result = run_evaluation(ex, x, chosen, widths=widths, depths=list(depth) if depth else None, step=step,
@@ -663,11 +929,11 @@ def evaluate(
         cells = [label]
         for m in metric_names:
             v = info["metrics"].get(m)
-            cells.append(f"{v['mean']:.4f} ± {v['std']:.4f}" if v and v["mean"] is not None else "")
+            cells.append(f"{number(v['mean'], '.4f')} ± {number(v['std'], '.4f')}" if v else "")
         rows.append(cells)
-    typer.echo("\n".join(_table(["method"] + metric_names, rows, indent="")))
+    _out("\n".join(_table(["method"] + metric_names, rows, indent="")))
     for k, v in result["samples"].items():
-        typer.echo(f"{k}: {v['mean']:.4g} ± {v['std']:.4g}" if v["mean"] is not None else f"{k}: n/a")
+        _out(f"{k}: {number(v['mean'])} ± {number(v['std'])}" if v["mean"] is not None else f"{k}: n/a")
     pngs = {"curves.png": plots.curves(result["methods"])}
     if widths and len(widths) > 1:
         pngs["width_sweep.png"] = plots.width_sweep(result["methods"])
@@ -677,8 +943,8 @@ def evaluate(
         pngs["report.html"] = evaluate_page(
             model_info=describe(ex, model), evaluation=result, x=x, attributions=attributions,
             output=ex.record(x).scores, figures=dict(pngs), inputs=str(inputs)).encode()
-    written = _write_dir(out, {}, {"evaluation.json": result}, pngs)
-    typer.echo(f"wrote {len(written)} file(s) to {out}")
+    written = _write_dir(out, {}, {"evaluation.json": result}, pngs, force)
+    _out(f"wrote {len(written)} file(s) to {out}")
 
 
 # --------------------------------------------------------------------------- audit, diff
@@ -696,8 +962,9 @@ def audit(
     inputs: Annotated[Path | None, typer.Option(
         "--inputs", help="Inputs to check on (.npy/.npz); default: 4 generated standard-normal inputs.",
         show_default=False)] = None,
-    max_delta: Annotated[float, typer.Option(
-        "--max-delta", help="Largest completeness delta allowed, relative to the score scale (at least 1).")] = 1e-4,
+    max_delta: Annotated[float, number_option(
+        "--max-delta", help="Largest completeness delta allowed, relative to the score scale (at least 1)",
+        low=0.0, show_default=True)] = 1e-4,
     width: WidthOpt = None,
     report: Annotated[ReportFormat | None, typer.Option(
         "--report", help="Also write a report: json, junit (XML that CI systems display) or html (a page).",
@@ -720,11 +987,10 @@ def audit(
         _guard_output(out, force)
         if report is None:
             raise PathwiseError("--out needs --report json, junit or html")
-    w = _width(width)
     x = None
     if inputs is not None:
         x = load_array(inputs)
-    result = run_audit(model, inputs=x, max_delta=max_delta, device=_resolve_device(device), width=w,
+    result = run_audit(model, inputs=x, max_delta=max_delta, device=_resolve_device(device), width=width,
                        inputs_name=str(inputs))
     text = result.to_text()
     machine = None
@@ -737,14 +1003,13 @@ def audit(
 
         machine = audit_page(report=result, model_info=_model_info(model), inputs=str(inputs) if inputs else None)
     if machine is not None and out is not None:
-        _make_parent(out)
-        write_bytes(out, machine.encode())
-        typer.echo(text)
+        _write_bytes(out, machine.encode(), force)
+        _out(text)
     elif machine is not None:
-        typer.echo(machine)
-        typer.echo(text, err=True)
+        _out(machine)
+        _out(text, err=True)
     else:
-        typer.echo(text)
+        _out(text)
     raise typer.Exit(0 if result.passed else 1)
 
 
@@ -753,12 +1018,12 @@ def diff(
     old: Annotated[Path, typer.Argument(help="The released model.", metavar="OLD", show_default=False)],
     new: Annotated[Path, typer.Argument(help="The candidate model.", metavar="NEW", show_default=False)],
     inputs: Annotated[Path, typer.Option("--inputs", help="Inputs to compare on (.npy/.npz).", show_default=False)],
-    fail_below: Annotated[float | None, typer.Option(
-        "--fail-below", help="Fail when the mean attribution correlation is below this.", show_default=False)] = None,
-    min_overlap: Annotated[float | None, typer.Option(
-        "--min-overlap", help="Fail when the mean path overlap (Jaccard) is below this.", show_default=False)] = None,
-    max_changes: Annotated[int | None, typer.Option(
-        "--max-changes", help="Fail when more predictions than this change.", show_default=False)] = None,
+    fail_below: Annotated[float | None, number_option(
+        "--fail-below", help="Fail when the mean attribution correlation is below this", low=-1.0, high=1.0)] = None,
+    min_overlap: Annotated[float | None, number_option(
+        "--min-overlap", help="Fail when the mean path overlap (Jaccard) is below this", low=0.0, high=1.0)] = None,
+    max_changes: Annotated[int | None, count_option(
+        "--max-changes", help="Fail when more predictions than this change", low=0)] = None,
     width: WidthOpt = None,
     depth: DepthOpt = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the full report as JSON here.",
@@ -784,19 +1049,17 @@ def diff(
         raise PathwiseError("--report html and --out FILE go together")
     if out is not None:
         _guard_output(out, force)
-    w = _width(width)
     x = load_array(inputs)
-    result = run_diff(old, new, x, width=w, depth=depth, device=_resolve_device(device),
+    result = run_diff(old, new, x, width=width, depth=depth, device=_resolve_device(device),
                       min_correlation=fail_below, min_jaccard=min_overlap, max_prediction_changes=max_changes,
                       inputs_name=str(inputs))
     if json_out is not None:
-        _write_json(json_out, result.to_json())
+        _write_json(json_out, result.to_json(), force)
     if out is not None:
-        from .report import diff_page, write_page
+        from .report import diff_page
 
-        _make_parent(out)
-        write_page(out, diff_page(report=result, inputs=str(inputs)))
-    typer.echo(result.to_text())
+        _write_bytes(out, diff_page(report=result, inputs=str(inputs)).encode(), force)
+    _out(result.to_text())
     raise typer.Exit(0 if result.passed else 1)
 
 

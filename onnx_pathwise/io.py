@@ -6,9 +6,10 @@ size (and :data:`MAX_INPUT_BYTES`) *before* any array is allocated, so a forged 
 cannot make us allocate terabytes. Every problem is an :class:`~onnx_pathwise.errors.InputError`
 naming the file and the cause.
 
-Outputs go to a temporary file in the destination folder and are moved into place with
-:func:`os.replace`, so a reader never sees a half-written file and a failure leaves no
-output behind.
+Outputs go to a temporary file (``O_EXCL``) in the destination folder and are moved into place
+only when complete, so a reader never sees a half-written file and a failure or an interrupt
+leaves no output behind. Only regular files are ever replaced, and only when asked; every file
+written gets ordinary permissions (0o666 minus the umask).
 
 >>> import tempfile, numpy as np
 >>> from pathlib import Path
@@ -24,10 +25,13 @@ import contextlib
 import json
 import math
 import os
+import signal
+import stat
 import tempfile
+import threading
 import zipfile
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -35,6 +39,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from .errors import InputError, OutputError
+from .text import json_escape
 
 #: Largest array (in bytes) :func:`load_array` agrees to allocate.
 MAX_INPUT_BYTES = 2 * 2**30
@@ -163,56 +168,169 @@ def _read_npz(f: IO[bytes], max_bytes: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------- writing
 
+#: What a path that is not a regular file is, by ``stat.S_IFMT``.
+_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFLNK: "a symbolic link", stat.S_IFIFO: "a FIFO",
+          stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+#: Signals held back while finished files are moved into place, so none is left half done.
+_HELD_SIGNALS = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)}
 
-def _check_destination(path: Path) -> None:
-    if path.is_dir():
+
+def existing_kind(path: str | os.PathLike[str]) -> str | None:
+    """None when nothing has the name ``path``, ``"a file"`` for a regular file, else what it is
+    (``"a FIFO"``, ``"a symbolic link"``, ...). Links are not followed."""
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot check ({exc.strerror or exc})") from None
+    if stat.S_ISREG(mode):
+        return "a file"
+    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def check_destination(path: str | os.PathLike[str], *, overwrite: bool = True) -> bool:
+    """Refuse to write ``path`` unless it is new, or a regular file and ``overwrite`` is set;
+    returns whether it is new.
+
+    A directory, symbolic link, FIFO, device or socket is never replaced (a link could point
+    outside the folder, a FIFO or device belongs to someone). Its folder must exist.
+    """
+    path = Path(path)
+    kind = existing_kind(path)
+    if kind == "a directory":
         raise OutputError(f"{path}: is a directory; give a file name")
+    if kind is not None and kind != "a file":
+        raise OutputError(f"{path}: is {kind}; only a regular file is ever replaced")
+    if kind is not None and not overwrite:
+        raise OutputError(f"{path}: already exists; pass --force to overwrite it")
     parent = path.parent
     if not parent.exists():
         raise OutputError(f"{path}: folder {str(parent)!r} does not exist")
     if not parent.is_dir():
         raise OutputError(f"{path}: {str(parent)!r} is not a folder")
+    return kind is None
 
 
-def _new_file_mode(path: Path) -> int:
-    """Keep an overwritten file's permissions; new files get 0o666 minus the umask."""
-    with contextlib.suppress(OSError):
-        return path.stat().st_mode & 0o7777
-    mask = os.umask(0)
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (else set and reset)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
 
 
-def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> Path:
-    """Write through ``write(file)`` to a temporary file next to ``path``, then rename it."""
-    path = Path(path)
-    _check_destination(path)
+def _new_file_mode() -> int:
+    """Ordinary permissions for every file written: 0o666 minus the umask. Nothing is carried
+    over from a replaced file (no setuid, setgid or sticky bit, no stale permissions)."""
+    return 0o666 & ~_umask()
+
+
+def _stage(path: Path, write: Callable[[IO[bytes]], object]) -> Path:
+    """Write through ``write(file)`` to a new temporary file (``O_EXCL``) in ``path``'s folder."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            os.fchmod(f.fileno(), _new_file_mode())
             os.fsync(f.fileno())
-        os.chmod(tmp, _new_file_mode(path))
-        os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(exc, OSError):
             raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
         raise
-    return path
+    return Path(tmp)
 
 
-def save_npz(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray], *,
-             compress: bool = False) -> Path:
-    """Write ``arrays`` as an ``.npz`` archive (readable by :func:`numpy.load`), atomically.
+def _place(tmp: Path, path: Path, overwrite: bool) -> bool:
+    """Move a staged file to ``path``, checking the destination right before (lstat). Without
+    ``overwrite`` a hard link claims the name, which fails if anything took it meanwhile.
+    Returns whether ``path`` was new."""
+    new = check_destination(path, overwrite=overwrite)
+    if not overwrite:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise OutputError(f"{path}: already exists; pass --force to overwrite it") from None
+        except OSError:  # no hard links on this file system: the lstat check above has to do
+            pass
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            return True
+    os.replace(tmp, path)
+    return new
 
-    The file gets exactly the name given (no ``.npz`` is appended). Object arrays are refused.
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold back SIGINT/SIGTERM/SIGHUP (delivered on exit) where the platform allows it."""
+    held = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    if held:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+    try:
+        yield
+    finally:
+        if held:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def write_files(folder: str | os.PathLike[str], writers: Mapping[str, Callable[[IO[bytes]], object]], *,
+                overwrite: bool = False) -> list[Path]:
+    """Write several files into ``folder`` all or nothing.
+
+    Each ``writers[name](file)`` fills a temporary file in ``folder``; only when all are written
+    are they moved to their names (every destination checked first, see
+    :func:`check_destination`), with interrupts held back meanwhile. A failure or an interrupt
+    removes every temporary file and every file this call had already created.
     """
+    folder = Path(folder)
+    paths = {name: folder / name for name in writers}
+    for path in paths.values():
+        check_destination(path, overwrite=overwrite)
+    staged: dict[Path, Path] = {}
+    created: list[Path] = []
+    try:
+        for name, write in writers.items():
+            staged[paths[name]] = _stage(paths[name], write)
+        with _signals_held():
+            for path in staged:
+                check_destination(path, overwrite=overwrite)
+            for path, tmp in staged.items():
+                if _place(tmp, path, overwrite):
+                    created.append(path)
+    except BaseException as exc:
+        for tmp in staged.values():
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        for path in created:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        if isinstance(exc, OSError):
+            raise OutputError(f"{folder}: cannot write ({exc.strerror or exc})") from None
+        raise
+    return list(paths.values())
+
+
+def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object], *,
+                  overwrite: bool = True) -> Path:
+    """Write through ``write(file)`` to a temporary file next to ``path``, then rename it."""
+    path = Path(path)
+    return write_files(path.parent, {path.name: write}, overwrite=overwrite)[0]
+
+
+def npz_writer(arrays: Mapping[str, np.ndarray], *, compress: bool = False) -> Callable[[IO[bytes]], None]:
+    """A writer (for :func:`write_files`) of ``arrays`` as an ``.npz`` archive; object arrays
+    are refused at once."""
     arrays = {k: np.asanyarray(v) for k, v in arrays.items()}
     for key, value in arrays.items():
         if value.dtype.hasobject:
@@ -225,10 +343,32 @@ def save_npz(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray], *,
                 with zf.open(f"{key}.npy", "w", force_zip64=True) as member:
                     npy_format.write_array(member, value, allow_pickle=False)
 
-    return _atomic_write(path, write)
+    return write
+
+
+def json_writer(obj: Any) -> Callable[[IO[bytes]], object]:
+    """A writer (for :func:`write_files`) of ``obj`` as strict JSON (see :func:`to_json`)."""
+    data = (to_json(obj) + "\n").encode("utf-8")
+    return lambda f: f.write(data)
+
+
+def bytes_writer(data: bytes) -> Callable[[IO[bytes]], object]:
+    """A writer (for :func:`write_files`) of ``data`` as it is."""
+    return lambda f: f.write(data)
+
+
+def save_npz(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray], *,
+             compress: bool = False, overwrite: bool = True) -> Path:
+    """Write ``arrays`` as an ``.npz`` archive (readable by :func:`numpy.load`), atomically.
+
+    The file gets exactly the name given (no ``.npz`` is appended). Object arrays are refused.
+    An existing regular file is replaced only with ``overwrite``; anything else never is.
+    """
+    return _atomic_write(path, npz_writer(arrays, compress=compress), overwrite=overwrite)
 
 
 def _jsonable(obj: Any) -> Any:
+    """Plain JSON data; NaN and infinities (undefined or unbounded metrics) become None."""
     if isinstance(obj, Mapping):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -251,16 +391,17 @@ def _jsonable(obj: Any) -> Any:
 
 def to_json(obj: Any) -> str:
     """Strict JSON text (indent 2): numpy scalars and arrays become numbers and lists,
-    paths and dtypes strings; non-finite floats (not representable in JSON) become ``null``."""
-    return json.dumps(_jsonable(obj), indent=2, allow_nan=False, ensure_ascii=False)
+    paths and dtypes strings; non-finite floats (not representable in JSON) become ``null``.
+    Control, bidi and other unsafe characters in strings are ``\\u`` escapes
+    (:func:`onnx_pathwise.text.json_escape`), so the text is safe to print or publish."""
+    return json_escape(json.dumps(_jsonable(obj), indent=2, allow_nan=False, ensure_ascii=False))
 
 
-def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+def write_json(path: str | os.PathLike[str], obj: Any, *, overwrite: bool = True) -> Path:
     """Write ``obj`` as strict JSON (see :func:`to_json`), atomically."""
-    data = (to_json(obj) + "\n").encode("utf-8")
-    return _atomic_write(path, lambda f: f.write(data))
+    return _atomic_write(path, json_writer(obj), overwrite=overwrite)
 
 
-def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+def write_bytes(path: str | os.PathLike[str], data: bytes, *, overwrite: bool = True) -> Path:
     """Write ``data`` to ``path`` atomically."""
-    return _atomic_write(path, lambda f: f.write(data))
+    return _atomic_write(path, bytes_writer(data), overwrite=overwrite)

@@ -246,14 +246,25 @@ def certified_radius(explainer: Explainer, x: Any, max_input_size: int = 4096) -
 # ---------------------------------------------------------------------- evaluate
 
 
-def _summary(values: Any) -> dict[str, Any]:
+def finite_mean(values: Any) -> float | None:
+    """The mean of the finite values, or None when there are none (undefined: printed as
+    ``n/a``, written as JSON ``null``, never NaN)."""
     v = np.asarray(values, np.float64).ravel()
     finite = v[np.isfinite(v)]
-    return {
-        "values": [float(a) for a in v],
-        "mean": float(finite.mean()) if finite.size else float("nan"),
-        "std": float(finite.std()) if finite.size else float("nan"),
-    }
+    return float(finite.mean()) if finite.size else None
+
+
+def finite_std(values: Any) -> float | None:
+    """The population standard deviation of the finite values (0 for one value), or None when
+    there are none."""
+    v = np.asarray(values, np.float64).ravel()
+    finite = v[np.isfinite(v)]
+    return float(finite.std()) if finite.size else None
+
+
+def _summary(values: Any) -> dict[str, Any]:
+    v = np.asarray(values, np.float64).ravel()
+    return {"values": [float(a) for a in v], "mean": finite_mean(v), "std": finite_std(v)}
 
 
 def _label(name: str, options: Mapping[str, Any]) -> str:
@@ -290,7 +301,8 @@ def evaluate(
 
     Returns a JSON-ready dict: {"n", "target", "step", "samples": {metric: summary},
     "methods": {label: {"method", "options", "metrics": {metric: summary}}}, "skipped": [...]}
-    where a summary is {"values": [...], "mean", "std"} (NaN-free mean/std over finite values).
+    where a summary is {"values": [...], "mean", "std"}: mean and population std over the finite
+    values, None when there are none (undefined; ``null`` in JSON).
     ``attributions``, when given, receives each method label's attribution array (N, *input shape).
     """
     from . import baselines

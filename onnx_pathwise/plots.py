@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from .text import number
+
 Array = np.ndarray
 #: The diverging colour map of every signed attribution.
 CMAP = "RdBu_r"
@@ -103,14 +105,19 @@ def curves(methods: Mapping[str, Mapping[str, Any]]) -> bytes:
         frac = changed / changed[-1] if changed[-1] else changed
         ins_auc = info["metrics"]["insertion_auc"]["mean"]
         del_auc = info["metrics"]["deletion_auc"]["mean"]
-        axes[0, 0].plot(frac, c["insertion"], label=f"{label} ({ins_auc:.3f})")
-        axes[0, 1].plot(frac, c["deletion"], label=f"{label} ({del_auc:.3f})")
+        axes[0, 0].plot(frac, c["insertion"], label=f"{label} ({number(ins_auc, '.3f')})")
+        axes[0, 1].plot(frac, c["deletion"], label=f"{label} ({number(del_auc, '.3f')})")
     for ax, name in zip(axes[0], ("insertion (higher is better)", "deletion (lower is better)")):
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("fraction of pixels changed", fontsize=8)
         ax.set_ylabel("target probability", fontsize=8)
         ax.legend(fontsize=6)
     return _png(fig)
+
+
+def _value(v: float | None) -> float:
+    """A metric for plotting: an undefined one (None) is a gap."""
+    return float("nan") if v is None else float(v)
 
 
 def width_sweep(methods: Mapping[str, Mapping[str, Any]]) -> bytes:
@@ -123,8 +130,8 @@ def width_sweep(methods: Mapping[str, Mapping[str, Any]]) -> bytes:
             continue
         opts = info["options"]
         by_depth.setdefault(str(opts.get("depth")), []).append(
-            (str(opts.get("width") or "all"), info["metrics"]["insertion_auc"]["mean"],
-             info["metrics"]["deletion_auc"]["mean"]))
+            (str(opts.get("width") or "all"), _value(info["metrics"]["insertion_auc"]["mean"]),
+             _value(info["metrics"]["deletion_auc"]["mean"])))
     for depth, rows in by_depth.items():
         labels = [r[0] for r in rows]
         ax.plot(labels, [r[1] for r in rows], marker="o", label=f"insertion, depth {depth}")

@@ -1,0 +1,107 @@
+"""SIGINT, SIGTERM and SIGHUP during a long run: no partial output, no temporary file, the
+documented exit code (128 + signal) and one line on stderr. Real processes, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from onnx_pathwise import Explainer
+from onnx_pathwise.cli import EXIT_CODES, Interrupted, app
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "samples"
+pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists() or sys.platform != "linux",
+                                reason="needs Linux /proc to see when the command has started")
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler installed for ``signum`` (SigCgt in /proc)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except OSError:
+        pass
+    return False
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+def _interrupt(tmp_path: Path, signum: int, args: list[str]) -> subprocess.CompletedProcess[str]:
+    """Start ``python -m onnx_pathwise *args``, wait until the command runs (its SIGTERM handler
+    is installed when the command starts) and a little longer, send ``signum``, collect it."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "onnx_pathwise", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a test runner started in the background may ignore SIGINT; the tool must not
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while not _catches(proc.pid, signal.SIGTERM):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the command never started"
+            time.sleep(0.05)
+        time.sleep(2.0)  # into the computation (model read, input checked)
+        assert proc.poll() is None, "finished before the signal: make the run longer"
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+LONG_EXPLAIN = ["explain", str(SAMPLES / "cnn.onnx"), str(SAMPLES / "cnn_inputs.npy"), "--out", "out",
+                "--device", "cpu", "--method", "integrated_gradients", "--steps", "100000"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+def test_signal_leaves_no_output_and_no_temp_files(tmp_path: Path, signum: signal.Signals) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_bytes(b"the user's")
+    before = _files(tmp_path)
+    done = _interrupt(tmp_path, signum, LONG_EXPLAIN)
+    assert done.returncode == 128 + signum, (done.returncode, done.stderr)
+    assert done.returncode in EXIT_CODES or signum == signal.SIGHUP
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("onnx-pathwise: error: "), done.stderr
+    assert signum.name in lines[0] and "Traceback" not in done.stderr and done.stdout == ""
+    assert _files(tmp_path) == before  # nothing new: no output, no temporary file or folder
+    assert (tmp_path / "out" / "mine.txt").read_bytes() == b"the user's"
+
+
+def test_sigterm_on_evaluate_leaves_no_folder(tmp_path: Path) -> None:
+    """The out folder did not exist: it does not exist afterwards either."""
+    args = ["evaluate", str(SAMPLES / "cnn.onnx"), str(SAMPLES / "cnn_inputs.npy"), "--out", "new/out", "--device",
+            "cpu", "--methods", "integrated_gradients,pathwise,gradient,guided_backprop", "--step", "1"]
+    done = _interrupt(tmp_path, signal.SIGTERM, args)
+    assert done.returncode == 143, done.stderr
+    assert _files(tmp_path) == []
+
+
+def test_interrupt_in_process_runs_cleanup_and_exits_with_the_code(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exception SIGTERM becomes ends the command like any error: one line, 143."""
+    def terminated(self: Explainer, x: np.ndarray) -> None:
+        raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(Explainer, "unwrap", terminated)
+    result = CliRunner().invoke(app, ["unwrap", str(SAMPLES / "tiny_mlp.onnx"), str(SAMPLES / "tiny_mlp_inputs.npy"),
+                                      "--out", str(tmp_path / "u.npz"), "--device", "cpu"])
+    assert result.exit_code == 143
+    assert result.stderr == "onnx-pathwise: error: terminated (SIGTERM); no output written\n"
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler does not outlive the command
