@@ -85,11 +85,13 @@ def test_signal_leaves_no_output_and_no_temp_files(tmp_path: Path, signum: signa
 
 def test_sigterm_on_evaluate_leaves_no_folder(tmp_path: Path) -> None:
     """The out folder did not exist: it does not exist afterwards either."""
-    args = ["evaluate", str(SAMPLES / "cnn.onnx"), str(SAMPLES / "cnn_inputs.npy"), "--out", "new/out", "--device",
+    # 512 samples: long enough to be still running when the signal comes on an idle machine too
+    np.save(tmp_path / "in.npy", np.tile(np.load(SAMPLES / "cnn_inputs.npy"), (64, 1, 1, 1)))
+    args = ["evaluate", str(SAMPLES / "cnn.onnx"), "in.npy", "--out", "new/out", "--device",
             "cpu", "--methods", "integrated_gradients,pathwise,gradient,guided_backprop", "--step", "1"]
     done = _interrupt(tmp_path, signal.SIGTERM, args)
     assert done.returncode == 143, done.stderr
-    assert _files(tmp_path) == []
+    assert _files(tmp_path) == ["in.npy"]
 
 
 def test_interrupt_in_process_runs_cleanup_and_exits_with_the_code(tmp_path: Path,
