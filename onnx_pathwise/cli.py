@@ -730,7 +730,7 @@ def _png_names(png: bool, ex: Explainer, n: int) -> list[str]:
 
 
 def _path_json(path: Sequence[Any]) -> list[dict[str, Any]]:
-    return [{"node": p.node, "kept": p.kept.tolist(), "count": p.count, "units": p.units} for p in path]
+    return [{"node": p.node, "kept": p.kept, "count": p.count, "units": p.units} for p in path]
 
 
 WidthOpt = Annotated[str | None, width_option(

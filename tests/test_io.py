@@ -222,3 +222,24 @@ def test_interrupted_write_removes_temp(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(KeyboardInterrupt):
         io.save_npz(tmp_path / "out.npz", {"a": np.ones(3)})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_long_numeric_arrays_round_trip_through_the_compact_json_path() -> None:
+    """Long int/float arrays take the one-call encoder; the text reads back as the same values,
+    non-finite floats still become null, nested arrays keep their shape, strings stay escaped."""
+    import json
+
+    from onnx_pathwise.io import to_json
+
+    ints = np.arange(1000, dtype=np.int64) * 7 - 3
+    floats = np.linspace(-1, 1, 300)
+    with_nan = np.r_[np.ones(100), np.nan]
+    obj = {"kept": ints, "f": floats, "nan": with_nan, "m": np.arange(200).reshape(20, 10), "flags": np.ones(70, bool),
+           "name": "@@compact-0000000000000000-0@@\x1b"}
+    text = to_json(obj)
+    back = json.loads(text)
+    assert back["kept"] == ints.tolist() and back["f"] == floats.tolist()
+    assert back["nan"][:100] == [1.0] * 100 and back["nan"][100] is None
+    assert back["m"] == np.arange(200).reshape(20, 10).tolist() and back["flags"] == [True] * 70
+    assert back["name"] == "@@compact-0000000000000000-0@@\x1b" and "\x1b" not in text
+    assert "NaN" not in text
