@@ -171,11 +171,14 @@ def _all_tensors(
         tensors.append((f"{label} (values)", s.values))
         tensors.append((f"{label} (indices)", s.indices))
 
+    def named(label: str, t: TensorProto) -> str:
+        return f"{label} (tensor {t.name!r})" if t.name else label
+
     def add_attr(a: onnx.AttributeProto, owner: str) -> None:
         label = f"{owner}: attribute {a.name!r}"
         if a.HasField("t"):
-            tensors.append((label, a.t))
-        tensors.extend((f"{label}[{i}]", t) for i, t in enumerate(a.tensors))
+            tensors.append((named(label, a.t), a.t))
+        tensors.extend((named(f"{label}[{i}]", t), t) for i, t in enumerate(a.tensors))
         if a.HasField("sparse_tensor"):
             add_sparse(a.sparse_tensor, label)
         for i, s in enumerate(a.sparse_tensors):
