@@ -844,3 +844,17 @@ def test_issue_mutants_real_process(site: Site, case: str) -> None:
     code, out, err = _cli(site, *_unwrap_argv(site))
     _assert_refused(code, out, err, MODEL_EXIT, "m.onnx", *fragments)
     assert _snapshot(site.root) == before
+
+
+@pytest.mark.parametrize("report", ["text", "json", "junit"])
+def test_audit_fails_a_hostile_model_without_running_it(site: Site, report: str,
+                                                       no_onnxruntime: list[str]) -> None:
+    """audit, the CI gate: the model-readable check fails (exit 1) with the reason, onnxruntime
+    never sees the model and no report shows the secret."""
+    _save(site, "loop-if-initializer", "secret")
+    argv = ["audit", str(site.model), "--device", "cpu"] + ([] if report == "text" else ["--report", report])
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 1, result.output
+    assert "no such file in the model's folder" in result.stdout + result.stderr
+    assert not _leaks(result.stdout) and not _leaks(result.stderr)
+    assert no_onnxruntime == []
