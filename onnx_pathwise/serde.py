@@ -3,7 +3,10 @@
 Reading a model goes through these steps, each refusing with a :class:`ModelError`
 that names the file and the cause:
 
-1. :func:`read_model` — parse the file; external data only from inside the model's folder;
+1. :func:`read_model` — a regular file only; parse it; every name valid UTF-8
+   (:func:`check_names`); every stored tensor, wherever it lives, of a known type with the data
+   its type and dims say (:func:`check_resources`); external data checked everywhere and read
+   by us from inside the model's folder only, so onnxruntime never resolves a path;
    :func:`upgrade_old_opset` — opsets older than onnxruntime runs (< 7) are upgraded.
 2. choose the data input and the explained output; peel terminal Softmax / LogSoftmax /
    Sigmoid and ``ai.onnx.ml`` post-processing so explanations target pre-activation scores.
@@ -12,7 +15,8 @@ that names the file and the cause:
    explained output. Every node of the cone is validated; all problems are reported at once,
    before any numerics.
 4. one probe run in onnxruntime at batch 1 folds constant and shape subgraphs to values and
-   records every data tensor's per-sample shape.
+   records every data tensor's per-sample shape; the declared input size and the sizes shape
+   inference finds are checked first, and the constants the cone reads must be finite.
 5. attributes get their schema defaults for the model's opset and canonical values from
    constant inputs (Pad-11 ``pads``, Squeeze-13 ``axes``, ...), so rules see one form.
 """
@@ -111,7 +115,14 @@ def check_names(model: onnx.ModelProto) -> None:
     stack: list[tuple[Any, str]] = [(model, "model")]
     while stack:
         message, where = stack.pop()
-        for field, value in message.ListFields():
+        if isinstance(message, TensorProto):
+            # only its text fields: listing all fields would copy raw_data, however large
+            fields = [(message.DESCRIPTOR.fields_by_name[n], getattr(message, n)) for n in ("name", "doc_string")]
+            fields += [(message.DESCRIPTOR.fields_by_name[n], getattr(message, n))
+                       for n in ("external_data", "metadata_props") if n in message.DESCRIPTOR.fields_by_name]
+        else:
+            fields = message.ListFields()
+        for field, value in fields:
             if field.type == field.TYPE_MESSAGE:
                 if field.is_repeated:
                     stack += [(v, f"{where}.{field.name}[{i}]") for i, v in enumerate(value)]
@@ -259,12 +270,12 @@ def _tensor_problem(t: TensorProto) -> str:
     wrong = [f for f in _TYPED_FIELDS if f != field and len(getattr(t, f))]
     if wrong:
         return f"is {type_name} but stores its values in {wrong[0]} (expected {field} or raw_data)"
-    if t.raw_data:
+    if t.HasField("raw_data"):
         if t.data_type == TensorProto.STRING:
             return "is STRING but stores raw_data (strings go in string_data)"
         if len(getattr(t, field)):
             return f"stores its values twice, in raw_data and in {field}"
-        held = len(t.raw_data)
+        held = len(t.raw_data)  # a copy of the bytes: read once
         if held != nbytes and (t.data_type in _PLAIN_TYPES or t.data_type in _PACKED_TYPES
                                or t.data_type in _COMPLEX_TYPES):
             return f"has shape {dims} ({nbytes} bytes of {type_name}) but stores {held} bytes"

@@ -505,12 +505,12 @@ def test_external_data_key_given_twice(site: Site) -> None:
 
 
 @pytest.mark.parametrize("case", ["offset-abc", "length-negative"])
-def test_cli_bad_fields_real_process(site: Site, case: str) -> None:
+def test_cli_bad_fields(site: Site, case: str) -> None:
     """The issue's tracebacks: offset "abc", length -5 — now exit 3, one line."""
     (site.folder / "w.bin").write_bytes(W.tobytes())
     fields, fragment = FIELDS[case]
     _save(site, "initializer", "w.bin", **fields)
-    code, out, err = _cli(site, *_unwrap_argv(site))
+    code, out, err = _in_process(*_unwrap_argv(site))
     _assert_refused(code, out, err, MODEL_EXIT, "'w'", fragment)
 
 
