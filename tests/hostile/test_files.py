@@ -394,6 +394,18 @@ def _fifo(site: Site) -> str:
     return "pipe.bin"
 
 
+def _socket_file(site: Site) -> str:
+    """A Unix socket in the model's folder (bound by a relative name: socket paths are short)."""
+    here = os.getcwd()
+    os.chdir(site.folder)
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind("sock.bin")
+    finally:
+        os.chdir(here)
+    return "sock.bin"
+
+
 #: kind → (set-up returning the location, what the one error line says)
 POINTERS: dict[str, tuple[Callable[[Site], str], str]] = {
     "cwd-relative": (lambda s: "secret", "no such file in the model's folder"),
@@ -405,6 +417,7 @@ POINTERS: dict[str, tuple[Callable[[Site], str], str]] = {
     "linked-folder": (_linked_folder, "linked folder"),
     "hardlink": (_hardlink, "hard link"),
     "fifo": (_fifo, "FIFO"),
+    "socket": (_socket_file, "socket"),
 }
 
 
@@ -719,6 +732,14 @@ def test_names_that_are_not_utf8_are_model_errors(site: Site, name: str, no_onnx
     _assert_refused(code, out, err, MODEL_EXIT, "m.onnx: model.graph.", "not valid UTF-8", "\\xff")
     with pytest.raises(ModelError, match="not valid UTF-8"):
         serde.load(onnx.load_model_from_string(_rename_bytes(_named_net(), name)))
+
+
+def test_external_data_location_that_is_not_utf8(site: Site) -> None:
+    (site.folder / "weights_file.bin").write_bytes(W.tobytes())
+    _save(site, "if-initializer", "weights_file.bin")
+    site.model.write_bytes(site.model.read_bytes().replace(b"weights_file", b"\xfeeights_file"))
+    code, out, err = _in_process(*_unwrap_argv(site))
+    _assert_refused(code, out, err, MODEL_EXIT, ".external_data[0].value is not valid UTF-8", "\\xfeeights_file")
 
 
 # --------------------------------------------------------------------------- weights and declared sizes
