@@ -501,6 +501,21 @@ def test_external_data_fields_are_validated(site: Site, case: str, place: str, n
     assert no_onnxruntime == []
 
 
+def test_nothing_is_read_before_every_reference_passed(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A good reference first and a bad one deeper in the model: refused without reading a byte."""
+    (site.folder / "w.bin").write_bytes(W.tobytes())
+    model = at_loop_body(_external("secret_w", "../secret"))
+    model.graph.initializer[0].CopyFrom(_external("w", "w.bin"))
+    onnx.save(model, str(site.model))
+    parsed = onnx.load(str(site.model), load_external_data=False)
+    reads: list[object] = []
+    monkeypatch.setattr(serde, "open_regular", lambda *a, **k: reads.append(a))
+    monkeypatch.setattr(os, "pread", lambda *a: reads.append(a))
+    with pytest.raises(ModelError, match=r"'secret_w'\) stores its data in '../secret'"):
+        serde._load_external_data(parsed, site.model)
+    assert reads == []
+
+
 @pytest.mark.parametrize("location", [None, ""])
 def test_external_data_without_location(site: Site, location: str | None) -> None:
     _save(site, "if-constant", location)
