@@ -37,7 +37,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import ModelError, UnsupportedModelError
-from .io import file_kind, open_regular
+from .io import MAX_INPUT_BYTES, file_kind, open_regular
 from .ir import AFFINE, GATE, MERGE, ROUTING, SHAPE, ModelIR, Node
 from .limits import check_fits, format_bytes
 
@@ -1013,8 +1013,6 @@ def _check_declared_input(name: str, shape: Sequence[int], dtype: np.dtype) -> N
     """Refuse an input whose declared per-sample size could never be fed (more than an input
     file may hold, :data:`~onnx_pathwise.io.MAX_INPUT_BYTES`), then check the probe's feed
     against the memory budget, before anything is allocated."""
-    from .io import MAX_INPUT_BYTES
-
     count = 1
     for d in shape:
         count *= int(d)
