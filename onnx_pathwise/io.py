@@ -1,6 +1,9 @@
 """Reading input arrays safely and writing outputs atomically.
 
-Inputs are ``.npy`` or ``.npz`` files. Nothing is ever unpickled: object, string and
+Inputs are ``.npy`` or ``.npz`` files. A path that is not a regular file (a FIFO, device,
+socket, or anything under ``/proc``, ``/sys`` or ``/dev``) is refused before it is opened,
+and the opened descriptor is checked again (:func:`open_regular`), so no read ever blocks.
+Nothing is ever unpickled: object, string and
 structured dtypes are refused, and the ``.npy`` header is checked against the file's real
 size (and :data:`MAX_INPUT_BYTES`) *before* any array is allocated, so a forged header
 cannot make us allocate terabytes. Every problem is an :class:`~onnx_pathwise.errors.InputError`
@@ -40,7 +43,7 @@ from typing import IO, Any
 import numpy as np
 from numpy.lib import format as npy_format
 
-from .errors import InputError, OutputError
+from .errors import InputError, OutputError, PathwiseError
 from .text import json_escape
 
 #: Largest array (in bytes) :func:`load_array` agrees to allocate.
@@ -65,15 +68,11 @@ def load_array(path: str | os.PathLike[str], *, max_bytes: int = MAX_INPUT_BYTES
     The format is recognised from the file's first bytes, not its name.
     """
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, not a .npy or .npz file")
+    f, size = open_regular(path, InputError, "a .npy or .npz file")
     try:
-        size = path.stat().st_size
-        if size == 0:
-            raise InputError(f"{path}: empty file, not a .npy or .npz file")
-        with open(path, "rb") as f:
+        with f:
+            if size == 0:
+                raise InputError(f"{path}: empty file, not a .npy or .npz file")
             head = f.read(6)
             f.seek(0)
             if head == _NPY_MAGIC:
@@ -87,6 +86,62 @@ def load_array(path: str | os.PathLike[str], *, max_bytes: int = MAX_INPUT_BYTES
     except _READ_ERRORS as exc:
         raise InputError(f"{path}: corrupt or truncated .npy/.npz file ({_cause(exc)})") from None
     raise InputError(f"{path}: not a .npy or .npz file (unrecognised header)")
+
+
+#: Folders whose entries are not ordinary files even when they say so (kernel interfaces,
+#: devices): nothing under them is read.
+SPECIAL_ROOTS = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
+def file_kind(mode: int) -> str:
+    """What a ``st_mode`` describes, for messages (``"a FIFO"``, ``"a character device"``, ...)."""
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_regular(path: str | os.PathLike[str], error: type[PathwiseError], what: str, *,
+                 follow_symlinks: bool = True) -> tuple[IO[bytes], int]:
+    """Open ``path`` for reading if, and only if, it is a regular file; return it and its size.
+
+    The path is checked with ``stat`` before it is opened (a FIFO, device, socket or anything
+    under :data:`SPECIAL_ROOTS` is refused with ``error``, never opened), then opened with
+    ``O_NONBLOCK`` and checked again on the descriptor: it must still be the same regular file.
+    Callers read at most the returned size. ``what`` names the expected content in messages.
+    """
+    path = Path(path)
+    try:
+        st = os.stat(path, follow_symlinks=follow_symlinks)
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except (OSError, ValueError) as exc:
+        raise error(f"{path}: cannot be read ({_cause(exc)})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise error(f"{path}: is a directory, not {what}")
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{path}: is {file_kind(st.st_mode)}, not a regular file; only regular files are read")
+    real = Path(os.path.realpath(path))
+    for root in SPECIAL_ROOTS:
+        if real == root or root in real.parents:
+            raise error(f"{path}: lies under {root}, whose entries are not regular files; copy it first")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    if not follow_symlinks:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise error(f"{path}: cannot be read ({_cause(exc)})") from None
+    try:
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
+            raise error(f"{path}: changed while it was being opened; not read")
+        return os.fdopen(fd, "rb"), opened.st_size
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _cause(exc: BaseException) -> str:

@@ -20,6 +20,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
+from . import serde
 from .errors import DeviceError, ModelError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -139,7 +140,17 @@ def session(
     what: str = "creating a session for the model",
     op: str | None = None,
 ) -> ort.InferenceSession:
-    data = model if isinstance(model, bytes) else model.SerializeToString()
+    if isinstance(model, bytes):
+        try:
+            model = onnx.load_model_from_string(model)
+        except Exception as exc:
+            raise ModelError(f"not a valid ONNX protobuf ({type(exc).__name__})") from None
+    # onnxruntime would resolve an external-data location against the current directory:
+    # external data is read only by serde, from inside the model's folder
+    external = serde.external_references(model)
+    if external:
+        raise ModelError(f"{external[0]}; refusing to let onnxruntime resolve it")
+    data = model.SerializeToString()
     try:
         return ort.InferenceSession(data, _options(threads), providers=providers_for(device))
     except Exception as exc:

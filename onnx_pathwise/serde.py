@@ -3,7 +3,10 @@
 Reading a model goes through these steps, each refusing with a :class:`ModelError`
 that names the file and the cause:
 
-1. :func:`read_model` — parse the file; external data only from inside the model's folder;
+1. :func:`read_model` — a regular file only; parse it; every name valid UTF-8
+   (:func:`check_names`); every stored tensor, wherever it lives, of a known type with the data
+   its type and dims say (:func:`check_resources`); external data checked everywhere and read
+   by us from inside the model's folder only, so onnxruntime never resolves a path;
    :func:`upgrade_old_opset` — opsets older than onnxruntime runs (< 7) are upgraded.
 2. choose the data input and the explained output; peel terminal Softmax / LogSoftmax /
    Sigmoid and ``ai.onnx.ml`` post-processing so explanations target pre-activation scores.
@@ -13,17 +16,23 @@ that names the file and the cause:
    before any numerics.
 4. one probe run in onnxruntime at batch 1 folds constant and shape subgraphs to values and
    records every data tensor's per-sample shape. A file that fixes the batch at B > 1 is run
-   twice at B, with the rows moved by one place, to check that no tensor mixes samples.
+   twice at B, with the rows moved by one place, to check that no tensor mixes samples. The
+   declared input size and the sizes shape inference finds are checked first, and the
+   constants the cone reads must be finite.
 5. attributes get their schema defaults for the model's opset and canonical values from
    constant inputs (Pad-11 ``pads``, Squeeze-13 ``axes``, ...), so rules see one form.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+import stat
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import onnx
@@ -31,7 +40,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from . import limits
 from .errors import ModelError, UnsupportedModelError
+from .io import MAX_INPUT_BYTES, file_kind, open_regular
 from .ir import AFFINE, GATE, MERGE, ROUTING, SHAPE, ModelIR, Node
+from .limits import check_fits, format_bytes
 
 #: op_type → role, for ops of the default domain that may sit on the input→output path.
 SUPPORTED_OPS: dict[str, str] = {
@@ -63,30 +74,69 @@ MAX_PROTOBUF_BYTES = 2**31
 
 
 def read_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
-    """Parse an ONNX file, loading external data only from inside the model's folder."""
+    """Parse an ONNX file and load its external data, refusing what a hostile file could do.
+
+    The file must be a regular file (:func:`~onnx_pathwise.io.open_regular`: never a FIFO,
+    device or anything under ``/proc``); every name must be valid UTF-8 (:func:`check_names`);
+    sizes and stored data must agree (:func:`check_resources`); external data is checked
+    everywhere it can live and read by us from inside the model's folder only
+    (:func:`_load_external_data`), so the ModelProto returned holds no external reference.
+    """
     path = Path(path)
-    if not path.exists():
-        raise ModelError(f"{path}: no such file")
-    if path.is_dir():
-        raise ModelError(f"{path}: is a directory, not an ONNX file")
-    if path.stat().st_size >= MAX_PROTOBUF_BYTES:
-        raise ModelError(f"{path}: {path.stat().st_size} bytes, more than a protobuf file can hold "
-                         "(2 GiB); large weights belong in external data")
-    data = path.read_bytes()
+    f, size = open_regular(path, ModelError, "an ONNX file")
+    with f:
+        if size >= MAX_PROTOBUF_BYTES:
+            raise ModelError(f"{path}: {size} bytes, more than a protobuf file can hold "
+                             "(2 GiB); large weights belong in external data")
+        data = f.read(size)
     if not data:
         raise ModelError(f"{path}: empty file, not an ONNX model")
     try:
         model = onnx.load_model_from_string(data)
     except Exception as exc:  # protobuf raises DecodeError and friends
         raise ModelError(f"{path}: not a valid ONNX protobuf ({type(exc).__name__})") from None
+    del data
     if not model.graph.node and not model.graph.output:
         raise ModelError(f"{path}: not an ONNX model (no graph)")
     try:
+        check_names(model)
         check_resources(model)
+        _load_external_data(model, path)
     except ModelError as exc:
         raise ModelError(f"{path}: {exc}") from None
-    _load_external_data(model, path)
     return model
+
+
+def check_names(model: onnx.ModelProto) -> None:
+    """Refuse a model with a text field (a node, value, initializer, attribute or function
+    name, a domain, a doc string, an external-data entry, ...) that is not valid UTF-8.
+
+    protobuf parses such a field without complaint and hands it out as ``bytes`` instead of
+    ``str``, which compares unequal to every name and breaks any code that formats it; the
+    message names the field by its path in the model and shows the bytes escaped.
+    """
+    stack: list[tuple[Any, str]] = [(model, "model")]
+    while stack:
+        message, where = stack.pop()
+        if isinstance(message, TensorProto):
+            # only its text fields: listing all fields would copy raw_data, however large
+            fields = [(message.DESCRIPTOR.fields_by_name[n], getattr(message, n)) for n in ("name", "doc_string")]
+            fields += [(message.DESCRIPTOR.fields_by_name[n], getattr(message, n))
+                       for n in ("external_data", "metadata_props") if n in message.DESCRIPTOR.fields_by_name]
+        else:
+            fields = message.ListFields()
+        for field, value in fields:
+            if field.type == field.TYPE_MESSAGE:
+                if field.is_repeated:
+                    stack += [(v, f"{where}.{field.name}[{i}]") for i, v in enumerate(value)]
+                else:
+                    stack.append((value, f"{where}.{field.name}"))
+            elif field.type == field.TYPE_STRING:
+                for i, text in enumerate(value if field.is_repeated else [value]):
+                    if not isinstance(text, str):
+                        index = f"[{i}]" if field.is_repeated else ""
+                        raise ModelError(f"{where}.{field.name}{index} is not valid UTF-8 "
+                                         f"({bytes(text)!r}); the file is corrupt")
 
 
 # --------------------------------------------------------------------------- resource limits
@@ -120,32 +170,130 @@ def _all_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return out
 
 
+def _all_tensors(
+    model: onnx.ModelProto,
+) -> tuple[list[tuple[str, TensorProto]], list[tuple[str, onnx.SparseTensorProto]]]:
+    """Every stored tensor of the model, with where it lives (for messages): initializers and
+    sparse initializers (values and indices) of every graph, and tensor, tensors, sparse-tensor
+    attributes of every node at any depth of If/Loop/Scan bodies, of local function bodies
+    and of training graphs. Attribute fields are read whatever the attribute's declared type."""
+    tensors: list[tuple[str, TensorProto]] = []
+    sparse: list[tuple[str, onnx.SparseTensorProto]] = []
+
+    def add_sparse(s: onnx.SparseTensorProto, label: str) -> None:
+        sparse.append((label, s))
+        tensors.append((f"{label} (values)", s.values))
+        tensors.append((f"{label} (indices)", s.indices))
+
+    def named(label: str, t: TensorProto) -> str:
+        return f"{label} (tensor {t.name!r})" if t.name else label
+
+    def add_attr(a: onnx.AttributeProto, owner: str) -> None:
+        label = f"{owner}: attribute {a.name!r}"
+        if a.HasField("t"):
+            tensors.append((named(label, a.t), a.t))
+        tensors.extend((named(f"{label}[{i}]", t), t) for i, t in enumerate(a.tensors))
+        if a.HasField("sparse_tensor"):
+            add_sparse(a.sparse_tensor, label)
+        for i, s in enumerate(a.sparse_tensors):
+            add_sparse(s, f"{label}[{i}]")
+        inside = f" in subgraph {a.name!r} of {owner}"
+        if a.HasField("g"):
+            add_graph(a.g, inside)
+        for g in a.graphs:
+            add_graph(g, inside)
+
+    def add_nodes(nodes: Sequence[onnx.NodeProto], where: str) -> None:
+        for n in nodes:
+            owner = f"node {n.name or '<unnamed>'!r} ({n.op_type}){where}"
+            for a in n.attribute:
+                add_attr(a, owner)
+
+    def add_graph(g: onnx.GraphProto, where: str) -> None:
+        tensors.extend((f"initializer {t.name!r}{where}", t) for t in g.initializer)
+        for s in g.sparse_initializer:
+            add_sparse(s, f"sparse initializer {s.values.name!r}{where}")
+        add_nodes(g.node, where)
+
+    add_graph(model.graph, "")
+    for f in model.functions:
+        where = f" in local function '{f.domain}.{f.name}'"
+        add_nodes(f.node, where)
+        for a in f.attribute_proto:
+            add_attr(a, f"local function '{f.domain}.{f.name}'")
+    for i, info in enumerate(model.training_info):
+        add_graph(info.initialization, f" in training_info[{i}].initialization")
+        add_graph(info.algorithm, f" in training_info[{i}].algorithm")
+    return tensors, sparse
+
+
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+#: Tensor types with several values per stored byte (raw_data and int32_data are packed).
+_PACKED_TYPES = {getattr(TensorProto, n): k for n, k in
+                 (("UINT4", 2), ("INT4", 2), ("FLOAT4E2M1", 2), ("UINT2", 4), ("INT2", 4))
+                 if hasattr(TensorProto, n)}
+_COMPLEX_TYPES = frozenset({TensorProto.COMPLEX64, TensorProto.COMPLEX128})
+_KNOWN_TYPES = frozenset(v for v in TensorProto.DataType.values() if v != TensorProto.UNDEFINED)
+
+
+def _stored_bytes(data_type: int, count: int) -> int:
+    """Bytes that ``count`` values of ``data_type`` take in ``raw_data`` (or external data)."""
+    if data_type in _PACKED_TYPES:
+        return -(-count // _PACKED_TYPES[data_type])
+    try:
+        return count * np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize
+    except Exception:
+        return count * 4
+
+
 def _tensor_problem(t: TensorProto) -> str:
-    """Why a stored tensor cannot be taken as it is: a claim beyond the limit, or data that does
-    not match its dims (refused before numpy or onnxruntime tries to allocate it)."""
+    """Why a stored tensor cannot be taken as it is: an unknown data type, a claim beyond the
+    limit, or data that does not match its type and dims (refused before numpy or onnxruntime
+    tries to read or allocate it). External data is checked when it is loaded."""
+    if t.data_type == TensorProto.UNDEFINED:
+        return "has data type 0 (UNDEFINED); its values cannot be read"
+    if t.data_type not in _KNOWN_TYPES:
+        return f"has unknown data type {t.data_type}"
+    type_name = TensorProto.DataType.Name(t.data_type)
     dims = [int(d) for d in t.dims]
     if any(d < 0 for d in dims):
         return f"has a negative dimension {dims}"
     count = 1
     for d in dims:
         count *= d
-    try:
-        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-    except Exception:
-        itemsize = 4
-    if count * itemsize > MAX_CONSTANT_BYTES:
-        return (f"claims shape {dims}: {count * itemsize / 2**30:.1f} GiB, more than the limit of "
+    nbytes = _stored_bytes(t.data_type, count)
+    if nbytes > MAX_CONSTANT_BYTES:
+        return (f"claims shape {dims}: {nbytes / 2**30:.1f} GiB, more than the limit of "
                 f"{MAX_CONSTANT_BYTES / 2**30:g} GiB")
-    if t.data_location == TensorProto.EXTERNAL or t.data_type not in _PLAIN_TYPES:
+    if t.data_location not in (TensorProto.DEFAULT, TensorProto.EXTERNAL):
+        return f"has unknown data_location {t.data_location}"
+    if t.data_location == TensorProto.EXTERNAL:
         return ""
-    if t.raw_data:
-        held = len(t.raw_data)
-        if held != count * itemsize:
-            return f"has shape {dims} ({count * itemsize} bytes) but stores {held} bytes"
+    field = helper.tensor_dtype_to_field(t.data_type)
+    wrong = [f for f in _TYPED_FIELDS if f != field and len(getattr(t, f))]
+    if wrong:
+        return f"is {type_name} but stores its values in {wrong[0]} (expected {field} or raw_data)"
+    if t.HasField("raw_data"):
+        if t.data_type == TensorProto.STRING:
+            return "is STRING but stores raw_data (strings go in string_data)"
+        if len(getattr(t, field)):
+            return f"stores its values twice, in raw_data and in {field}"
+        held = len(t.raw_data)  # a copy of the bytes: read once
+        if held != nbytes and (t.data_type in _PLAIN_TYPES or t.data_type in _PACKED_TYPES
+                               or t.data_type in _COMPLEX_TYPES):
+            return f"has shape {dims} ({nbytes} bytes of {type_name}) but stores {held} bytes"
+        return ""
+    if t.data_type in _COMPLEX_TYPES:
+        expected = 2 * count
+    elif t.data_type in _PACKED_TYPES:
+        expected = nbytes
+    elif t.data_type in _PLAIN_TYPES or t.data_type == TensorProto.STRING:
+        expected = count
     else:
-        held = len(getattr(t, helper.tensor_dtype_to_field(t.data_type)))
-        if held != count:
-            return f"has shape {dims} ({count} values) but stores {held}"
+        return ""
+    held = len(getattr(t, field))
+    if held != expected:
+        return f"has shape {dims} ({expected} values of {type_name}) but stores {held}"
     return ""
 
 
@@ -197,49 +345,49 @@ def _inlined_size(model: onnx.ModelProto) -> None:
 def _check_inferred_sizes(model: onnx.ModelProto) -> None:
     """Refuse, before the probe run, a tensor that onnx's shape inference (with data propagation)
     finds over :data:`MAX_CONSTANT_BYTES`: Expand, Tile or ConstantOfShape of a computed shape
-    would make onnxruntime allocate it. Models shape inference cannot handle are let through."""
+    would make onnxruntime allocate it. A symbolic dimension counts as 1 (the probe runs one
+    sample). Models shape inference cannot handle are let through."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:
         return
-    for vi in inferred.graph.value_info:
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
         if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
             continue
-        dims = vi.type.tensor_type.shape.dim
-        if not all(d.HasField("dim_value") for d in dims):
-            continue
-        shape = [int(d.dim_value) for d in dims]
+        shape = [int(d.dim_value) if d.HasField("dim_value") else 1 for d in vi.type.tensor_type.shape.dim]
         count = 1
         for d in shape:
-            count *= d
-        try:
-            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)).itemsize
-        except Exception:
-            itemsize = 4
-        if count * itemsize > MAX_CONSTANT_BYTES:
-            raise ModelError(f"tensor {vi.name!r} would have shape {shape}: {count * itemsize / 2**30:.1f} GiB, "
+            count *= max(d, 0)
+        nbytes = _stored_bytes(vi.type.tensor_type.elem_type, count)
+        if nbytes > MAX_CONSTANT_BYTES:
+            raise ModelError(f"tensor {vi.name!r} would have shape {shape}: {nbytes / 2**30:.1f} GiB, "
                              f"more than the limit of {MAX_CONSTANT_BYTES / 2**30:g} GiB")
 
 
 def check_resources(model: onnx.ModelProto) -> None:
     """Refuse, before onnxruntime or numpy sees the model, what would hang or exhaust memory:
     local functions that inline to more than :data:`MAX_INLINED_NODES` nodes, nest deeper than
-    :data:`MAX_NESTING` or call themselves; initializers and Constant values whose dims claim
-    more than :data:`MAX_CONSTANT_BYTES` or more data than they store; ConstantOfShape nodes with
-    a constant shape that would fill more than :data:`MAX_CONSTANT_BYTES`."""
+    :data:`MAX_NESTING` or call themselves; stored tensors anywhere in the model (see
+    :func:`_all_tensors`) of an unknown type, whose dims claim more than
+    :data:`MAX_CONSTANT_BYTES` or that store other data than their type and dims say; sparse
+    tensors whose dense shape claims more; ConstantOfShape nodes with a constant shape that
+    would fill more than :data:`MAX_CONSTANT_BYTES`."""
     _inlined_size(model)
-    for t in model.graph.initializer:
+    tensors, sparse = _all_tensors(model)
+    for where, t in tensors:
         problem = _tensor_problem(t)
         if problem:
-            raise ModelError(f"initializer {t.name!r} {problem}")
+            raise ModelError(f"{where} {problem}")
+    for where, s in sparse:
+        dims = [int(d) for d in s.dims]
+        count = 1
+        for d in dims:
+            count *= max(d, 0)
+        if any(d < 0 for d in dims) or _stored_bytes(s.values.data_type, count) > MAX_CONSTANT_BYTES:
+            raise ModelError(f"{where} claims dense shape {dims}, negative or more than the limit of "
+                             f"{MAX_CONSTANT_BYTES / 2**30:g} GiB")
     known: dict[str, TensorProto] = {t.name: t for t in model.graph.initializer}
-    for node in _all_nodes(model):
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                problem = _tensor_problem(attr.t)
-                if problem:
-                    raise ModelError(f"node {node.name or '<unnamed>'!r} ({node.op_type}): attribute "
-                                     f"{attr.name!r} {problem}")
+    for node in model.graph.node:
         if node.op_type == "Constant" and node.output:
             value = next((a.t for a in node.attribute if a.name == "value"), None)
             if value is not None:
@@ -250,54 +398,191 @@ def check_resources(model: onnx.ModelProto) -> None:
         shape_t = known[node.input[0]]
         if shape_t.data_location == TensorProto.EXTERNAL or len(shape_t.dims) != 1 or shape_t.dims[0] > 64:
             continue
-        shape = [int(d) for d in numpy_helper.to_array(shape_t)]
+        shape = [int(d) for d in numpy_helper.to_array(shape_t).reshape(-1)]
         value = next((a.t for a in node.attribute if a.name == "value"), None)
-        itemsize = 4 if value is None else np.dtype(helper.tensor_dtype_to_np_dtype(value.data_type)).itemsize
         count = 1
         for d in shape:
             count *= max(d, 0)
-        if count * itemsize > MAX_CONSTANT_BYTES:
+        nbytes = _stored_bytes(TensorProto.FLOAT if value is None else value.data_type, count)
+        if nbytes > MAX_CONSTANT_BYTES:
             raise ModelError(f"node {node.name or '<unnamed>'!r} (ConstantOfShape) would allocate shape "
-                             f"{shape}: {count * itemsize / 2**30:.1f} GiB, more than the limit of "
+                             f"{shape}: {nbytes / 2**30:.1f} GiB, more than the limit of "
                              f"{MAX_CONSTANT_BYTES / 2**30:g} GiB")
 
 
-def _external_tensors(model: onnx.ModelProto) -> list[TensorProto]:
-    tensors = list(model.graph.initializer)
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                tensors.append(attr.t)
-    return [t for t in tensors if t.data_location == TensorProto.EXTERNAL]
+def external_references(model: onnx.ModelProto) -> list[str]:
+    """Where the model still refers to external data (one line each; empty when none)."""
+    tensors, _ = _all_tensors(model)
+    out = []
+    for where, t in tensors:
+        if t.data_location == TensorProto.EXTERNAL:
+            location = next((e.value for e in t.external_data if e.key == "location"), "")
+            out.append(f"{where} stores its data in external file {location!r}")
+    return out
+
+
+#: The keys an external-data entry may have (ONNX spec, ``TensorProto.external_data``).
+EXTERNAL_DATA_KEYS = ("location", "offset", "length", "checksum")
+
+
+@dataclass(frozen=True)
+class _ExternalPart:
+    """One checked external-data reference: which tensor, which file (and its identity), where."""
+
+    where: str
+    tensor: TensorProto
+    target: Path
+    identity: tuple[int, int]
+    offset: int
+    length: int
+    checksum: str | None
+
+
+def _external_int(fields: Mapping[str, str], key: str, where: str) -> int | None:
+    text = fields.get(key)
+    if text is None:
+        return None
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+        raise ModelError(f"{where}: external-data {key} {text!r} is not a non-negative integer")
+    return int(text)
+
+
+def _check_external(t: TensorProto, where: str, base: Path) -> _ExternalPart:
+    """Validate one external-data reference without reading anything: known keys, each once;
+    a relative location inside ``base`` with no ``..``, no symbolic link on the way and a
+    regular, singly-linked file at the end; offset and length integers inside the file and
+    matching the tensor's type and dims; a checksum that looks like a SHA-1 digest."""
+    fields: dict[str, str] = {}
+    for entry in t.external_data:
+        if entry.key not in EXTERNAL_DATA_KEYS:
+            raise ModelError(f"{where}: unknown external-data key {entry.key!r} "
+                             f"(allowed: {', '.join(EXTERNAL_DATA_KEYS)})")
+        if entry.key in fields:
+            raise ModelError(f"{where}: external-data key {entry.key!r} is given twice")
+        fields[entry.key] = entry.value
+    location = fields.get("location", "")
+    if not location:
+        raise ModelError(f"{where}: is marked as external data but names no location")
+    where = f"{where} stores its data in {location!r}"
+    parts = location.split("/")
+    if (
+        "\x00" in location or "\\" in location or os.path.isabs(location) or location.startswith("/")
+        or ".." in parts or not parts[-1] or parts[-1] == "."
+    ):
+        raise ModelError(f"{where}: external data must be a relative path inside the model's folder "
+                         "(no '..', no absolute path, '/' as separator)")
+    offset = _external_int(fields, "offset", where) or 0
+    length = _external_int(fields, "length", where)
+    checksum = fields.get("checksum")
+    if checksum is not None and not re.fullmatch(r"[0-9a-fA-F]{40}", checksum):
+        raise ModelError(f"{where}: external-data checksum {checksum!r} is not a SHA-1 digest")
+    if t.data_type == TensorProto.STRING:
+        raise ModelError(f"{where}: STRING tensors cannot be stored as external data")
+    names = [p for p in parts if p not in ("", ".")]
+    target = base
+    for i, part in enumerate(names):
+        target = target / part
+        try:
+            st = os.lstat(target)
+        except FileNotFoundError:
+            raise ModelError(f"{where}: no such file in the model's folder") from None
+        except OSError as exc:
+            raise ModelError(f"{where}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise ModelError(f"{where}: external data may not be a symbolic link or lie in a linked folder")
+        if i < len(names) - 1 and not stat.S_ISDIR(st.st_mode):
+            raise ModelError(f"{where}: {'/'.join(names[: i + 1])!r} is not a folder")
+    if not stat.S_ISREG(st.st_mode):
+        raise ModelError(f"{where}: is {file_kind(st.st_mode)}, not a regular file")
+    if st.st_nlink > 1:
+        raise ModelError(f"{where}: external data may not be a hard link")
+    size = st.st_size
+    if offset > size or (length is not None and offset + length > size):
+        raise ModelError(f"{where}: offset {offset} and length {length} lie outside the file ({size} bytes)")
+    if length is None:
+        length = size - offset
+    count = 1
+    for d in t.dims:
+        count *= max(int(d), 0)
+    expected = _stored_bytes(t.data_type, count)
+    if length != expected:
+        raise ModelError(f"{where}: {length} bytes, but shape {[int(d) for d in t.dims]} of "
+                         f"{TensorProto.DataType.Name(t.data_type)} needs {expected}")
+    return _ExternalPart(where, t, target, (st.st_dev, st.st_ino), offset, length, checksum)
 
 
 def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
-    base = path.resolve().parent
-    for tensor in _external_tensors(model):
-        info = {e.key: e.value for e in tensor.external_data}
-        location = info.get("location", "")
-        where = f"{path}: initializer {tensor.name!r} stores its data in {location!r}"
-        if not location or os.path.isabs(location) or ".." in Path(location).parts:
-            raise ModelError(f"{where}: external data must be a relative path inside the model's folder")
-        target = base / location
-        if target.is_symlink():
-            raise ModelError(f"{where}: external data may not be a symbolic link")
-        resolved = target.resolve()
-        if base not in resolved.parents:
-            raise ModelError(f"{where}: resolves outside the model's folder")
-        if not resolved.is_file():
-            raise ModelError(f"{where}: no such file")
-        if resolved.stat().st_nlink > 1:
-            raise ModelError(f"{where}: external data may not be a hard link")
-        offset = int(info.get("offset", 0) or 0)
-        length = info.get("length")
-        size = resolved.stat().st_size
-        if offset < 0 or offset > size or (length is not None and offset + int(length) > size):
-            raise ModelError(f"{where}: offset/length lie outside the file ({size} bytes)")
-    if _external_tensors(model):
-        from onnx.external_data_helper import load_external_data_for_model
+    """Check every external-data reference of the model (:func:`_check_external`), then read
+    the bytes ourselves into the tensors, so the model holds no external reference when
+    onnxruntime sees it and onnxruntime never resolves a path. Nothing is read before every
+    reference has passed; the total must fit a protobuf and the memory budget."""
+    base = Path(os.path.realpath(path)).parent
+    tensors, _ = _all_tensors(model)
+    parts: list[_ExternalPart] = []
+    for where, t in tensors:
+        if t.data_location == TensorProto.EXTERNAL:
+            parts.append(_check_external(t, where, base))
+        elif len(t.external_data):
+            del t.external_data[:]  # inert without data_location EXTERNAL; dropped all the same
+    if not parts:
+        return
+    total = sum(p.length for p in parts)
+    if total + model.ByteSize() >= MAX_PROTOBUF_BYTES:
+        raise ModelError(f"its external data totals {format_bytes(total)}; with the graph that is more "
+                         "than one protobuf message can hold (2 GiB), which onnxruntime needs here")
+    check_fits(total, f"loading the external data of {path} ({len(parts)} tensors)")
+    opened: dict[Path, tuple[IO[bytes], int]] = {}
+    try:
+        for part in parts:
+            if part.target not in opened:
+                f, size = open_regular(part.target, ModelError, "external data", follow_symlinks=False)
+                opened[part.target] = (f, size)
+                st = os.fstat(f.fileno())
+                if (st.st_dev, st.st_ino) != part.identity:
+                    raise ModelError(f"{part.where}: the file changed while it was being checked")
+            f, size = opened[part.target]
+            if part.offset + part.length > size:
+                raise ModelError(f"{part.where}: the file shrank while it was being read")
+            chunks, got = [], 0
+            while got < part.length:
+                chunk = os.pread(f.fileno(), part.length - got, part.offset + got)
+                if not chunk:
+                    raise ModelError(f"{part.where}: the file shrank while it was being read")
+                chunks.append(chunk)
+                got += len(chunk)
+            data = b"".join(chunks)
+            if part.checksum is not None and not _checksum_matches(part, data, f):
+                raise ModelError(f"{part.where}: SHA-1 checksum {part.checksum!r} matches neither "
+                                 "the tensor's bytes nor the file")
+            part.tensor.raw_data = data
+            part.tensor.data_location = TensorProto.DEFAULT
+            del part.tensor.external_data[:]
+            problem = _tensor_problem(part.tensor)
+            if problem:
+                raise ModelError(f"{part.where}: the tensor {problem}")
+    finally:
+        for f, _ in opened.values():
+            f.close()
 
-        load_external_data_for_model(model, str(base))
+
+#: Largest external-data file whose whole-file checksum is computed.
+_MAX_HASHED_FILE = 8 * 2**30
+
+
+def _checksum_matches(part: _ExternalPart, data: bytes, f: IO[bytes]) -> bool:
+    """The spec leaves open whether ``checksum`` covers the tensor's bytes or the whole file:
+    either is accepted."""
+    want = part.checksum.lower() if part.checksum else ""
+    if hashlib.sha1(data).hexdigest() == want:
+        return True
+    if os.fstat(f.fileno()).st_size > _MAX_HASHED_FILE:
+        return False
+    digest = hashlib.sha1()
+    offset = 0
+    while chunk := os.pread(f.fileno(), 1 << 20, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest() == want
 
 
 # --------------------------------------------------------------------------- helpers
@@ -649,7 +934,13 @@ def load(
     if isinstance(source, onnx.ModelProto):
         model, label = source, "model"
         try:
+            check_names(model)
             check_resources(model)
+            external = external_references(model)
+            if external:
+                raise ModelError(f"{external[0]}; a ModelProto in memory has no folder to resolve "
+                                 "external data against: pass the model's file path instead, so "
+                                 "that its external data is checked and loaded from its folder")
         except ModelError as exc:
             raise ModelError(f"{label}: {exc}") from None
     else:
@@ -890,6 +1181,7 @@ def _analyse(
     elem = _elem_type(in_vi)
     np_dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
     feed_shape = tuple(1 if d < 0 else d for d in in_shape)
+    _check_declared_input(in_vi.name, feed_shape, np_dtype)
     _check_inferred_sizes(model)
     if fixed_batch > 1:
         # B distinct rows, and the same rows moved down by one with a fresh first row: the
@@ -904,6 +1196,7 @@ def _analyse(
     for t in const_needed:
         if t not in consts:
             consts[t] = np.asarray(values[t])
+    _check_finite_constants(cone_nodes, consts)
     shapes: dict[str, tuple[int, ...]] = {in_vi.name: tuple(feed_shape[1:])}
     produced_by = {o: node for node in cone_nodes for o in node.output}
     problems = []
@@ -1063,6 +1356,52 @@ def _rows_mixed(
                         f"{batch} in the file): moving the samples by one place changed their values by "
                         f"up to {worst:.3g}, not just their place"]
     return []
+def _check_declared_input(name: str, shape: Sequence[int], dtype: np.dtype) -> None:
+    """Refuse an input whose declared per-sample size could never be fed (more than an input
+    file may hold, :data:`~onnx_pathwise.io.MAX_INPUT_BYTES`), then check the probe's feed
+    against the memory budget, before anything is allocated."""
+    count = 1
+    for d in shape:
+        count *= int(d)
+    nbytes = count * dtype.itemsize
+    if nbytes > MAX_INPUT_BYTES:
+        raise ModelError(f"input {name!r} declares shape {list(shape)}: {format_bytes(nbytes)} per sample, "
+                         f"more than the limit of {format_bytes(MAX_INPUT_BYTES)} for one input")
+    check_fits(nbytes, f"the probe run's input {name!r} of shape {list(shape)}")
+
+
+#: Elements checked at a time for NaN and infinities (bounds the temporary mask).
+_FINITE_CHUNK = 1 << 22
+
+
+def _check_finite_constants(cone_nodes: Sequence[onnx.NodeProto], consts: Mapping[str, np.ndarray]) -> None:
+    """Refuse a constant read by the input→output cone (weights, biases, BatchNormalization
+    statistics, folded values) that holds NaN or an infinity: every explanation would be NaN.
+    Clip bounds may be ±inf (no bound)."""
+    seen: set[tuple[str, bool]] = set()
+    for node in cone_nodes:
+        for i, name in enumerate(node.input):
+            bound = node.op_type == "Clip" and i in (1, 2)
+            if not name or name not in consts or (name, bound) in seen:
+                continue
+            seen.add((name, bound))
+            flat = np.asarray(consts[name]).reshape(-1)
+            if flat.dtype.kind in "biuOSU":
+                continue
+            nan = inf = 0
+            for start in range(0, flat.size, _FINITE_CHUNK):
+                chunk = flat[start:start + _FINITE_CHUNK]
+                if chunk.dtype.kind not in "fc":  # bfloat16, float8: ml_dtypes
+                    try:
+                        chunk = chunk.astype(np.float32)
+                    except (TypeError, ValueError):
+                        break
+                nan += int(np.count_nonzero(np.isnan(chunk)))
+                inf += 0 if bound else int(np.count_nonzero(np.isinf(chunk)))
+            if nan or inf:
+                what = " and ".join(f"{n} {label}" for n, label in ((nan, "NaN"), (inf, "infinite")) if n)
+                raise ModelError(f"constant {name!r} read by node {node.name or '<unnamed>'!r} ({node.op_type}) "
+                                 f"holds {what} value(s) of {flat.size}; every explanation would be NaN")
 
 
 _NONLINEAR = frozenset(
