@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import PathwiseError
-from .pathwise import resolve_targets
+from .pathwise import resolve_targets, target_scores
 
 if TYPE_CHECKING:
     from .explainer import Explainer, RadiusResult
@@ -90,8 +90,8 @@ class Curve:
 def target_probability(scores: Array, target: Array) -> Array:
     """softmax(scores)[target] in float64 (sigmoid of the single score when K = 1)."""
     s = np.asarray(scores, np.float64)
-    if s.shape[1] == 1:
-        return 1.0 / (1.0 + np.exp(-s[:, 0]))
+    if s.shape[1] == 1:  # the side's probability: σ(y) for class 1, σ(−y) for class 0
+        return 1.0 / (1.0 + np.exp(-np.where(np.asarray(target) == 0, -s[:, 0], s[:, 0])))
     s = s - s.max(axis=1, keepdims=True)
     e = np.exp(s)
     return e[np.arange(len(target)), target] / e.sum(axis=1)
@@ -148,7 +148,7 @@ def _curve(
         raise PathwiseError(f"step {step!r}: must be a positive integer")
     step = int(step)
     if target is None:
-        target = explainer.record(x).scores.argmax(axis=1)
+        target = resolve_targets(None, explainer.record(x).scores)
     tgt = resolve_targets(target, np.zeros((N, explainer.num_classes)))
     order = pixel_order(attribution, channel_axis)
     rank = np.empty_like(order)
@@ -314,7 +314,7 @@ def evaluate(
         "target": tgt.tolist(),
         "step": int(used_step),
         "samples": {
-            "score": _summary(rec.scores[idx, tgt]),
+            "score": _summary(target_scores(rec.scores, tgt)),
             "probability": _summary(target_probability(rec.scores, tgt)),
         },
         "methods": {},
@@ -342,9 +342,9 @@ def evaluate(
             metrics["completeness_delta"] = _summary(explainer.unwrap(xb, record=rec).delta)
         if name == "integrated_gradients":
             x0 = baselines._baseline(explainer, xb, opts.get("baseline", "zeros"))
-            y0 = explainer.record(x0).scores[idx, tgt].astype(np.float64)
+            y0 = target_scores(explainer.record(x0).scores, tgt).astype(np.float64)
             total = attribution.reshape(len(idx), -1).astype(np.float64).sum(axis=1)
-            metrics["completeness_delta"] = _summary(np.abs(total - (rec.scores[idx, tgt] - y0)))
+            metrics["completeness_delta"] = _summary(np.abs(total - (target_scores(rec.scores, tgt) - y0)))
         ins = insertion(explainer, xb, attribution, tgt, used_step, channel_axis)
         dele = deletion(explainer, xb, attribution, tgt, used_step, channel_axis)
         metrics["insertion_auc"] = _summary(ins.auc)
