@@ -444,6 +444,9 @@ InputWidthOpt = Annotated[str | None, typer.Option(
     "--input-width", help="Also keep only this many input elements (count or percentage).", show_default=False)]
 TargetOpt = Annotated[int | None, typer.Option(
     "--target", help="Class to explain (default: each sample's predicted class).", show_default=False)]
+ClassesOpt = Annotated[str | None, typer.Option(
+    "--classes", help="Pathwise: the classes competing in each unit's score, 'all' (exact, the default) or N "
+                      "(each sample's top N predicted classes plus the target).", show_default=False)]
 OutDirOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (created if missing).", show_default=False)]
 
 
@@ -456,6 +459,13 @@ def _width(value: str | None) -> int | str | None:
     spec: int | str = value if value.strip().endswith("%") else _int_option("--width", value)
     parse_width(spec, 1_000_000)  # raises on 0, negatives and percentages outside (0, 100]
     return spec
+
+
+def _classes(value: str | None) -> int | None:
+    """A --classes value, checked before any work ('all' or a count of at least 2)."""
+    from .pathwise import parse_classes
+
+    return parse_classes(value)
 
 
 def _int_option(name: str, value: str) -> int:
@@ -481,6 +491,7 @@ def explain(
     width: WidthOpt = None,
     depth: DepthOpt = None,
     input_width: InputWidthOpt = None,
+    classes: ClassesOpt = None,
     steps: Annotated[int, typer.Option("--steps", help="Integrated Gradients: interpolation steps.", min=1)] = 32,
     exact: Annotated[bool, typer.Option("--exact", help="Integrated Gradients: integrate exactly over linear pieces.")] = False,
     device: DeviceOpt = Device.auto,
@@ -497,27 +508,31 @@ def explain(
     """
     if method not in METHODS:
         raise PathwiseError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
-    w, iw = _width(width), _width(input_width)
-    if method != "pathwise" and (w is not None or depth is not None or iw is not None):
-        raise PathwiseError("--width, --depth and --input-width apply to --method pathwise only")
+    w, iw, ncls = _width(width), _width(input_width), _classes(classes)
+    if method != "pathwise" and (w is not None or depth is not None or iw is not None or ncls is not None):
+        raise PathwiseError("--width, --depth, --input-width and --classes apply to --method pathwise only")
     names = ["explanation.npz", "explanation.json"]
     _guard_dir(out, names, force)
     ex = _open_explainer(model, device, input_name, output)
     x = _load_input(input, ex)
     if method == "pathwise":
-        res = _chunked(lambda b: ex.explain(b, target=target, width=w, depth=depth, input_width=iw), x, "explaining")
+        res = _chunked(lambda b: ex.explain(b, target=target, width=w, depth=depth, input_width=iw, classes=ncls),
+                       x, "explaining")
         arrays = {"attribution": res.attribution, "weight": res.weight, "bias": res.bias, "output": res.output,
                   "target": res.target, "masked_score": res.masked_score}
         samples = [{"target": int(res.target[i]), "score": float(res.score[i]),
                     "masked_score": float(res.masked_score[i]), "faithfulness": float(res.faithfulness[i]),
                     "sparsity": float(res.sparsity[i]), "path": _path_json(res.path[i])} for i in range(len(res.target))]
-        options = {"width": w, "depth": depth, "input_width": iw}
+        options = {"width": w, "depth": depth, "input_width": iw, "classes": ncls if ncls is not None else "all"}
     else:
         opts: dict[str, Any] = {"steps": steps, "exact": exact} if method == "integrated_gradients" else {}
         res = _chunked(lambda b: ex.attribute(b, method=method, target=target, **opts), x, "explaining")
         arrays = {"attribution": res.attribution, "output": res.output, "target": res.target}
         idx = np.arange(len(res.target))
-        samples = [{"target": int(res.target[i]), "score": float(res.output[i, res.target[i]])} for i in idx]
+        from .pathwise import target_scores
+
+        scores = target_scores(res.output, res.target)
+        samples = [{"target": int(res.target[i]), "score": float(scores[i])} for i in idx]
         options = opts
     report = {"model": str(model), "method": method, "options": options, "explained_output": ex.ir.output_name,
               "samples": samples}
@@ -546,6 +561,7 @@ def decompose(
     target: TargetOpt = None,
     width: WidthOpt = None,
     depth: DepthOpt = None,
+    classes: ClassesOpt = None,
     device: DeviceOpt = Device.auto,
     input_name: InputNameOpt = None,
     output: OutputNameOpt = None,
@@ -557,13 +573,13 @@ def decompose(
 
     Writes OUT/decomposition.npz, OUT/decomposition.json and, for image inputs, a PNG grid per sample.
     """
-    w = _width(width)
+    w, ncls = _width(width), _classes(classes)
     names = ["decomposition.npz", "decomposition.json"]
     _guard_dir(out, names, force)
     ex = _open_explainer(model, device, input_name, output)
     x = _load_input(input, ex)
-    d = _chunked(lambda b: ex.decompose(b, layer=layer, top=top, group=group, target=target, width=w, depth=depth),
-                 x, "decomposing")
+    d = _chunked(lambda b: ex.decompose(b, layer=layer, top=top, group=group, target=target, width=w, depth=depth,
+                                        classes=ncls), x, "decomposing")
     arrays = {"attribution": d.attribution, "parts": d.parts, "part_index": d.part_index,
               "part_score": d.part_score, "rest": d.rest, "bypass": d.bypass, "target": d.target,
               "output": d.output}
@@ -572,7 +588,7 @@ def decompose(
                            "active": bool(d.part_active[i, j])} for j in range(d.parts.shape[1])],
                 "delta": float(d.delta[i])} for i in range(len(d.target))]
     report = {"model": str(model), "layer": d.layer, "group": group, "crosses_all_paths": d.crosses_all,
-              "samples": samples}
+              "classes": ncls if ncls is not None else "all", "samples": samples}
     pngs = {}
     if png and plots.is_image(ex.input_shape):
         for i in range(x.shape[0]):
@@ -601,6 +617,7 @@ def evaluate(
     step: Annotated[int | None, typer.Option("--step", help="Pixels per insertion/deletion step "
                                              "(default: one image row).", show_default=False, min=1)] = None,
     target: TargetOpt = None,
+    classes: ClassesOpt = None,
     device: DeviceOpt = Device.auto,
     input_name: InputNameOpt = None,
     output: OutputNameOpt = None,
@@ -619,12 +636,13 @@ def evaluate(
     if bad or not chosen:
         raise PathwiseError(f"--methods: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(METHODS)}")
     widths = [_width(v) for v in width] if width else None
+    ncls = _classes(classes)
     names = ["evaluation.json", "curves.png", "width_sweep.png"]
     _guard_dir(out, names, force)
     ex = _open_explainer(model, device, input_name, output)
     x = _load_input(inputs, ex)
     result = run_evaluation(ex, x, chosen, widths=widths, depths=list(depth) if depth else None, step=step,
-                            target=target)
+                            target=target, classes=ncls)
     result["model"] = str(model)
     metric_names = ["insertion_auc", "deletion_auc", "faithfulness", "sparsity", "completeness_delta"]
     rows = []

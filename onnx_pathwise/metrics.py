@@ -277,11 +277,13 @@ def evaluate(
     target: Any = None,
     channel_axis: int | None = 0,
     max_input_size: int = 4096,
+    classes: int | str | None = None,
 ) -> dict[str, Any]:
     """Every applicable metric per method per sample, with mean and (population) std.
 
     ``methods``: names or ``(name, options)`` pairs (:meth:`Explainer.attribute`). 'pathwise'
-    is run once per (width, depth) in ``widths`` × ``depths`` (default: all units, all layers).
+    is run once per (width, depth) in ``widths`` × ``depths`` (default: all units, all layers),
+    with ``classes`` competing classes (default all).
     Per method: insertion and deletion AUC; Integrated Gradients adds its completeness delta
     |Σ IG − (y_c(x) − y_c(x₀))|; 'unwrap' adds the local model's completeness delta; pathwise
     adds masked score, faithfulness and sparsity. Per sample: target, score, probability and,
@@ -309,6 +311,8 @@ def evaluate(
                     runs.append((name, {"width": w, "depth": d}))
         else:
             runs.append((name, opts))
+    if classes is not None:  # the competing classes of every pathwise run (DESIGN §4)
+        runs = [(name, {**opts, "classes": classes} if name == "pathwise" else opts) for name, opts in runs]
     result: dict[str, Any] = {
         "n": int(xb.shape[0]),
         "target": tgt.tolist(),

@@ -253,3 +253,89 @@ def test_chunks_reuse_the_recorded_forward_pass(tmp_path_factory: pytest.TempPat
     ex.explain(x)
     ex.unwrap(x)
     assert sum(recorded) == 10  # chunk by chunk, each sample once per call
+
+
+# --------------------------------------------------------------------------- competing classes
+
+
+def three_classes(path: Path) -> Path:
+    """h = Relu(x), logits = A h + c with A = [[2, 1], [0, 0.5], [0, 3]], c = [0, 0, −5]. At
+    x = (1, 1): logits (3, 0.5, −2), target 0. Unit 1 contributes C = (1, 0.5, 3): against all
+    three classes softmax(C)[0] < 1/3, it is cut; against the top two (0, 1) σ(0.5) > 1/2, kept."""
+    A = np.array([[2, 1], [0, 0.5], [0, 3]], np.float32)
+    inits = [numpy_helper.from_array(A.T.copy(), "a"), numpy_helper.from_array(np.array([0, 0, -5], np.float32), "c")]
+    nodes = [helper.make_node("Relu", ["x"], ["h"], name="relu"),
+             helper.make_node("Gemm", ["h", "a", "c"], ["logits"], name="head")]
+    graph = helper.make_graph(nodes, "three", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
+def test_restricting_the_competing_classes_changes_the_kept_set(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    ex = Explainer(three_classes(tmp_path / "three.onnx"), device="cpu")
+    x = np.array([[1.0, 1.0]], np.float32)
+    full = ex.explain(x)
+    top2 = ex.explain(x, classes=2)
+    assert full.path[0][0].kept.tolist() == [0] and full.classes is None
+    assert top2.path[0][0].kept.tolist() == [0, 1] and top2.classes == 2
+    np.testing.assert_allclose(top2.attribution, [[2.0, 1.0]])
+    # the target joins the top N when it is not among them: class 2 with the top 2 → {0, 1, 2}
+    assert ex.explain(x, target=2, classes=2).path[0][0].kept.tolist() == ex.explain(x, target=2).path[0][0].kept.tolist()
+    monkeypatch.setattr(explainer, "CLASS_CHUNK_ROWS", 1)
+    assert ex.explain(x, classes=2).path[0][0].kept.tolist() == [0, 1]
+    with pytest.raises(Exception, match="at least 2"):
+        ex.explain(x, classes=1)
+
+
+@pytest.mark.parametrize("name", ["cnn", "residual"])
+def test_classes_all_and_k_equal_the_default(name: str, tmp_path_factory: pytest.TempPathFactory,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    ex = explainer_for(name, tmp_path_factory.mktemp(name))
+    x = inputs(ex)
+    ref = ex.explain(x, width="20%")
+    for classes in ("all", ex.num_classes, ex.num_classes + 5):
+        got = ex.explain(x, width="20%", classes=classes)
+        assert all(np.array_equal(a.kept, b.kept) for pa, pb in zip(got.path, ref.path) for a, b in zip(pa, pb))
+        assert np.array_equal(got.attribution, ref.attribution)
+    # a subset, chunked or not, and a batch equal to its samples
+    sub = ex.explain(x, width="20%", classes=3)
+    monkeypatch.setattr(explainer, "CLASS_CHUNK_ROWS", 2)
+    same(ex.explain(x, width="20%", classes=3), sub, f"{name} classes=3 chunked")
+    for i in range(len(x)):
+        one = ex.explain(x[i : i + 1], width="20%", classes=3)
+        assert all(np.array_equal(a.kept, b.kept) for a, b in zip(one.path[0], sub.path[i]))
+
+
+def test_cli_classes_on_explain_decompose_and_evaluate(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from onnx_pathwise.cli import app
+
+    model = three_classes(tmp_path / "three.onnx")
+    np.save(tmp_path / "x.npy", np.array([[1.0, 1.0], [0.5, 2.0]], np.float32))
+    runner = CliRunner()
+
+    def run(*args: str) -> Any:
+        out = runner.invoke(app, [str(a) for a in args])
+        assert out.exit_code == 0, out.output
+        return out
+
+    run("explain", str(model), str(tmp_path / "x.npy"), "-o", str(tmp_path / "e2"), "--classes", "2")
+    run("explain", str(model), str(tmp_path / "x.npy"), "-o", str(tmp_path / "ea"))
+    e2 = json.loads((tmp_path / "e2" / "explanation.json").read_text())
+    ea = json.loads((tmp_path / "ea" / "explanation.json").read_text())
+    assert e2["options"]["classes"] == 2 and ea["options"]["classes"] == "all"
+    assert e2["samples"][0]["path"][0]["kept"] == [0, 1] and ea["samples"][0]["path"][0]["kept"] == [0]
+    run("decompose", str(model), str(tmp_path / "x.npy"), "-o", str(tmp_path / "d"), "--classes", "2")
+    assert json.loads((tmp_path / "d" / "decomposition.json").read_text())["classes"] == 2
+    run("evaluate", str(model), str(tmp_path / "x.npy"), "-o", str(tmp_path / "v"), "--methods", "pathwise",
+        "--classes", "2")
+    methods = json.loads((tmp_path / "v" / "evaluation.json").read_text())["methods"]
+    assert [m["options"] for m in methods.values()] == [{"classes": 2}]
+    bad = runner.invoke(app, ["explain", str(model), str(tmp_path / "x.npy"), "-o", str(tmp_path / "b"),
+                              "--classes", "one"])
+    assert bad.exit_code == 2 and "classes" in bad.output
