@@ -522,8 +522,19 @@ class Explainer:
         name = layer if layer is not None else names[-1]
         if name not in names:
             raise PathwiseError(f"layer {name!r} is not a gate layer; gate layers: {', '.join(names)}")
+        from .pathwise import competing_rows
+
+        xb = self.check_input(x)
+        step, _, _ = self._sweep_plan(competing_rows(ncls, self.num_classes), xb.shape[0])
+        if xb.shape[0] > step:  # bounded memory: one sweep per chunk of samples
+            t = None if target is None else np.asarray(target)
+            return concat_batches([  # type: ignore[no-any-return]
+                self.decompose(xb[s : s + step], name, top, group, t if t is None or t.ndim == 0 else t[s : s + step],
+                               width, depth, input_width, ncls)
+                for s in range(0, xb.shape[0], step)
+            ])
         gl = self.gate_layers[names.index(name)]
-        rec = self.record(x)
+        rec = self.record(xb)
         _, sweep, W, _ = self._path_sweep(rec, target, width, depth, input_width, keep_at=name, classes=ncls)
         tgt = sweep.target
         n = rec.n

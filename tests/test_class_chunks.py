@@ -112,6 +112,9 @@ def test_decompose_and_unwrap_chunked(name: str, tmp_path_factory: pytest.TempPa
     with monkeypatch.context() as m:
         m.setattr(explainer, "MAX_SWEEP_ELEMENTS", 1)  # one sample and one class per sweep
         u = ex.unwrap(x)
+        d = ex.decompose(x, width="30%", top=3)
+    assert np.array_equal(d.part_index, ref.part_index)
+    np.testing.assert_allclose(d.parts, ref.parts, rtol=1e-5, atol=1e-6 * np.abs(ref.parts).max())
     np.testing.assert_allclose(u.weight, uref.weight, rtol=1e-5, atol=1e-6 * np.abs(uref.weight).max())
 
 
