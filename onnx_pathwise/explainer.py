@@ -127,6 +127,8 @@ class Explainer:
         self.kernels = runtime.OpKernels(self.device)
         self.engine = Engine(self.ir, kernels=self.kernels)
         self._recorders: dict[bool, runtime.Recorder] = {}
+        #: show a progress bar on stderr while a pathwise sweep goes in class chunks (opt-in)
+        self.progress = False
 
     # ------------------------------------------------------------------ structure
 
@@ -424,7 +426,7 @@ class Explainer:
         competing = competing_set(rec.scores, tgt, classes)
         _, chunk, store = self._sweep_plan(competing.rows, rec.n)
         sweep = PathSweep(self.engine, layers, rec, tgt, competing, widths, in_width, keep_at=keep_at,
-                          chunk=chunk, store_bytes=store)
+                          chunk=chunk, store_bytes=store, progress=self.progress)
         W, b = sweep.run()
         return layers, sweep, W, b
 

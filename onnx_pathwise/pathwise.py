@@ -10,9 +10,10 @@ network's unfolded sum, and W_p, b_p come out of the same sweep.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -378,6 +379,20 @@ class UnitStats:
         return mask
 
 
+@contextlib.contextmanager
+def _progress(show: bool, total: int, what: str) -> Iterator[Callable[[], None]]:
+    """A rich progress bar on stderr while chunks are swept, only when asked for (``show``)."""
+    if not show:
+        yield lambda: None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda: bar.advance(task)
+
+
 class PathSweep:
     """Runs the pathwise sweep and remembers what the decomposition needs.
 
@@ -391,8 +406,9 @@ class PathSweep:
 
     def __init__(self, engine: Engine, layers: Sequence[GateLayer], record: Record, target: np.ndarray,
                  competing: Competing, widths: dict[str, int], input_width: int | None, keep_at: str | None = None,
-                 chunk: int | None = None, store_bytes: float = 0.0) -> None:
+                 chunk: int | None = None, store_bytes: float = 0.0, progress: bool = False) -> None:
         self.engine, self.record, self.competing = engine, record, competing
+        self.progress = progress
         self.target = target  # the explained class (side) of each sample
         self.widths = widths
         self.input_width = input_width
@@ -486,11 +502,20 @@ class PathSweep:
         return weight, b[0]
 
     def _run_chunked(self) -> tuple[np.ndarray, np.ndarray]:
+        assert self.chunk is not None
+        M, R = self.competing.rows, self.chunk
+        order = [node.name for node in reversed(self.engine.nodes) if node.name in self.widths]  # from the output
+        steps = (len(order) + (1 if self.input_width else 0)) * -(-M // R)
+        with _progress(self.progress, steps, f"pathwise, {M} classes in chunks of {R}") as advance:
+            self._select_chunked(order, advance)
+        return self._final_sweep()
+
+    def _select_chunked(self, order: list[str], advance: Callable[[], None]) -> None:
+        """Each path layer's mask (and the input's), from the output down, class chunk by chunk."""
         eng, rec, comp = self.engine, self.record, self.competing
         assert self.chunk is not None
         M, R, n = comp.rows, self.chunk, rec.n
         by_name = {node.name: node for node in eng.nodes}
-        order = [node.name for node in reversed(eng.nodes) if node.name in self.widths]  # from the output
         store: dict[str, np.ndarray] | None = None  # the nearest cut kept in memory, all M rows
         for pos, name in enumerate(order + ([None] if self.input_width else [])):  # type: ignore[list-item]
             if name is None:
@@ -521,13 +546,18 @@ class PathSweep:
                         for t, v in cut.items():
                             new_store[t][a:b] = v
                 stats.add(a, g)
+                advance()
             if name is None:
                 self.input_mask = stats.select(int(self.input_width))  # type: ignore[arg-type]
             else:
                 self.masks[name] = stats.select(self.widths[name])
             if new_store is not None:
                 store = new_store
-        # the carried row alone, every mask applied, from the scores: W_p and b_p
+
+    def _final_sweep(self) -> tuple[np.ndarray, np.ndarray]:
+        """The carried row alone, every mask applied, from the scores: W_p and b_p."""
+        eng, rec, comp = self.engine, self.record, self.competing
+        n = rec.n
         names = set(self.masks) | ({self.keep_at} if self.keep_at is not None else set())
         carry = comp.carry_row
         seed = np.zeros((1, n, eng.ir.num_classes), eng.dtype)

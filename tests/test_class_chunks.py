@@ -342,3 +342,14 @@ def test_cli_classes_on_explain_decompose_and_evaluate(tmp_path: Path) -> None:
     bad = runner.invoke(app, ["explain", str(model), str(tmp_path / "x.npy"), "-o", str(tmp_path / "b"),
                               "--classes", "one"])
     assert bad.exit_code == 2 and "classes" in bad.output
+
+
+def test_progress_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  capfd: pytest.CaptureFixture[str]) -> None:
+    ex = Explainer(mlp_many(tmp_path / "many.onnx", 100), device="cpu")
+    x = inputs(ex, 1)
+    monkeypatch.setattr(explainer, "CLASS_CHUNK_ROWS", 10)
+    quiet = ex.explain(x)
+    assert capfd.readouterr().err == ""
+    ex.progress = True
+    same(ex.explain(x), quiet, "with a progress bar")
