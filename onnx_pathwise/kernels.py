@@ -17,6 +17,9 @@ Two exact routes to log(mean_k exp C_k) = mean C + log(mean_k exp d_k), d = C âˆ
 
 Both are accurate to ~1e-16 absolute; the series avoids K scalar exponentials per unit and the
 log K round-off near P = 1/K.
+
+``lse_accumulate`` and ``lse_excess`` give the same test when the K cotangents come in chunks
+(a running log-sum-exp per unit, merged chunk by chunk), with the same necessary test first.
 """
 
 from __future__ import annotations

@@ -6,6 +6,11 @@ in float64, keeps the first ``width`` units by P (ties to the lower index) whose
 (or the first one if none does), and cuts the rest by masking the cotangents. Gates and argmax
 stay those of the recorded forward pass, so every path model is an exact term of the
 network's unfolded sum, and W_p, b_p come out of the same sweep.
+
+The rows that compete (:class:`Competing`) are every class by default; the two logits [0, y]
+of a single score (K = 1); or, with ``classes=N``, each sample's top N classes plus its
+target. Where one sample's rows do not fit the memory budget they are swept in chunks, layer
+by layer, and the selection reads per-unit sums accumulated chunk by chunk (:class:`UnitStats`).
 """
 
 from __future__ import annotations
