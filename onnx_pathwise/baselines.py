@@ -73,16 +73,21 @@ def _probe_chunk(explainer: Explainer) -> int:
 def _targets(explainer: Explainer, x: Array, target: Any, record: Record | None) -> tuple[Array, Record | None]:
     if target is None:
         record = record if record is not None else explainer.record(x)
-        return record.scores.argmax(axis=1), record
+        return resolve_targets(None, record.scores), record
     n = x.shape[0]
     return resolve_targets(target, np.zeros((n, explainer.num_classes))), record
 
 
 def target_seeds(explainer: Explainer, target: Array) -> dict[str, Array]:
-    """One seed per row: e_{target[i]} at the scores, shape (1, n, *score shape)."""
+    """One seed per row: e_{target[i]} at the scores, shape (1, n, *score shape); for a single
+    score y, ±1 on y for class 1 / class 0 (the side's log-odds, DESIGN §4)."""
     n = len(target)
-    seed = np.zeros((1, n, explainer.num_classes), explainer.engine.dtype)
-    seed[0, np.arange(n), target] = 1.0
+    K = explainer.num_classes
+    seed = np.zeros((1, n, K), explainer.engine.dtype)
+    if K == 1:
+        seed[0, :, 0] = np.where(np.asarray(target) == 1, 1.0, -1.0)
+    else:
+        seed[0, np.arange(n), target] = 1.0
     name = explainer.ir.output_name
     return {name: seed.reshape((1, n) + explainer.ir.shapes[name])}
 
@@ -95,7 +100,10 @@ def _sweep(
     hooks: Callable[[Record], Mapping[str, Hook]] | None = None,
 ) -> Array:
     """∂y_target/∂x per row (n, *in) of the frozen network, with optional gate hooks built
-    per chunk from its record; chunked over rows."""
+    per chunk from its record; chunked over rows, each row recorded once (``record`` when
+    given, sliced per chunk)."""
+    from .explainer import slice_record
+
     n = x.shape[0]
     if record is not None and n <= _row_chunk(explainer):
         w, _ = explainer.engine.backward(
@@ -105,7 +113,7 @@ def _sweep(
     out = np.empty(x.shape, explainer.engine.dtype)
     step = _row_chunk(explainer)
     for s in range(0, n, step):
-        rec, _ = record_rows(explainer, x[s : s + step])
+        rec = slice_record(record, s, s + step) if record is not None else record_rows(explainer, x[s : s + step])[0]
         w, _ = explainer.engine.backward(
             target_seeds(explainer, target[s : s + step]), rec, hooks=hooks(rec) if hooks else None
         )
@@ -140,6 +148,9 @@ def unwrap(explainer: Explainer, x: Any, target: Any = None, *, record: Record |
     rec = record if record is not None else explainer.record(x)
     tgt, _ = _targets(explainer, x, target, rec)
     res = explainer.unwrap(x, record=rec)
+    if explainer.num_classes == 1:  # the side's log-odds ±y
+        sign = np.where(tgt == 1, 1.0, -1.0).reshape((-1,) + (1,) * (x.ndim - 1))
+        return (res.weight[:, 0] * sign * x).astype(res.weight.dtype)
     return (res.weight[np.arange(x.shape[0]), tgt] * x).astype(res.weight.dtype)
 
 
@@ -151,12 +162,14 @@ def pathwise(
     width: int | str | None = None,
     depth: int | None = None,
     input_width: int | str | None = None,
+    classes: int | str | None = None,
     record: Record | None = None,
 ) -> Array:
     """Pathwise attribution W_p ⊙ x (DESIGN §4); see :meth:`Explainer.explain`."""
     x = explainer.check_input(x)
     tgt, record = _targets(explainer, x, target, record)
-    return explainer.explain(x, tgt, width=width, depth=depth, input_width=input_width, record=record).attribution
+    return explainer.explain(x, tgt, width=width, depth=depth, input_width=input_width, record=record,
+                             classes=classes).attribution
 
 
 def guided_backprop(explainer: Explainer, x: Any, target: Any = None, *, record: Record | None = None) -> Array:

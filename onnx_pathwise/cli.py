@@ -744,7 +744,21 @@ InputWidthOpt = Annotated[str | None, width_option(
 TargetOpt = Annotated[int | None, count_option(
     "--target", help="Class to explain (default: each sample's predicted class); below the number of classes",
     low=0)]
+ClassesOpt = Annotated[int | None, typer.Option(
+    "--classes", parser=lambda v: _classes(v), metavar="N|all",
+    help="Pathwise: the classes competing in each unit's score, 'all' (exact, the default) or N "
+         "(each sample's top N predicted classes plus the target).", show_default=False)]
 OutDirOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (created if missing).", show_default=False)]
+
+
+def _classes(value: Any) -> int | None:
+    """A --classes value: 'all' (None) or a count of at least 2."""
+    from .pathwise import parse_classes
+
+    try:
+        return parse_classes(value)
+    except PathwiseError as exc:
+        raise OptionError("--classes", value, "expected 'all' or a number of classes of at least 2") from exc
 
 
 METHODS = ("pathwise", "gradient", "input_x_gradient", "integrated_gradients", "guided_backprop", "unwrap")
@@ -765,6 +779,7 @@ def explain(
     input_width: InputWidthOpt = None,
     steps: Annotated[int, count_option("--steps", help="Integrated Gradients: interpolation steps", high=MAX_STEPS,
                                        show_default=True)] = 32,
+    classes: ClassesOpt = None,
     exact: Annotated[bool, typer.Option("--exact", help="Integrated Gradients: integrate exactly over linear pieces.")] = False,
     device: DeviceOpt = Device.auto,
     input_name: InputNameOpt = None,
@@ -779,9 +794,9 @@ def explain(
     masked_score), OUT/explanation.json (per sample: target, score and, for pathwise,
     faithfulness and the path) and, for image inputs, OUT/sample_<i>.png.
     """
-    w, iw = width, input_width
-    if method != "pathwise" and (w is not None or depth is not None or iw is not None):
-        raise PathwiseError("--width, --depth and --input-width apply to --method pathwise only")
+    w, iw, ncls = width, input_width, classes
+    if method != "pathwise" and (w is not None or depth is not None or iw is not None or ncls is not None):
+        raise PathwiseError("--width, --depth, --input-width and --classes apply to --method pathwise only")
     names = ["explanation.npz", "explanation.json"] + (["report.html"] if report_format else [])
     _guard_dir(out, names, force)
     ex = _open_explainer(model, device, input_name, output)
@@ -789,19 +804,23 @@ def explain(
     x = _load_input(input, ex)
     _guard_dir(out, names + _png_names(png, ex, x.shape[0]), force)
     if method == "pathwise":
-        res = _chunked(lambda b: ex.explain(b, target=target, width=w, depth=depth, input_width=iw), x, "explaining")
+        res = _chunked(lambda b: ex.explain(b, target=target, width=w, depth=depth, input_width=iw, classes=ncls),
+                       x, "explaining")
         arrays = {"attribution": res.attribution, "weight": res.weight, "bias": res.bias, "output": res.output,
                   "target": res.target, "masked_score": res.masked_score}
         samples = [{"target": int(res.target[i]), "score": float(res.score[i]),
                     "masked_score": float(res.masked_score[i]), "faithfulness": float(res.faithfulness[i]),
                     "sparsity": float(res.sparsity[i]), "path": _path_json(res.path[i])} for i in range(len(res.target))]
-        options = {"width": w, "depth": depth, "input_width": iw}
+        options = {"width": w, "depth": depth, "input_width": iw, "classes": ncls if ncls is not None else "all"}
     else:
         opts: dict[str, Any] = {"steps": steps, "exact": exact} if method == "integrated_gradients" else {}
         res = _chunked(lambda b: ex.attribute(b, method=method, target=target, **opts), x, "explaining")
         arrays = {"attribution": res.attribution, "output": res.output, "target": res.target}
         idx = np.arange(len(res.target))
-        samples = [{"target": int(res.target[i]), "score": float(res.output[i, res.target[i]])} for i in idx]
+        from .pathwise import target_scores
+
+        scores = target_scores(res.output, res.target)
+        samples = [{"target": int(res.target[i]), "score": float(scores[i])} for i in idx]
         options = opts
     report = {"model": str(model), "method": method, "options": options, "explained_output": ex.ir.output_name,
               "samples": samples}
@@ -838,6 +857,7 @@ def decompose(
     target: TargetOpt = None,
     width: WidthOpt = None,
     depth: DepthOpt = None,
+    classes: ClassesOpt = None,
     device: DeviceOpt = Device.auto,
     input_name: InputNameOpt = None,
     output: OutputNameOpt = None,
@@ -849,15 +869,15 @@ def decompose(
 
     Writes OUT/decomposition.npz, OUT/decomposition.json and, for image inputs, a PNG grid per sample.
     """
+    w, ncls = width, classes
     names = ["decomposition.npz", "decomposition.json"]
     _guard_dir(out, names, force)
     ex = _open_explainer(model, device, input_name, output)
     _check_target(target, ex)
     x = _load_input(input, ex)
     _guard_dir(out, names + _png_names(png, ex, x.shape[0]), force)
-    d = _chunked(lambda b: ex.decompose(b, layer=layer, top=top, group=group, target=target, width=width,
-                                        depth=depth),
-                 x, "decomposing")
+    d = _chunked(lambda b: ex.decompose(b, layer=layer, top=top, group=group, target=target, width=w, depth=depth,
+                                        classes=ncls), x, "decomposing")
     arrays = {"attribution": d.attribution, "parts": d.parts, "part_index": d.part_index,
               "part_score": d.part_score, "rest": d.rest, "bypass": d.bypass, "target": d.target,
               "output": d.output}
@@ -866,7 +886,7 @@ def decompose(
                            "active": bool(d.part_active[i, j])} for j in range(d.parts.shape[1])],
                 "delta": float(d.delta[i])} for i in range(len(d.target))]
     report = {"model": str(model), "layer": d.layer, "group": group, "crosses_all_paths": d.crosses_all,
-              "samples": samples}
+              "classes": ncls if ncls is not None else "all", "samples": samples}
     pngs = {}
     if png and plots.is_image(ex.input_shape):
         for i in range(x.shape[0]):
@@ -894,6 +914,7 @@ def evaluate(
     step: Annotated[int | None, count_option("--step", help="Pixels per insertion/deletion step "
                                              "(default: one image row)")] = None,
     target: TargetOpt = None,
+    classes: ClassesOpt = None,
     device: DeviceOpt = Device.auto,
     input_name: InputNameOpt = None,
     output: OutputNameOpt = None,
@@ -915,13 +936,14 @@ def evaluate(
     widths: list[int | str | None] | None = list(width) if width else None
     names = ["evaluation.json", "curves.png"] + (["width_sweep.png"] if widths and len(widths) > 1 else []) + (
         ["report.html"] if report_format else [])
+    ncls = classes
     _guard_dir(out, names, force)
     ex = _open_explainer(model, device, input_name, output)
     _check_target(target, ex)
     x = _load_input(inputs, ex)
     attributions: dict[str, np.ndarray] | None = {} if report_format else None
     result = run_evaluation(ex, x, chosen, widths=widths, depths=list(depth) if depth else None, step=step,
-                            target=target, attributions=attributions)
+                            target=target, attributions=attributions, classes=ncls)
     result["model"] = str(model)
     metric_names = ["insertion_auc", "deletion_auc", "faithfulness", "sparsity", "completeness_delta"]
     rows = []

@@ -252,6 +252,21 @@ class Engine:
         with single_threaded_blas():
             return self._backward(seeds, record, hooks, input_hook, bias_rows, narrow_after)
 
+    def backward_to(
+        self, seeds: Mapping[str, Array], record: Record, stop_before: str, hooks: Mapping[str, Hook] | None = None,
+    ) -> dict[str, Array]:
+        """The transpose sweep from ``seeds`` up to node ``stop_before`` (not run): every
+        cotangent pending there, {tensor: (m, n, *s)} — a cut of the graph that is all a later
+        sweep needs to resume from (as its seeds), residual branches included."""
+        cut: dict[str, Array] = {}
+        rows = next(iter(seeds.values())).shape[0] * record.n
+        if rows > SMALL_SWEEP_ROWS:
+            self._backward(seeds, record, hooks, None, None, None, stop_before, cut)
+        else:
+            with single_threaded_blas():
+                self._backward(seeds, record, hooks, None, None, None, stop_before, cut)
+        return cut
+
     def _backward(
         self,
         seeds: Mapping[str, Array],
@@ -260,6 +275,8 @@ class Engine:
         input_hook: InputHook | None,
         bias_rows: Array | None,
         narrow_after: str | None,
+        stop_before: str | None = None,
+        cut: dict[str, Array] | None = None,
     ) -> tuple[Array, Array]:
         n = record.n
         m = next(iter(seeds.values())).shape[0]
@@ -279,6 +296,10 @@ class Engine:
         if narrow_after == "":
             narrow()
         for node in reversed(self.nodes):
+            if node.name == stop_before:
+                assert cut is not None
+                cut.update({t: c.reshape((m, n) + c.shape[1:]) for t, c in env.items()})
+                return np.zeros(0, self.dtype), bias
             cots = [env.pop(o, None) for o in node.outputs]
             if all(c is None for c in cots):
                 continue

@@ -40,6 +40,25 @@ from .pathwise import Explanation
 #: fall out of the caches (measured: a batch of 16 VGG-style explanations 0.99 s with 64M,
 #: 0.70 s with 4M; exact Integrated Gradients of two digits 6.3–7.0 s → 3.7–3.8 s).
 MAX_SWEEP_ELEMENTS = 1 << 22
+#: Rows per class chunk of a pathwise sweep, forced (tests); None: the memory budget decides,
+#: and the rows go in chunks only when one sample's competing rows do not fit it.
+CLASS_CHUNK_ROWS: int | None = None
+
+
+def slice_record(rec: Record, start: int, stop: int) -> Record:
+    """The record of samples start … stop − 1 of a batch's record (no new forward pass)."""
+    n = rec.n
+
+    def rows(v: Any) -> Any:
+        if isinstance(v, np.ndarray) and v.ndim >= 1 and v.shape[0] == n:
+            return v[start:stop]
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return dataclasses.replace(v, **{f.name: rows(getattr(v, f.name)) for f in dataclasses.fields(v)})
+        return v
+
+    return Record(x=rec.x[start:stop], scores=rec.scores[start:stop],
+                  states={k: rows(v) for k, v in rec.states.items()},
+                  preactivations={k: v[start:stop] for k, v in rec.preactivations.items()})
 
 
 def concat_batches(results: Sequence[Any]) -> Any:
@@ -108,6 +127,8 @@ class Explainer:
         self.kernels = runtime.OpKernels(self.device)
         self.engine = Engine(self.ir, kernels=self.kernels)
         self._recorders: dict[bool, runtime.Recorder] = {}
+        #: show a progress bar on stderr while a pathwise sweep goes in class chunks (opt-in)
+        self.progress = False
 
     # ------------------------------------------------------------------ structure
 
@@ -192,6 +213,56 @@ class Explainer:
         """Elements per sample of the largest tensor of the cone."""
         return max((int(np.prod(s, dtype=np.int64)) for s in self.ir.shapes.values()), default=1)
 
+    @cached_property
+    def _live_max(self) -> int:
+        """Elements per sample-row of the most cotangents a sweep holds at once: the largest
+        set of tensors that have a processed consumer and an unprocessed producer."""
+        nodes = self.engine.nodes
+        where = {t: i for i, node in enumerate(nodes) for t in node.outputs}
+        last: dict[str, int] = {self.ir.output_name: len(nodes)}
+        for i, node in enumerate(nodes):
+            for t in node.data_inputs:
+                last[t] = max(last.get(t, -1), i)
+        size = {t: int(np.prod(self.ir.shapes[t], dtype=np.int64)) for t in last if t in self.ir.shapes}
+        best = 0
+        for p in range(len(nodes)):
+            best = max(best, sum(v for t, v in size.items() if where.get(t, -1) <= p < last[t]))
+        return max(best, 1)
+
+    def _sweep_bytes(self, rows: int, n: int) -> tuple[float, float]:
+        """(bytes per sample-row of a sweep, bytes per sample besides the sweep: the selection's
+        float64 sums, the seeds, the record and the results) for ``rows`` competing rows."""
+        item = self.engine.dtype.itemsize
+        per_row = item * (self._live_max + 3 * self._biggest)
+        units = max((g.units for g in self.gate_layers), default=0)
+        D = int(np.prod(self.input_shape, dtype=np.int64))
+        recorded = sum(g.units for g in self.gate_layers) + sum(
+            int(np.prod(self.ir.shapes[node.data_inputs[0]], dtype=np.int64)) for node in self.engine.routing_nodes)
+        fixed = 48 * max(units, D) + item * (rows * self.num_classes + 4 * D + 2 * recorded)
+        return float(per_row), float(fixed)
+
+    def _sweep_plan(self, rows: int, n: int) -> tuple[int, int | None, float]:
+        """How a pathwise sweep of ``rows`` competing rows per sample runs within the memory
+        budget (DESIGN §4): (samples per sweep, rows per class chunk or None for all at once,
+        bytes left for checkpoints). All rows at once whenever one sample's fit the budget
+        (the speed heuristic then sets the samples); otherwise one sample at a time in the
+        largest class chunks that fit (at most MAX_SWEEP_ELEMENTS per chunk). Refused, with
+        the estimate, only when one row per chunk cannot fit."""
+        from . import limits
+
+        budget = limits.memory_budget()
+        per_row, fixed = self._sweep_bytes(rows, n)
+        step = self._sample_chunk(rows)
+        fit = int(budget // (rows * per_row + fixed))
+        if CLASS_CHUNK_ROWS is None and fit >= 1:
+            return max(1, min(step, fit)), None, 0.0
+        samples = 1 if CLASS_CHUNK_ROWS is None else min(step, max(1, fit))
+        chunk = CLASS_CHUNK_ROWS or int(min(rows, max(1, MAX_SWEEP_ELEMENTS // self._biggest),
+                                            (budget - fixed) // per_row))
+        if chunk < 1:
+            limits.check_fits(fixed + per_row, f"a pathwise sweep ({rows} competing classes, one per chunk)")
+        return samples, chunk, budget - samples * (fixed + chunk * per_row)
+
     def _sample_chunk(self, rows_per_sample: int) -> int:
         """Samples per sweep so that rows × largest tensor stays within MAX_SWEEP_ELEMENTS."""
         return max(1, MAX_SWEEP_ELEMENTS // max(1, rows_per_sample * self._biggest))
@@ -208,12 +279,15 @@ class Explainer:
 
     def unwrap(self, x: Any, record: Record | None = None) -> UnwrapResult:
         """The local affine model W_x, b_x of every sample, checked against onnxruntime."""
+        step = self._sample_chunk(1)
         if record is None:
             xb = self.check_input(x)
-            step = self._sample_chunk(1)
             if xb.shape[0] > step:  # bounded memory: one sample chunk at a time
                 return concat_batches(  # type: ignore[no-any-return]
                     [self.unwrap(xb[s : s + step]) for s in range(0, xb.shape[0], step)])
+        elif record.n > step:  # the same, reusing the recorded forward pass
+            return concat_batches(  # type: ignore[no-any-return]
+                [self.unwrap(None, record=slice_record(record, s, s + step)) for s in range(0, record.n, step)])
         rec = record if record is not None else self.record(x)
         n, K = rec.scores.shape
         ws, bs = [], []
@@ -364,18 +438,22 @@ class Explainer:
         return layers, {layer.name: parse_width(width, layer.units) for layer in layers}
 
     def _path_sweep(self, rec: Record, target: Any, width: Any, depth: int | None, input_width: Any,
-                    keep_at: str | None = None) -> tuple[list[Any], Any, np.ndarray, np.ndarray]:
-        """The single pathwise sweep (all K score cotangents down to the lowest path layer):
-        (path layers, the sweep with its masks, W_p (n, *in), b_p (n,) of each target)."""
-        from .pathwise import PathSweep, parse_width, resolve_targets
+                    keep_at: str | None = None, classes: int | None = None,
+                    ) -> tuple[list[Any], Any, np.ndarray, np.ndarray]:
+        """The pathwise sweep (every competing row down to the lowest path layer, in class
+        chunks where they do not fit the memory budget): (path layers, the sweep with its
+        masks and targets, W_p (n, *in), b_p (n,) of each target)."""
+        from .pathwise import PathSweep, competing_set, parse_width, resolve_targets
 
         layers, widths = self._path_setup(width, depth)
         D = int(np.prod(self.input_shape, dtype=np.int64))
         in_width = parse_width(input_width, D) if input_width is not None else None
         tgt = resolve_targets(target, rec.scores)
-        n, K = rec.scores.shape
-        sweep = PathSweep(self.engine, layers, rec, tgt, widths, in_width, keep_at=keep_at)
-        W, b = sweep.run(self._score_seeds(np.arange(K), n))
+        competing = competing_set(rec.scores, tgt, classes)
+        _, chunk, store = self._sweep_plan(competing.rows, rec.n)
+        sweep = PathSweep(self.engine, layers, rec, tgt, competing, widths, in_width, keep_at=keep_at,
+                          chunk=chunk, store_bytes=store, progress=self.progress)
+        W, b = sweep.run()
         return layers, sweep, W, b
 
     def explain(
@@ -386,13 +464,18 @@ class Explainer:
         depth: int | None = None,
         input_width: int | str | None = None,
         record: Record | None = None,
+        classes: int | str | None = None,
     ) -> Explanation:
         """Pathwise explanation of each sample (DESIGN §4), one backward sweep per batch chunk.
 
         ``width``: units kept per path layer (int or ``"5%"``; default all that favour the
         target); ``depth``: how many of the last gate layers are path-constrained (default all;
         0 gives Input×Gradient); ``input_width``: apply the same selection to the input
-        elements; ``target``: int, one int per sample, or None for the argmax.
+        elements; ``target``: int, one int per sample, or None for the argmax (for a single
+        score y: 0 or 1, the side explained, default 1 where y ≥ 0); ``classes``: the classes
+        that compete in each unit's softmax, None or ``"all"`` (every class, exact) or N (the
+        top N predicted classes plus the target). Memory stays within the budget at any number
+        of classes (DESIGN §4): samples, then classes, go in chunks.
 
         >>> import numpy as np
         >>> from onnx_pathwise.samples import tiny_mlp
@@ -402,20 +485,21 @@ class Explainer:
         >>> e.attribution.tolist(), e.masked_score.tolist()
         ([[1.0, 0.0]], [1.5])
         """
-        from .pathwise import Explanation, PathLayer
+        from .pathwise import Explanation, PathLayer, competing_rows, parse_classes
 
-        if record is None:
-            xb = self.check_input(x)
-            step = self._sample_chunk(self.num_classes)
-            if xb.shape[0] > step:  # bounded memory: one sweep per chunk of samples
-                t = None if target is None else np.asarray(target)
-                return concat_batches([  # type: ignore[no-any-return]
-                    self.explain(xb[s : s + step], t if t is None or t.ndim == 0 else t[s : s + step],
-                                 width, depth, input_width)
-                    for s in range(0, xb.shape[0], step)
-                ])
-        rec = record if record is not None else self.record(x)
-        layers, sweep, weight, bias = self._path_sweep(rec, target, width, depth, input_width)
+        ncls = parse_classes(classes)
+        xb = self.check_input(x) if record is None else record.x
+        step, _, _ = self._sweep_plan(competing_rows(ncls, self.num_classes), xb.shape[0])
+        if xb.shape[0] > step:  # bounded memory: one sweep per chunk of samples, recorded once
+            t = None if target is None else np.asarray(target)
+            return concat_batches([  # type: ignore[no-any-return]
+                self.explain(xb[s : s + step], t if t is None or t.ndim == 0 else t[s : s + step],
+                             width, depth, input_width,
+                             record=None if record is None else slice_record(record, s, s + step), classes=ncls)
+                for s in range(0, xb.shape[0], step)
+            ])
+        rec = record if record is not None else self.record(xb)
+        layers, sweep, weight, bias = self._path_sweep(rec, target, width, depth, input_width, classes=ncls)
         tgt = sweep.target
         n = rec.n
         xf = rec.x.astype(np.float64)
@@ -433,6 +517,7 @@ class Explainer:
             masked_score=masked,
             path=paths,
             input_kept=sweep.input_mask,
+            classes=ncls,
         )
 
     def decompose(
@@ -445,11 +530,16 @@ class Explainer:
         width: int | str | None = None,
         depth: int | None = None,
         input_width: int | str | None = None,
+        classes: int | str | None = None,
     ) -> Decomposition:
         """Split each sample's pathwise attribution into the parts through single units (or
         channels) of one gate layer (default: the last), ranked by their score contribution
         h_u·∂y_c/∂h_u. ``parts`` (top ones) + ``rest`` (the other kept units) + ``bypass``
-        (paths that skip the layer, e.g. residual joins) = ``attribution``."""
+        (paths that skip the layer, e.g. residual joins) = ``attribution``. ``classes`` as in
+        :meth:`explain`."""
+        from .pathwise import parse_classes
+
+        ncls = parse_classes(classes)
         if group not in ("unit", "channel"):
             raise PathwiseError(f"group {group!r}: choose 'unit' or 'channel'")
         if int(top) < 1:
@@ -460,9 +550,20 @@ class Explainer:
         name = layer if layer is not None else names[-1]
         if name not in names:
             raise PathwiseError(f"layer {name!r} is not a gate layer; gate layers: {', '.join(names)}")
+        from .pathwise import competing_rows
+
+        xb = self.check_input(x)
+        step, _, _ = self._sweep_plan(competing_rows(ncls, self.num_classes), xb.shape[0])
+        if xb.shape[0] > step:  # bounded memory: one sweep per chunk of samples
+            t = None if target is None else np.asarray(target)
+            return concat_batches([  # type: ignore[no-any-return]
+                self.decompose(xb[s : s + step], name, top, group, t if t is None or t.ndim == 0 else t[s : s + step],
+                               width, depth, input_width, ncls)
+                for s in range(0, xb.shape[0], step)
+            ])
         gl = self.gate_layers[names.index(name)]
-        rec = self.record(x)
-        _, sweep, W, _ = self._path_sweep(rec, target, width, depth, input_width, keep_at=name)
+        rec = self.record(xb)
+        _, sweep, W, _ = self._path_sweep(rec, target, width, depth, input_width, keep_at=name, classes=ncls)
         tgt = sweep.target
         n = rec.n
         attribution = (W * rec.x).astype(W.dtype)
@@ -510,6 +611,7 @@ class Explainer:
             bypass=bypass,
             target=tgt,
             output=rec.scores,
+            classes=ncls,
         )
 
     # ------------------------------------------------------------------ baselines (DESIGN §5)
@@ -565,6 +667,7 @@ class Decomposition:
     target: np.ndarray
     output: np.ndarray
     crosses_all: bool  # every input→output path crosses the layer, so bypass must vanish
+    classes: int | None = None  # the competing classes (None: all), as in Explanation
 
     @property
     def delta(self) -> np.ndarray:

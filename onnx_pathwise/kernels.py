@@ -17,6 +17,9 @@ Two exact routes to log(mean_k exp C_k) = mean C + log(mean_k exp d_k), d = C �
 
 Both are accurate to ~1e-16 absolute; the series avoids K scalar exponentials per unit and the
 log K round-off near P = 1/K.
+
+``lse_accumulate`` and ``lse_excess`` give the same test when the K cotangents come in chunks
+(a running log-sum-exp per unit, merged chunk by chunk), with the same necessary test first.
 """
 
 from __future__ import annotations
@@ -104,6 +107,57 @@ def unit_excess(h, J, c, idx, out):  # type: ignore[no-untyped-def]  # pragma: n
             idx[n] = idx[q]
             out[n] = e
             n += 1
+    return n
+
+
+@_compiled()
+def lse_accumulate(h, J, rows, c, s, top, acc, jc):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """One chunk of a sample's competing rows, for a layer whose K cotangents are swept in
+    chunks (DESIGN §4, "Bounded memory at any K"): h (u,), J (m, u) any strides, of which the
+    first ``rows`` compete (the rest is padding); ``c`` the target's row in the chunk, or -1.
+
+    Updates per unit, in place and in float64: ``s`` += Σ_k J_k in row order (the sum
+    :func:`unit_excess` takes, so its necessary test is the same), the running log-sum-exp of
+    C_k = h·J_k as ``top`` (the maximum so far, -inf at first) and ``acc`` = Σ exp(C_k − top)
+    (rescaled when the maximum grows: lse(a ∪ b) = logaddexp(lse a, lse b)), and ``jc`` = J_c.
+    """
+    u = J.shape[1]
+    for k in range(rows):
+        row = J[k]
+        for j in range(u):
+            v = np.float64(row[j])
+            s[j] += v
+            C = np.float64(h[j]) * v  # exact in float64
+            t = top[j]
+            if C > t:
+                acc[j] = acc[j] * math.exp(t - C) + 1.0
+                top[j] = C
+            else:
+                acc[j] += math.exp(C - t)
+    if c >= 0:
+        row = J[c]
+        for j in range(u):
+            jc[j] = row[j]
+
+
+@_compiled()
+def lse_excess(h, s, top, acc, jc, K, idx, out):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """Units with e = C_c − lse_k C_k + log K > 0 from the sums of :func:`lse_accumulate`
+    over all K competing rows: flat indices (ascending) to ``idx``, e to ``out``; returns how
+    many. The necessary test C_c > mean_k C_k comes first, as in :func:`unit_excess`: units
+    with h = 0 or cut above never pass it, whatever the round-off of the log-sum-exp."""
+    u = h.shape[0]
+    inv = 1.0 / K
+    log_k = math.log(K)
+    n = 0
+    for j in range(u):
+        hj = np.float64(h[j])
+        if hj * (jc[j] - s[j] * inv) > 0.0:
+            e = hj * jc[j] - top[j] - math.log(acc[j]) + log_k
+            if e > 0.0:
+                idx[n] = j
+                out[n] = e
+                n += 1
     return n
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import PathwiseError
-from .pathwise import resolve_targets
+from .pathwise import resolve_targets, target_scores
 
 if TYPE_CHECKING:
     from .explainer import Explainer, RadiusResult
@@ -90,8 +90,8 @@ class Curve:
 def target_probability(scores: Array, target: Array) -> Array:
     """softmax(scores)[target] in float64 (sigmoid of the single score when K = 1)."""
     s = np.asarray(scores, np.float64)
-    if s.shape[1] == 1:
-        return 1.0 / (1.0 + np.exp(-s[:, 0]))
+    if s.shape[1] == 1:  # the side's probability: σ(y) for class 1, σ(−y) for class 0
+        return 1.0 / (1.0 + np.exp(-np.where(np.asarray(target) == 0, -s[:, 0], s[:, 0])))
     s = s - s.max(axis=1, keepdims=True)
     e = np.exp(s)
     return e[np.arange(len(target)), target] / e.sum(axis=1)
@@ -148,7 +148,7 @@ def _curve(
         raise PathwiseError(f"step {step!r}: must be a positive integer")
     step = int(step)
     if target is None:
-        target = explainer.record(x).scores.argmax(axis=1)
+        target = resolve_targets(None, explainer.record(x).scores)
     tgt = resolve_targets(target, np.zeros((N, explainer.num_classes)))
     order = pixel_order(attribution, channel_axis)
     rank = np.empty_like(order)
@@ -289,11 +289,13 @@ def evaluate(
     channel_axis: int | None = 0,
     max_input_size: int = 4096,
     attributions: dict[str, np.ndarray] | None = None,
+    classes: int | str | None = None,
 ) -> dict[str, Any]:
     """Every applicable metric per method per sample, with mean and (population) std.
 
     ``methods``: names or ``(name, options)`` pairs (:meth:`Explainer.attribute`). 'pathwise'
-    is run once per (width, depth) in ``widths`` × ``depths`` (default: all units, all layers).
+    is run once per (width, depth) in ``widths`` × ``depths`` (default: all units, all layers),
+    with ``classes`` competing classes (default all).
     Per method: insertion and deletion AUC; Integrated Gradients adds its completeness delta
     |Σ IG − (y_c(x) − y_c(x₀))|; 'unwrap' adds the local model's completeness delta; pathwise
     adds masked score, faithfulness and sparsity. Per sample: target, score, probability and,
@@ -323,12 +325,14 @@ def evaluate(
                     runs.append((name, {"width": w, "depth": d}))
         else:
             runs.append((name, opts))
+    if classes is not None:  # the competing classes of every pathwise run (DESIGN §4)
+        runs = [(name, {**opts, "classes": classes} if name == "pathwise" else opts) for name, opts in runs]
     result: dict[str, Any] = {
         "n": int(xb.shape[0]),
         "target": tgt.tolist(),
         "step": int(used_step),
         "samples": {
-            "score": _summary(rec.scores[idx, tgt]),
+            "score": _summary(target_scores(rec.scores, tgt)),
             "probability": _summary(target_probability(rec.scores, tgt)),
         },
         "methods": {},
@@ -356,9 +360,9 @@ def evaluate(
             metrics["completeness_delta"] = _summary(explainer.unwrap(xb, record=rec).delta)
         if name == "integrated_gradients":
             x0 = baselines._baseline(explainer, xb, opts.get("baseline", "zeros"))
-            y0 = explainer.record(x0).scores[idx, tgt].astype(np.float64)
+            y0 = target_scores(explainer.record(x0).scores, tgt).astype(np.float64)
             total = attribution.reshape(len(idx), -1).astype(np.float64).sum(axis=1)
-            metrics["completeness_delta"] = _summary(np.abs(total - (rec.scores[idx, tgt] - y0)))
+            metrics["completeness_delta"] = _summary(np.abs(total - (target_scores(rec.scores, tgt) - y0)))
         ins = insertion(explainer, xb, attribution, tgt, used_step, channel_axis)
         dele = deletion(explainer, xb, attribution, tgt, used_step, channel_axis)
         metrics["insertion_auc"] = _summary(ins.auc)

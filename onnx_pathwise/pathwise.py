@@ -6,13 +6,19 @@ in float64, keeps the first ``width`` units by P (ties to the lower index) whose
 (or the first one if none does), and cuts the rest by masking the cotangents. Gates and argmax
 stay those of the recorded forward pass, so every path model is an exact term of the
 network's unfolded sum, and W_p, b_p come out of the same sweep.
+
+The rows that compete (:class:`Competing`) are every class by default; the two logits [0, y]
+of a single score (K = 1); or, with ``classes=N``, each sample's top N classes plus its
+target. Where one sample's rows do not fit the memory budget they are swept in chunks, layer
+by layer, and the selection reads per-unit sums accumulated chunk by chunk (:class:`UnitStats`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,10 +128,26 @@ def _candidates(h: np.ndarray, J: np.ndarray, c: int, split: bool = True) -> tup
     return np.concatenate([i for i, _ in chunks]), np.concatenate([e for _, e in chunks])
 
 
-def select_units(h: np.ndarray, J: np.ndarray, target: np.ndarray, width: int) -> np.ndarray:
+def _keep(candidates: np.ndarray, e: np.ndarray, width: int) -> np.ndarray:
+    """The ``width`` candidates with the largest scores, ties at the cut to the lower index
+    (candidates ascend): everything above the cut, then the first ties at it."""
+    m = candidates.size
+    if m <= width:
+        return candidates
+    kth = np.partition(e, m - width)[m - width]
+    above = e > kth
+    ties = np.flatnonzero(e == kth)[: width - int(np.count_nonzero(above))]
+    above[ties] = True
+    return candidates[above]
+
+
+def select_units(h: np.ndarray, J: np.ndarray, target: np.ndarray, width: int,
+                 counts: np.ndarray | None = None) -> np.ndarray:
     """The kept-unit mask (n, u) of one path layer.
 
-    h (n, u) gate outputs, J (K, n, u) score cotangents, target (n,) classes. Scores
+    h (n, u) gate outputs, J (K, n, u) score cotangents, target (n,) rows of J (the classes,
+    when every class competes); with ``counts`` only the first counts[i] rows of sample i
+    compete (the rest is padding). Scores
     P_i = softmax_k(h_i J_ik)[c] in float64 (as e = log(K·P) > 0, see
     :func:`onnx_pathwise.kernels.unit_excess`), candidates by P descending with ties to the
     lower index, the first ``width`` kept when P > 1/K, else the first candidate. Samples are
@@ -137,22 +159,14 @@ def select_units(h: np.ndarray, J: np.ndarray, target: np.ndarray, width: int) -
 
     def one(i: int) -> None:
         c = int(target[i])
-        candidates, e = _candidates(h[i], J[:, i], c, split=n == 1)
-        m = candidates.size
-        if m == 0:
+        Ji = J[:, i] if counts is None else J[: int(counts[i]), i]
+        candidates, e = _candidates(h[i], Ji, c, split=n == 1)
+        if candidates.size == 0:
             # nobody favours the target: keep the first candidate of the full order
-            full = _log_p(h[i], J[:, i], c)
+            full = _log_p(h[i], Ji, c)
             mask[i, int(np.argmax(full))] = True  # argmax returns the lowest index among ties
             return
-        if m > width:
-            # the kept set is the `width` largest scores, ties at the cut to the lower index
-            # (candidates ascend): everything above the cut, then the first ties at it
-            kth = np.partition(e, m - width)[m - width]
-            above = e > kth
-            ties = np.flatnonzero(e == kth)[: width - int(np.count_nonzero(above))]
-            above[ties] = True
-            candidates = candidates[above]
-        mask[i, candidates] = True
+        mask[i, _keep(candidates, e, width)] = True
 
     if n == 1:
         one(0)
@@ -186,11 +200,15 @@ class Explanation:
     masked_score: np.ndarray  # (N,) y_c of the masked network at x = W_p·x + b_p
     path: list[list[PathLayer]] = field(repr=False)
     input_kept: np.ndarray | None = field(default=None, repr=False)  # (N, D) when input_width
+    #: the competing classes of the selection: None for all of them (exact), or N for each
+    #: sample's top N predicted classes plus its target (DESIGN §4 variant, ``classes=N``)
+    classes: int | None = None
 
     @property
     def score(self) -> np.ndarray:
-        """y_c(x) of the full network (onnxruntime)."""
-        return self.output[np.arange(len(self.target)), self.target]
+        """y_c(x) of the full network (onnxruntime); for a single score y, the explained
+        side's log-odds: y for class 1, −y for class 0."""
+        return target_scores(self.output, self.target)
 
     @property
     def faithfulness(self) -> np.ndarray:
@@ -209,8 +227,17 @@ class Explanation:
 
 
 def resolve_targets(target: Any, scores: np.ndarray) -> np.ndarray:
+    """One class per sample: ``target`` (an int, or one int per sample) checked against the
+    scores, or each sample's predicted class when None.
+
+    A single score y (K = 1, a binary classifier whose Sigmoid was peeled) has two classes,
+    the implicit class 0 with logit 0 and class 1 with logit y (DESIGN §4): targets are 0 or
+    1, by default the predicted side, 1 where y ≥ 0.
+    """
     n, K = scores.shape
     if target is None:
+        if K == 1:
+            return (np.asarray(scores)[:, 0] >= 0).astype(np.int64)
         return scores.argmax(axis=1)
     t = np.asarray(target)
     if t.dtype.kind not in "iu":
@@ -218,71 +245,345 @@ def resolve_targets(target: Any, scores: np.ndarray) -> np.ndarray:
     t = np.broadcast_to(t, (n,)) if t.ndim == 0 else t
     if t.shape != (n,):
         raise PathwiseError(f"target: {t.shape[0]} values for {n} samples")
-    if np.any(t < 0) or np.any(t >= K):
-        raise PathwiseError(f"target {target!r}: out of range for {K} scores")
+    classes = 2 if K == 1 else K
+    if np.any(t < 0) or np.any(t >= classes):
+        what = "a single score: 0 or 1, the side explained" if K == 1 else f"{K} scores"
+        raise PathwiseError(f"target {target!r}: out of range for {what}")
     return t.astype(np.int64)
 
 
+def target_scores(scores: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The explained score of each sample: y_c, or for a single score y the side's log-odds
+    (y for class 1, −y for class 0)."""
+    n, K = scores.shape
+    if K == 1:
+        return np.where(np.asarray(target) == 1, scores[:, 0], -scores[:, 0])
+    return scores[np.arange(n), target]
+
+
+def parse_classes(classes: Any) -> int | None:
+    """The competing-classes option: None or ``"all"`` (every class, exact) or an int N ≥ 2
+    (each sample's top-N predicted classes plus its target)."""
+    if classes is None:
+        return None
+    if isinstance(classes, str):
+        text = classes.strip().lower()
+        if text == "all":
+            return None
+        try:
+            classes = int(text)
+        except ValueError:
+            raise PathwiseError(f"classes {classes!r}: expected 'all' or a number of classes such as 10") from None
+    if isinstance(classes, bool) or not isinstance(classes, (int, np.integer)):
+        raise PathwiseError(f"classes {classes!r}: expected 'all' or a number of classes such as 10")
+    if classes < 2:
+        raise PathwiseError(f"classes {classes}: at least 2 must compete (a softmax over one class is always 1)")
+    return int(classes)
+
+
+@dataclass(frozen=True)
+class Competing:
+    """The rows a pathwise sweep carries per sample: seed row r of sample i is the score of
+    class ``classes[r, i]`` (−1: a zero seed, the implicit class of a single score or padding).
+
+    Only the first ``count[i]`` rows compete in sample i's softmax; ``target_row`` is the
+    target's row there, ``carry_row`` the row whose cotangent gives W_p, times ``sign`` (−1
+    for the implicit class 0 of a single score, whose log-odds is −y)."""
+
+    classes: np.ndarray  # (M, n)
+    count: np.ndarray  # (n,)
+    target_row: np.ndarray  # (n,)
+    carry_row: np.ndarray  # (n,)
+    sign: np.ndarray  # (n,) float64
+    every: bool  # every class competes, one row each in class order (the exact default)
+
+    @property
+    def rows(self) -> int:
+        return int(self.classes.shape[0])
+
+    def seeds(self, start: int, stop: int, K: int, dtype: Any) -> np.ndarray:
+        """The score seeds (stop − start, n, K) of rows start … stop − 1."""
+        cls = self.classes[start:stop]
+        m, n = cls.shape
+        seed = np.zeros((m, n, K), dtype)
+        r, i = np.nonzero(cls >= 0)
+        seed[r, i, cls[r, i]] = 1.0
+        return seed
+
+
+def competing_rows(classes: int | None, K: int) -> int:
+    """Rows per sample a sweep carries (an upper bound before the scores are known)."""
+    if K == 1:
+        return 2
+    return K if classes is None or classes >= K else classes + 1
+
+
+def competing_set(scores: np.ndarray, target: np.ndarray, classes: int | None) -> Competing:
+    """The competing rows of each sample (DESIGN §4): every class (``classes`` None), the
+    two sides [0, y] of a single score, or the top ``classes`` predicted classes (ties to the
+    lower index) plus the target, in class order."""
+    n, K = scores.shape
+    ones = np.ones(n)
+    if K == 1:
+        cls = np.stack([np.full(n, -1), np.zeros(n, np.int64)])
+        return Competing(cls, np.full(n, 2), target.astype(np.int64), np.ones(n, np.int64),
+                         np.where(target == 1, 1.0, -1.0), every=False)
+    if classes is None or classes >= K:
+        cls = np.broadcast_to(np.arange(K)[:, None], (K, n))
+        return Competing(cls, np.full(n, K), target, target, ones, every=True)
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :classes]
+    sets = [np.union1d(top[i], [target[i]]) for i in range(n)]
+    M = max(len(c) for c in sets)
+    cls = np.full((M, n), -1, np.int64)
+    rows = np.zeros(n, np.int64)
+    for i, c in enumerate(sets):
+        cls[: len(c), i] = c
+        rows[i] = int(np.searchsorted(c, target[i]))
+    return Competing(cls, np.array([len(c) for c in sets]), rows, rows, ones, every=False)
+
+
+class UnitStats:
+    """Per-unit sums of one path layer over chunks of competing rows (DESIGN §4, "Bounded
+    memory at any K"): what the selection needs of every class, never the n × K matrix."""
+
+    def __init__(self, h: np.ndarray, competing: Competing) -> None:
+        n, u = h.shape
+        self.h, self.competing = h, competing
+        self.s = np.zeros((n, u))
+        self.top = np.full((n, u), -np.inf)
+        self.acc = np.zeros((n, u))
+        self.jc = np.zeros((n, u))
+
+    def add(self, start: int, g: np.ndarray) -> None:
+        """Cotangents g (m, n, u) of rows start … start + m − 1."""
+        from . import kernels
+
+        m, n = g.shape[:2]
+        comp = self.competing
+        for i in range(n):
+            rows = int(min(max(int(comp.count[i]) - start, 0), m))
+            c = int(comp.target_row[i]) - start
+            kernels.lse_accumulate(self.h[i], g[:, i], rows, c if 0 <= c < m else -1,
+                                   self.s[i], self.top[i], self.acc[i], self.jc[i])
+
+    def select(self, width: int) -> np.ndarray:
+        """The kept-unit mask (n, u), by the rule of :func:`select_units`."""
+        from . import kernels
+
+        n, u = self.h.shape
+        mask = np.zeros((n, u), bool)
+        idx, e = np.empty(u, np.int64), np.empty(u)
+        for i in range(n):
+            K = int(self.competing.count[i])
+            m = kernels.lse_excess(self.h[i], self.s[i], self.top[i], self.acc[i], self.jc[i], K, idx, e)
+            if m == 0:
+                # nobody favours the target: keep the first candidate of the full order
+                with np.errstate(divide="ignore"):
+                    full = self.h[i].astype(np.float64) * self.jc[i] - self.top[i] - np.log(self.acc[i])
+                mask[i, int(np.argmax(full))] = True
+                continue
+            mask[i, _keep(idx[:m].copy(), e[:m].copy(), width)] = True
+        return mask
+
+
+@contextlib.contextmanager
+def _progress(show: bool, total: int, what: str) -> Iterator[Callable[[], None]]:
+    """A rich progress bar on stderr while chunks are swept, only when asked for (``show``)."""
+    if not show:
+        yield lambda: None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda: bar.advance(task)
+
+
 class PathSweep:
-    """Runs the single pathwise sweep and remembers what the decomposition needs."""
+    """Runs the pathwise sweep and remembers what the decomposition needs.
+
+    With ``chunk`` None, one sweep carries every competing row down to the lowest path layer
+    and the target's row below it. With ``chunk`` rows, the rows go in chunks, layer by layer
+    from the output (DESIGN §4, "Bounded memory at any K"): each chunk is swept down to the
+    layer with the masks chosen so far, from the nearest cut kept in memory (a checkpoint,
+    stored when all its rows fit ``store_bytes``) or else from the scores, and feeds the
+    layer's per-unit sums; then one sweep of the target's row gives W_p and b_p.
+    """
 
     def __init__(self, engine: Engine, layers: Sequence[GateLayer], record: Record, target: np.ndarray,
-                 widths: dict[str, int], input_width: int | None, keep_at: str | None = None) -> None:
-        self.engine, self.record, self.target = engine, record, target
+                 competing: Competing, widths: dict[str, int], input_width: int | None, keep_at: str | None = None,
+                 chunk: int | None = None, store_bytes: float = 0.0, progress: bool = False) -> None:
+        self.engine, self.record, self.competing = engine, record, competing
+        self.progress = progress
+        self.target = target  # the explained class (side) of each sample
         self.widths = widths
         self.input_width = input_width
         self.keep_at = keep_at
+        self.chunk = chunk
+        self.store_bytes = store_bytes
         self.masks: dict[str, np.ndarray] = {}
         self.at_layer: np.ndarray | None = None  # (n, u) ∂y_c/∂h at keep_at, masks applied
         self.input_mask: np.ndarray | None = None
         self.layers = {layer.name: layer for layer in layers}
+        self.sweeps = 0  # backward sweeps run (for tests of the chunked schedule)
+        self._capture = chunk is None  # at_layer is taken by the sweep that carries the target's row
+
+    def _counts(self) -> np.ndarray | None:
+        return None if self.competing.every else self.competing.count
 
     def _gate_hook(self, node: Node, g: np.ndarray) -> np.ndarray | Through:
-        from . import kernels
-
         K, n = g.shape[:2]
         flat = g.reshape(K, n, -1)
         if node.name in self.widths:
             state = self.record.states[node.name]
-            mask = select_units(state.value.reshape(n, -1), flat, self.target, self.widths[node.name])
-            self.masks[node.name] = mask
+            self.masks[node.name] = select_units(state.value.reshape(n, -1), flat, self.competing.target_row,
+                                                 self.widths[node.name], self._counts())
+        return self._apply(node, g)
+
+    def _apply(self, node: Node, g: np.ndarray) -> np.ndarray | Through:
+        """Cut the units outside the mask chosen at ``node`` (the gate's transpose done here
+        where it has no offset); at ``keep_at`` remember the target's row."""
+        from . import kernels
+
+        K, n = g.shape[:2]
+        flat = g.reshape(K, n, -1)
+        if node.name in self.masks:
+            mask = self.masks[node.name]
+            state = self.record.states[node.name]
             if state.offset is None and node.name != self.keep_at:
-                # the kept units times their frozen slopes: the gate's transpose done here
                 return Through(kernels.keep_units(flat, mask, state.slope.reshape(n, -1)).reshape(g.shape))
             flat = kernels.keep_units(flat, mask, np.ones(mask.shape, flat.dtype))
-        if node.name == self.keep_at:
-            rows = self.target if K > 1 else np.zeros(n, np.int64)  # one row once narrowed
-            self.at_layer = flat[rows, np.arange(n)].copy()
+        if node.name == self.keep_at and self._capture:
+            rows = self.competing.carry_row if K > 1 else np.zeros(n, np.int64)  # one row once narrowed
+            at = flat[rows, np.arange(n)]
+            self.at_layer = at * self.competing.sign[:, None].astype(at.dtype)
         return flat.reshape(g.shape)
 
     def _input_hook(self, node: Any, w: np.ndarray) -> np.ndarray:
         K, n = w.shape[:2]
         flat = w.reshape(K, n, -1)
         assert self.input_width is not None
-        mask = select_units(self.record.x.reshape(n, -1), flat, self.target, self.input_width)
+        mask = select_units(self.record.x.reshape(n, -1), flat, self.competing.target_row, self.input_width,
+                            self._counts())
         self.input_mask = mask
         return (flat * mask[None].astype(flat.dtype)).reshape(w.shape)
 
-    def run(self, seeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """W_p (n, *in) and b_p (n,) of each sample's target.
+    def _score_seeds(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        ir = self.engine.ir
+        seed = self.competing.seeds(start, stop, ir.num_classes, self.engine.dtype)
+        return {ir.output_name: seed.reshape(seed.shape[:2] + ir.shapes[ir.output_name])}
 
-        The sweep carries all K score cotangents down to the lowest path layer (selection needs
-        them), then only the target's: below it nothing is selected any more (unless the input
-        is, with ``input_width``). With no path layer it carries the target's alone throughout.
-        """
+    def run(self) -> tuple[np.ndarray, np.ndarray]:
+        """W_p (n, *in) and b_p (n,) of each sample's target (its side's log-odds for a
+        single score)."""
+        if self.chunk is None or self.chunk >= self.competing.rows:
+            W, b = self._run_whole()
+        else:
+            W, b = self._run_chunked()
+        sign = self.competing.sign
+        if np.all(sign == 1):
+            return W, b
+        return (W * sign.reshape((-1,) + (1,) * (W.ndim - 1)).astype(W.dtype)), b * sign
+
+    def _run_whole(self) -> tuple[np.ndarray, np.ndarray]:
+        """The single sweep: all competing rows down to the lowest path layer (selection
+        needs them), then only the carried row: below it nothing is selected any more (unless
+        the input is, with ``input_width``). With no path layer it carries that row alone."""
+        self._capture = True
         names = set(self.widths) | ({self.keep_at} if self.keep_at is not None else set())
         hooks = {name: self._gate_hook for name in names}
         narrow_after: str | None = None
         if not self.input_width:
             order = [node.name for node in self.engine.nodes if node.name in self.widths]
             narrow_after = order[0] if order else ""
+        carry = self.competing.carry_row
+        self.sweeps += 1
         W, b = self.engine.backward(
-            seeds, self.record, hooks=hooks, input_hook=self._input_hook if self.input_width else None,
-            bias_rows=self.target, narrow_after=narrow_after,
+            self._score_seeds(0, self.competing.rows), self.record, hooks=hooks,
+            input_hook=self._input_hook if self.input_width else None,
+            bias_rows=carry, narrow_after=narrow_after,
         )
         n = self.record.n
-        weight = W[0] if W.shape[0] == 1 and narrow_after is not None else W[self.target, np.arange(n)]
+        weight = W[0] if W.shape[0] == 1 and narrow_after is not None else W[carry, np.arange(n)]
         return weight, b[0]
+
+    def _run_chunked(self) -> tuple[np.ndarray, np.ndarray]:
+        assert self.chunk is not None
+        M, R = self.competing.rows, self.chunk
+        order = [node.name for node in reversed(self.engine.nodes) if node.name in self.widths]  # from the output
+        steps = (len(order) + (1 if self.input_width else 0)) * -(-M // R)
+        with _progress(self.progress, steps, f"pathwise, {M} classes in chunks of {R}") as advance:
+            self._select_chunked(order, advance)
+        return self._final_sweep()
+
+    def _select_chunked(self, order: list[str], advance: Callable[[], None]) -> None:
+        """Each path layer's mask (and the input's), from the output down, class chunk by chunk."""
+        eng, rec, comp = self.engine, self.record, self.competing
+        assert self.chunk is not None
+        M, R, n = comp.rows, self.chunk, rec.n
+        by_name = {node.name: node for node in eng.nodes}
+        store: dict[str, np.ndarray] | None = None  # the nearest cut kept in memory, all M rows
+        for pos, name in enumerate(order + ([None] if self.input_width else [])):  # type: ignore[list-item]
+            if name is None:
+                h = rec.x.reshape(n, -1)
+            else:
+                h = rec.states[name].value.reshape(n, -1)
+            stats = UnitStats(h, comp)
+            last = pos == len(order) - (0 if self.input_width else 1)
+            hooks = {k: self._apply for k in self.masks}
+            new_store: dict[str, np.ndarray] | None = None
+            for a in range(0, M, R):
+                b = min(M, a + R)
+                seeds = ({t: v[a:b] for t, v in store.items()} if store is not None else self._score_seeds(a, b))
+                self.sweeps += 1
+                if name is None:
+                    w, _ = eng.backward(seeds, rec, hooks=hooks)
+                    g = w.reshape(b - a, n, -1)
+                else:
+                    cut = eng.backward_to(seeds, rec, name, hooks=hooks)
+                    node = by_name[name]
+                    g = cut[node.outputs[0]].reshape(b - a, n, -1)
+                    if a == 0 and not last:
+                        need = sum(v.size // (b - a) for v in cut.values()) * M * eng.dtype.itemsize
+                        held = sum(v.nbytes for v in store.values()) if store is not None else 0
+                        if need + held <= self.store_bytes:
+                            new_store = {t: np.empty((M,) + v.shape[1:], v.dtype) for t, v in cut.items()}
+                    if new_store is not None:
+                        for t, v in cut.items():
+                            new_store[t][a:b] = v
+                stats.add(a, g)
+                advance()
+            if name is None:
+                self.input_mask = stats.select(int(self.input_width))  # type: ignore[arg-type]
+            else:
+                self.masks[name] = stats.select(self.widths[name])
+            if new_store is not None:
+                store = new_store
+
+    def _final_sweep(self) -> tuple[np.ndarray, np.ndarray]:
+        """The carried row alone, every mask applied, from the scores: W_p and b_p."""
+        eng, rec, comp = self.engine, self.record, self.competing
+        n = rec.n
+        names = set(self.masks) | ({self.keep_at} if self.keep_at is not None else set())
+        carry = comp.carry_row
+        seed = np.zeros((1, n, eng.ir.num_classes), eng.dtype)
+        seed[0, np.arange(n), comp.classes[carry, np.arange(n)]] = 1.0
+        ir = eng.ir
+        mask = self.input_mask
+
+        def apply_input(node: Any, w: np.ndarray) -> np.ndarray:
+            assert mask is not None
+            return (w.reshape(1, n, -1) * mask[None].astype(w.dtype)).reshape(w.shape)
+
+        self.sweeps += 1
+        self._capture = True
+        W, bias = eng.backward(
+            {ir.output_name: seed.reshape((1, n) + ir.shapes[ir.output_name])}, rec,
+            hooks={k: self._apply for k in names}, input_hook=apply_input if mask is not None else None,
+            bias_rows=np.zeros(n, np.int64),
+        )
+        return W[0], bias[0]
 
     def replay(self, seeds: dict[str, np.ndarray]) -> np.ndarray:
         """A sweep from ``seeds`` that applies the masks already chosen (no new selection)."""

@@ -1,0 +1,357 @@
+"""Bounded memory at any K (DESIGN §4): class-chunked and sample-chunked pathwise sweeps
+equal the unchunked one on every model of the zoo, a many-class model stays under a small
+memory budget, and a batch's recorded forward pass serves every chunk."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import zoo
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_pathwise import Explainer, baselines, explainer, limits, runtime
+
+MODELS = [name for name in zoo.BUILDERS if name != "unsupported"]
+
+
+_cache: dict[str, Explainer] = {}
+
+
+def explainer_for(name: str, folder: Path) -> Explainer:
+    if name not in _cache:
+        path, _ = zoo.BUILDERS[name](folder / f"{name}.onnx")
+        _cache[name] = Explainer(path, device="cpu", output_name="logits" if name == "multi_output" else None)
+    return _cache[name]
+
+
+def mlp_many(path: Path, K: int, width: int = 24, seed: int = 0) -> Path:
+    """x (8,) → Gemm → Relu → Gemm → Relu → Gemm (K logits)."""
+    rng = np.random.default_rng(seed)
+    dims = [8, width, width, K]
+    inits, nodes, prev = [], [], "x"
+    for i in range(3):
+        w = (rng.normal(size=(dims[i + 1], dims[i])) / np.sqrt(dims[i])).astype(np.float32)
+        b = (rng.normal(size=dims[i + 1]) * 0.1).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        out = "logits" if i == 2 else f"z{i}"
+        nodes.append(helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [out], transB=1, name=f"gemm{i}"))
+        if i < 2:
+            nodes.append(helper.make_node("Relu", [out], [f"h{i}"], name=f"relu{i}"))
+            prev = f"h{i}"
+    graph = helper.make_graph(nodes, "many", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", K])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
+def same(a: Any, b: Any, what: str) -> None:
+    assert len(a.path) == len(b.path)
+    for i, (pa, pb) in enumerate(zip(a.path, b.path)):
+        for la, lb in zip(pa, pb):
+            assert np.array_equal(la.kept, lb.kept), f"{what}: sample {i} layer {la.node}"
+    scale = max(float(np.abs(b.attribution).max()), 1e-6)
+    assert np.abs(a.attribution - b.attribution).max() <= 1e-5 * scale, what
+    assert np.abs(a.weight - b.weight).max() <= 1e-5 * max(float(np.abs(b.weight).max()), 1e-6), what
+    np.testing.assert_allclose(a.masked_score, b.masked_score, rtol=1e-5, atol=1e-5 * scale)
+    assert np.array_equal(a.target, b.target)
+
+
+def inputs(ex: Explainer, n: int = 3, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n,) + ex.input_shape).astype(np.float32)
+
+
+def tiny_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No room for checkpoints: every class chunk is swept again from the scores."""
+    monkeypatch.setattr(limits, "memory_budget", lambda: 1)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_class_chunks_equal_unchunked_on_the_zoo(name: str, tmp_path_factory: pytest.TempPathFactory,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    ex = explainer_for(name, tmp_path_factory.mktemp(name))
+    x = inputs(ex)
+    K = ex.num_classes
+    for width in (None, "50%", 1):
+        ref = ex.explain(x, width=width)
+        for rows in sorted({1, 2, 3} & set(range(1, K + 1))):
+            with monkeypatch.context() as m:
+                m.setattr(explainer, "CLASS_CHUNK_ROWS", rows)
+                same(ex.explain(x, width=width), ref, f"{name} width {width} rows {rows}")
+                tiny_budget(m)
+                same(ex.explain(x, width=width), ref, f"{name} width {width} rows {rows}, no checkpoints")
+
+
+@pytest.mark.parametrize("name", ["cnn", "residual", "branches", "activations"])
+def test_decompose_and_unwrap_chunked(name: str, tmp_path_factory: pytest.TempPathFactory,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    ex = explainer_for(name, tmp_path_factory.mktemp(name))
+    x = inputs(ex)
+    ref = ex.decompose(x, width="30%", top=3)
+    ref_in = ex.explain(x, width="30%", input_width="50%")
+    uref = ex.unwrap(x)
+    with monkeypatch.context() as m:
+        m.setattr(explainer, "CLASS_CHUNK_ROWS", 2)
+        for budget in (False, True):
+            if budget:
+                tiny_budget(m)
+            d = ex.decompose(x, width="30%", top=3)
+            assert np.array_equal(d.part_index, ref.part_index)
+            np.testing.assert_allclose(d.parts, ref.parts, rtol=1e-5, atol=1e-6 * np.abs(ref.parts).max())
+            np.testing.assert_allclose(d.part_score, ref.part_score, rtol=1e-5, atol=1e-7)
+            e = ex.explain(x, width="30%", input_width="50%")
+            same(e, ref_in, f"{name} input_width")
+            assert np.array_equal(e.input_kept, ref_in.input_kept)
+    with monkeypatch.context() as m:
+        m.setattr(explainer, "MAX_SWEEP_ELEMENTS", 1)  # one sample and one class per sweep
+        u = ex.unwrap(x)
+        d = ex.decompose(x, width="30%", top=3)
+    assert np.array_equal(d.part_index, ref.part_index)
+    np.testing.assert_allclose(d.parts, ref.parts, rtol=1e-5, atol=1e-6 * np.abs(ref.parts).max())
+    np.testing.assert_allclose(u.weight, uref.weight, rtol=1e-5, atol=1e-6 * np.abs(uref.weight).max())
+
+
+@pytest.mark.parametrize("K", [100, 1000])
+def test_many_classes_chunked_equal_and_batch_equals_per_sample(K: int, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    ex = Explainer(mlp_many(tmp_path / "many.onnx", K), device="cpu")
+    x = inputs(ex, 4, seed=K)
+    for width in (None, 3):
+        ref = ex.explain(x, width=width)
+        for rows in (1, 3, 37):
+            with monkeypatch.context() as m:
+                m.setattr(explainer, "CLASS_CHUNK_ROWS", rows)
+                same(ex.explain(x, width=width), ref, f"K {K} rows {rows}")
+                if rows == 37:
+                    tiny_budget(m)
+                    got = ex.explain(x, width=width)
+                    same(got, ref, f"K {K} rows {rows}, no checkpoints")
+                    for i in range(len(x)):
+                        one = ex.explain(x[i : i + 1], width=width)
+                        assert all(np.array_equal(a.kept, b.kept) for a, b in zip(one.path[0], got.path[i]))
+                        np.testing.assert_allclose(one.attribution[0], got.attribution[i], rtol=1e-5, atol=1e-6)
+
+
+def test_the_budget_picks_class_chunks_and_refuses_only_below_one_class(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    ex = Explainer(mlp_many(tmp_path / "many.onnx", 1000), device="cpu")
+    rows = 1000
+    per_row, fixed = ex._sweep_bytes(rows, 1)
+    monkeypatch.setattr(limits, "memory_budget", lambda: int(fixed + 10.5 * per_row))
+    samples, chunk, _ = ex._sweep_plan(rows, 4)
+    assert (samples, chunk) == (1, 10)
+    monkeypatch.setattr(limits, "memory_budget", lambda: int(fixed + 0.5 * per_row))
+    with pytest.raises(limits.BudgetError, match="would need about"):
+        ex.explain(inputs(ex, 1))
+    monkeypatch.setattr(limits, "memory_budget", lambda: 2**40)
+    assert ex._sweep_plan(rows, 4)[1] is None  # everything fits: one sweep, as before
+
+
+CHILD = textwrap.dedent("""
+    import sys, numpy as np, onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx_pathwise import Explainer
+    from onnx_pathwise.samples import tiny_mlp
+
+    def rss(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    # compile the kernels (numba) on a tiny model first, chunked and not
+    from onnx_pathwise import explainer
+    t = Explainer(tiny_mlp(), device="cpu")
+    t.explain(np.ones((1, 2), np.float32))
+    explainer.CLASS_CHUNK_ROWS = 1
+    t.explain(np.ones((1, 2), np.float32))
+    explainer.CLASS_CHUNK_ROWS = None
+    ex = Explainer(sys.argv[1], device="cpu")
+    x = np.random.default_rng(0).normal(size=(1,) + ex.input_shape).astype(np.float32)
+    ex.record(x)
+    base = rss("VmRSS:")
+    e = ex.explain(x)
+    print(base, rss("VmHWM:"), int(e.path[0][0].count), float(e.masked_score[0]))
+""")
+
+
+def conv_many(path: Path, K: int = 1000, C: int = 16, S: int = 32) -> Path:
+    """x (3, S, S) → Conv 3×3 (C) → Relu → Conv 3×3 (C) → Relu → GlobalAveragePool → Gemm (K)."""
+    rng = np.random.default_rng(1)
+    w0 = rng.normal(size=(C, 3, 3, 3)).astype(np.float32) / 5
+    w1 = rng.normal(size=(C, C, 3, 3)).astype(np.float32) / 12
+    w2 = rng.normal(size=(K, C)).astype(np.float32) / 4
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w0, "w0"), (w1, "w1"), (w2, "w2"),
+                                                      (np.zeros(K, np.float32), "b2"))]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1], name="conv0"),
+        helper.make_node("Relu", ["c0"], ["h0"], name="relu0"),
+        helper.make_node("Conv", ["h0", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["h1"], name="relu1"),
+        helper.make_node("GlobalAveragePool", ["h1"], ["p"], name="gap"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "w2", "b2"], ["logits"], transB=1, name="head"),
+    ]
+    graph = helper.make_graph(nodes, "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, S, S])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", K])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
+def test_many_classes_stay_within_a_small_budget(tmp_path: Path) -> None:
+    """K = 1000 cotangents of one sample: 1000 × 16×32×32 floats = 62.5 MiB per tensor, several
+    live at once; under a 64 MiB budget the sweep goes in class chunks and finishes with its
+    peak RSS about the budget above the loaded model's (measured: +95 MiB, against +258 MiB
+    with every class in one sweep)."""
+    path = conv_many(tmp_path / "wide.onnx")
+    env = dict(os.environ, ONNX_PATHWISE_MEMORY_BUDGET="64M", OMP_NUM_THREADS="1")
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True, env=env,
+                         cwd=root, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    base, peak, kept, masked = out.stdout.split()
+    grown = int(peak) - int(base)
+    # the budget plus onnxruntime's arenas and sessions; all K rows at once grow it by ~260 MiB
+    assert grown < limits.parse_size("64M") + 64 * 2**20, f"peak grew by {grown / 2**20:.0f} MiB"
+    assert int(kept) > 0 and np.isfinite(float(masked))
+
+
+# --------------------------------------------------------------------------- one record per sample
+
+
+@pytest.fixture()
+def recorded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    rows: list[int] = []
+    run = runtime.Recorder.run
+
+    def counting(self: runtime.Recorder, x: np.ndarray) -> dict[str, np.ndarray]:
+        rows.append(int(x.shape[0]))
+        return run(self, x)
+
+    monkeypatch.setattr(runtime.Recorder, "run", counting)
+    return rows
+
+
+def test_chunks_reuse_the_recorded_forward_pass(tmp_path_factory: pytest.TempPathFactory, recorded: list[int],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    ex = explainer_for("cnn", tmp_path_factory.mktemp("cnn"))
+    x = inputs(ex, 5)
+    want = {m: ex.attribute(x, m).attribution for m in ("gradient", "pathwise", "unwrap")}
+    ig = ex.attribute(x, "integrated_gradients", steps=4).attribution
+    monkeypatch.setattr(baselines, "MAX_ROWS", 2)  # rows per sweep: chunks of 2 samples
+    monkeypatch.setattr(explainer, "MAX_SWEEP_ELEMENTS", 1)  # one sample per pathwise/unwrap sweep
+    for method in ("gradient", "pathwise", "unwrap"):
+        recorded.clear()
+        got = ex.attribute(x, method).attribution
+        assert recorded == [5], method  # the batch once, no second forward pass per chunk
+        np.testing.assert_allclose(got, want[method], rtol=1e-5, atol=1e-6)
+    recorded.clear()
+    got = ex.attribute(x, "integrated_gradients", steps=4).attribution
+    assert sum(recorded) == 5 + 5 * 4  # the batch, then each interpolation point once
+    np.testing.assert_allclose(got, ig, rtol=1e-5, atol=1e-6)
+    recorded.clear()
+    ex.explain(x)
+    ex.unwrap(x)
+    assert sum(recorded) == 10  # chunk by chunk, each sample once per call
+
+
+# --------------------------------------------------------------------------- competing classes
+
+
+def three_classes(path: Path) -> Path:
+    """h = Relu(x), logits = A h + c with A = [[2, 1], [0, 0.5], [0, 3]], c = [0, 0, −5]. At
+    x = (1, 1): logits (3, 0.5, −2), target 0. Unit 1 contributes C = (1, 0.5, 3): against all
+    three classes softmax(C)[0] < 1/3, it is cut; against the top two (0, 1) σ(0.5) > 1/2, kept."""
+    A = np.array([[2, 1], [0, 0.5], [0, 3]], np.float32)
+    inits = [numpy_helper.from_array(A.T.copy(), "a"), numpy_helper.from_array(np.array([0, 0, -5], np.float32), "c")]
+    nodes = [helper.make_node("Relu", ["x"], ["h"], name="relu"),
+             helper.make_node("Gemm", ["h", "a", "c"], ["logits"], name="head")]
+    graph = helper.make_graph(nodes, "three", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
+def test_restricting_the_competing_classes_changes_the_kept_set(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    ex = Explainer(three_classes(tmp_path / "three.onnx"), device="cpu")
+    x = np.array([[1.0, 1.0]], np.float32)
+    full = ex.explain(x)
+    top2 = ex.explain(x, classes=2)
+    assert full.path[0][0].kept.tolist() == [0] and full.classes is None
+    assert top2.path[0][0].kept.tolist() == [0, 1] and top2.classes == 2
+    np.testing.assert_allclose(top2.attribution, [[2.0, 1.0]])
+    # the target joins the top N when it is not among them: class 2 with the top 2 → {0, 1, 2}
+    assert ex.explain(x, target=2, classes=2).path[0][0].kept.tolist() == ex.explain(x, target=2).path[0][0].kept.tolist()
+    monkeypatch.setattr(explainer, "CLASS_CHUNK_ROWS", 1)
+    assert ex.explain(x, classes=2).path[0][0].kept.tolist() == [0, 1]
+    with pytest.raises(Exception, match="at least 2"):
+        ex.explain(x, classes=1)
+
+
+@pytest.mark.parametrize("name", ["cnn", "residual"])
+def test_classes_all_and_k_equal_the_default(name: str, tmp_path_factory: pytest.TempPathFactory,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    ex = explainer_for(name, tmp_path_factory.mktemp(name))
+    x = inputs(ex)
+    ref = ex.explain(x, width="20%")
+    for classes in ("all", ex.num_classes, ex.num_classes + 5):
+        got = ex.explain(x, width="20%", classes=classes)
+        assert all(np.array_equal(a.kept, b.kept) for pa, pb in zip(got.path, ref.path) for a, b in zip(pa, pb))
+        assert np.array_equal(got.attribution, ref.attribution)
+    # a subset, chunked or not, and a batch equal to its samples
+    sub = ex.explain(x, width="20%", classes=3)
+    monkeypatch.setattr(explainer, "CLASS_CHUNK_ROWS", 2)
+    same(ex.explain(x, width="20%", classes=3), sub, f"{name} classes=3 chunked")
+    for i in range(len(x)):
+        one = ex.explain(x[i : i + 1], width="20%", classes=3)
+        assert all(np.array_equal(a.kept, b.kept) for a, b in zip(one.path[0], sub.path[i]))
+
+
+def test_cli_classes_on_explain_decompose_and_evaluate(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from onnx_pathwise.cli import app
+
+    model = three_classes(tmp_path / "three.onnx")
+    np.save(tmp_path / "x.npy", np.array([[1.0, 1.0], [0.5, 2.0]], np.float32))
+    runner = CliRunner()
+
+    def run(*args: str) -> Any:
+        out = runner.invoke(app, [str(a) for a in args])
+        assert out.exit_code == 0, out.output
+        return out
+
+    run("explain", str(model), str(tmp_path / "x.npy"), "-o", str(tmp_path / "e2"), "--classes", "2")
+    run("explain", str(model), str(tmp_path / "x.npy"), "-o", str(tmp_path / "ea"))
+    e2 = json.loads((tmp_path / "e2" / "explanation.json").read_text())
+    ea = json.loads((tmp_path / "ea" / "explanation.json").read_text())
+    assert e2["options"]["classes"] == 2 and ea["options"]["classes"] == "all"
+    assert e2["samples"][0]["path"][0]["kept"] == [0, 1] and ea["samples"][0]["path"][0]["kept"] == [0]
+    run("decompose", str(model), str(tmp_path / "x.npy"), "-o", str(tmp_path / "d"), "--classes", "2")
+    assert json.loads((tmp_path / "d" / "decomposition.json").read_text())["classes"] == 2
+    run("evaluate", str(model), str(tmp_path / "x.npy"), "-o", str(tmp_path / "v"), "--methods", "pathwise",
+        "--classes", "2")
+    methods = json.loads((tmp_path / "v" / "evaluation.json").read_text())["methods"]
+    assert [m["options"] for m in methods.values()] == [{"classes": 2}]
+    bad = runner.invoke(app, ["explain", str(model), str(tmp_path / "x.npy"), "-o", str(tmp_path / "b"),
+                              "--classes", "one"])
+    assert bad.exit_code == 2 and "classes" in bad.output
+
+
+def test_progress_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  capfd: pytest.CaptureFixture[str]) -> None:
+    ex = Explainer(mlp_many(tmp_path / "many.onnx", 100), device="cpu")
+    x = inputs(ex, 1)
+    monkeypatch.setattr(explainer, "CLASS_CHUNK_ROWS", 10)
+    quiet = ex.explain(x)
+    assert capfd.readouterr().err == ""
+    ex.progress = True
+    same(ex.explain(x), quiet, "with a progress bar")
