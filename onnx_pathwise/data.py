@@ -50,7 +50,7 @@ from .errors import InputError, PathwiseError
 from .io import load_array
 from .preprocess import Preprocessing, preset
 
-__all__ = ["IMAGE_SUFFIXES", "InputSource", "Preprocessing", "Sample", "load_labels", "open_inputs"]
+__all__ = ["IMAGE_SUFFIXES", "InputSource", "Preprocessing", "Sample", "is_array_file", "load_labels", "open_inputs"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
@@ -129,13 +129,20 @@ def open_inputs(
     prep = preset(preprocess) if isinstance(preprocess, str) else preprocess
     if isinstance(columns, str):
         columns = [c.strip() for c in columns.split(",") if c.strip()]
-    if not path.exists():
-        raise InputError(f"{path}: no such file or folder")
     if batch_size is None:
         classes = getattr(explainer, "num_classes", 1) if explainer is not None else 1
         largest = explainer._biggest if explainer is not None and hasattr(explainer, "_biggest") else None
         batch_size = default_batch_size(shape, classes, largest)
     common: dict[str, Any] = {"shape": shape, "batch_size": batch_size, "on_error": on_error}
+    suffix = path.suffix.lower()
+    if suffix in ARRAY_SUFFIXES:  # exactly as before: load_array's checks and messages
+        if glob is not None or columns is not None:
+            raise PathwiseError("--glob and --columns do not apply to a .npy/.npz array")
+        x = load_array(path)
+        x = explainer.check_input(x, name=str(path)) if explainer is not None else _check_array(x, shape, str(path))
+        return ArraySource(path, x, **common)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
     if path.is_dir():
         files = _folder_images(path, glob)
         if not files:
@@ -145,8 +152,7 @@ def open_inputs(
     if glob is not None:
         raise PathwiseError("--glob applies to a folder of images only")
     head = _head(path)
-    suffix = path.suffix.lower()
-    if head.startswith(b"\x93NUMPY") or head[:4] in (b"PK\x03\x04", b"PK\x05\x06") or suffix in ARRAY_SUFFIXES:
+    if head.startswith(b"\x93NUMPY") or head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
         x = load_array(path)
         x = explainer.check_input(x, name=str(path)) if explainer is not None else _check_array(x, shape, str(path))
         return ArraySource(path, x, **common)
@@ -158,6 +164,17 @@ def open_inputs(
     if columns is not None:
         raise PathwiseError(f"--columns applies to CSV/Parquet tables; {path} is not one")
     return ImageSource(path, path.parent, _list_file(path), _image_pipeline(prep, shape), **common)
+
+
+def is_array_file(path: str | os.PathLike[str]) -> bool:
+    """A ``.npy``/``.npz`` name, or a file that starts like one."""
+    path = Path(path)
+    if path.suffix.lower() in ARRAY_SUFFIXES:
+        return True
+    if not path.is_file():
+        return False
+    head = _head(path)
+    return head.startswith(b"\x93NUMPY") or head[:4] in (b"PK\x03\x04", b"PK\x05\x06")
 
 
 def _head(path: Path) -> bytes:
