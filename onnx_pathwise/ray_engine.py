@@ -14,7 +14,9 @@ joined at ``address`` (``--ray-address``) or started locally with ``ray.init()``
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -75,13 +77,14 @@ def run(explainer: Any, source: InputSource, out: str | os.PathLike[str], *, add
     if started:
         try:
             ray.init(address=address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
-                     configure_logging=False)
+                     logging_level=logging.ERROR)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise PathwiseError(f"--ray-address {address!r}: cannot join Ray ({exc})") from None
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
         model_ref = ray.put(explainer.proto.SerializeToString())
         workers = concurrency or max(1, min(4, int(ray.available_resources().get("CPU", 1))))
         method = stream_kw.get("method", "pathwise")
@@ -116,10 +119,14 @@ def _explain_on_ray(ray: Any, samples: list[Sample], kwargs: Mapping[str, Any], 
                     method: str) -> tuple[list[Sample], dict[str, np.ndarray], list[dict[str, Any]]]:
     """One shard: a Ray dataset of its inputs, explained by ``workers`` actors, in order."""
     x = np.stack([s.array for s in samples])
-    ds = ray.data.from_numpy(x).map_batches(ExplainActor, fn_constructor_kwargs=dict(kwargs),
-                                            batch_size=batch_size, batch_format="numpy",
-                                            concurrency=min(workers, -(-len(samples) // batch_size)))
-    parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    blocks = [x[i : i + batch_size] for i in range(0, len(x), batch_size)]  # one block per batch
+    actors = min(workers, len(blocks))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = ray.data.from_numpy(blocks).map_batches(
+            ExplainActor, fn_constructor_kwargs=dict(kwargs), batch_size=batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=actors, max_size=actors))
+        parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     merged = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     rows: list[dict[str, Any]] = []
     for i in range(len(samples)):

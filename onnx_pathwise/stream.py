@@ -37,7 +37,7 @@ from typing import IO, Any
 import numpy as np
 
 from .data import InputSource, Sample
-from .errors import PathwiseError
+from .errors import InputError, PathwiseError
 from .io import _atomic_write, _jsonable, save_npz, to_json, write_bytes, write_json
 
 SHARD = "explanation-{:05d}.npz"
@@ -149,7 +149,7 @@ def completed_shards(out: Path) -> tuple[int, int, list[tuple[str, str]]]:
     while (out / SHARD.format(k)).exists() and (out / PART.format(k)).exists():
         part = json.loads((out / PART.format(k)).read_text(encoding="utf-8"))
         position = int(part["next"])
-        skipped += [tuple(s) for s in part["skipped"]]
+        skipped += [(s[0], s[1]) for s in part["skipped"]]
         k += 1
     return k, position, skipped  # type: ignore[return-value]
 
@@ -181,7 +181,7 @@ def run(
     out = Path(out)
     options = dict(options or {})
     settings: dict[str, Any] = {"method": method, "target": target, "options": options,
-                                "batch_size": source.batch_size}
+                                "batch_size": source.batch_size, "labels": list(labels) if labels else None}
     recorded = _read_run(out) if resume else None
     if recorded is not None and not batch_size_given:
         source.batch_size = int(recorded.get("batch_size", source.batch_size))
@@ -197,7 +197,7 @@ def run(
         done = json.loads((out / INDEX).read_text(encoding="utf-8"))
         if done.get("run") == fp:
             return StreamResult(out, int(done["count"]), len(done["shards"]),
-                                [tuple(s) for s in done["skipped"]], int(done["count"]),  # type: ignore[misc]
+                                [(s["source"], s["error"]) for s in done["skipped"]], int(done["count"]),
                                 done.get("mean_faithfulness"))
         raise PathwiseError(f"--resume: {out} holds a finished run with other settings; use --force to start over")
     if recorded is not None:
@@ -213,8 +213,6 @@ def run(
     else:
         for stale in existing_outputs(out):
             stale.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / RUN, fp)
     source.skipped = list(skipped)
     done_before = start_shard * shard
     layer_info = path_layers(explainer, options) if method == "pathwise" else []
@@ -226,16 +224,24 @@ def run(
             yield batch, arrays, rows
 
     k, count = start_shard, done_before
+
+    def flush(buffer: list[Any]) -> int:
+        if not (out / RUN).exists():  # the settings go down with the first shard: a run that fails
+            out.mkdir(parents=True, exist_ok=True)  # before it leaves nothing behind
+            write_json(out / RUN, fp)
+        return _flush(out, k, buffer, count, labels, render, source)
     buffer: list[tuple[list[Sample], dict[str, np.ndarray], list[dict[str, Any]]]] = []
     with _progress(len(source), done_before, progress) as advance:
         for item in (compute or local)(source.batches(position)):
             buffer.append(item)
             advance(len(item[0]))
             if sum(len(b[0]) for b in buffer) >= shard:
-                count, k, buffer = _flush(out, k, buffer, count, labels, render, source), k + 1, []
+                count, k, buffer = flush(buffer), k + 1, []
         if buffer:
-            count, k = _flush(out, k, buffer, count, labels, render, source), k + 1
-    skipped_all = list(source.skipped)
+            count, k = flush(buffer), k + 1
+    if k == 0:
+        raise InputError(f"{source.path}: no usable inputs (every one was skipped)")
+    skipped_all = _skipped(out, k) + list(source.skipped)
     meta = {"model": str(model), "method": method, "options": options, "target": target, "engine": engine,
             "input": source.describe(), "preprocessing": fp["preprocessing"], "labels": list(labels) if labels else None,
             "path_layers": layer_info, "count": count, "shard_size": shard,
@@ -292,8 +298,9 @@ def _rows(out: Path, shards: int) -> Iterator[dict[str, Any]]:
             yield {key: row.get(key) for key in ROW_KEYS}
 
 
-def _skipped(out: Path, shards: int) -> list[list[str]]:
-    return [s for i in range(shards) for s in json.loads((out / PART.format(i)).read_text(encoding="utf-8"))["skipped"]]
+def _skipped(out: Path, shards: int) -> list[tuple[str, str]]:
+    return [(s[0], s[1]) for i in range(shards)
+            for s in json.loads((out / PART.format(i)).read_text(encoding="utf-8"))["skipped"]]
 
 
 def _write_index(out: Path, meta: dict[str, Any], shards: int) -> float | None:
@@ -306,7 +313,7 @@ def _write_index(out: Path, meta: dict[str, Any], shards: int) -> float | None:
             total, n = total + f, n + 1
     meta = dict(meta)
     meta["mean_faithfulness"] = total / n if n else None
-    meta["skipped"] = _skipped(out, shards) + [list(s) for s in meta["skipped"]]
+    meta["skipped"] = [{"source": name, "error": why} for name, why in meta["skipped"]]
     head = to_json(meta)
     assert head.endswith("}")
 
