@@ -665,8 +665,8 @@ def explain(
     pngs = {}
     if png and plots.is_image(ex.input_shape):
         for i in range(x.shape[0]):
-            title = f"{method}, class {int(res.target[i])}"
-            pngs[f"sample_{i}.png"] = plots.input_and_heatmap(x[i], res.attribution[i], title)
+            what = class_names[int(res.target[i])] if class_names else f"class {int(res.target[i])}"
+            pngs[f"sample_{i}.png"] = plots.input_and_heatmap(x[i], res.attribution[i], f"{method}, {what}")
     written = _write_dir(out, {"explanation.npz": arrays}, {"explanation.json": report}, pngs)
     extra = f", faithfulness {np.nanmean(res.faithfulness):.3f} (mean)" if method == "pathwise" else ""
     typer.echo(f"wrote {len(written)} file(s) to {out}: {x.shape[0]} sample(s), method {method}{extra}")

@@ -15,18 +15,17 @@ from onnx_pathwise import Explainer
 from onnx_pathwise.cli import app
 from onnx_pathwise.data import Sample, load_labels, open_inputs
 from onnx_pathwise.errors import InputError, PathwiseError
-from onnx_pathwise.stream import read_shards
 
 runner = CliRunner()
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 NAMES = ["age", "income", "height", "weight"]
 
 
-def invoke(*args: object):  # noqa: ANN201
+def invoke(*args: object):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def _sources(src) -> list[str]:  # noqa: ANN001
+def _sources(src) -> list[str]:
     return [s.source for batch in src.batches() for s in batch]
 
 

@@ -28,7 +28,7 @@ NAMES = ["a", "b", "c", "d"]
 runner = CliRunner()
 
 
-def invoke(*args: object):  # noqa: ANN201
+def invoke(*args: object):
     return runner.invoke(app, [str(a) for a in args])
 
 
@@ -166,14 +166,23 @@ print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
-def peak_rss_kb(tmp: Path, n: int) -> int:
-    """Peak RSS of `explain` over a CSV of ``n`` rows, in a fresh process."""
+def peak_rss_kb(tmp: Path, n: int, *extra: str) -> int:
+    """Peak RSS of `explain` over ``n`` tiny images (a list file naming 8 PNGs over and over:
+    each sample's input, weight and attribution take ~10 kB, so holding them all would show),
+    in a fresh process."""
+    from data_helpers import conv_model
+    from PIL import Image
+
     folder = tmp / f"n{n}"
     folder.mkdir()
-    model, table, _ = _table(folder, n)
-    res = subprocess.run([sys.executable, "-c", RSS_SCRIPT, "explain", str(model), str(table), "--out",
-                          str(folder / "out"), "--device", "cpu"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=1200)
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "list.txt").write_text("".join(f"{i % 8}.png\n" for i in range(n)))
+    model = conv_model(folder / "m.onnx", size=16)
+    res = subprocess.run([sys.executable, "-c", RSS_SCRIPT, "explain", str(model), str(folder / "list.txt"), "--out",
+                          str(folder / "out"), "--device", "cpu", "--no-png", "--preprocess", "unit", *extra],
+                         cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stderr
     assert json.loads((folder / "out" / "index.json").read_text())["count"] == n
     return int(res.stdout.split("PEAK_KB")[-1])
