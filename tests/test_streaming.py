@@ -3,6 +3,7 @@ equal to an uninterrupted run, and peak memory flat as the dataset grows."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -181,7 +182,7 @@ def peak_rss_kb(tmp: Path, n: int, *extra: str) -> int:
     (folder / "list.txt").write_text("".join(f"{i % 8}.png\n" for i in range(n)))
     model = conv_model(folder / "m.onnx", size=16)
     res = subprocess.run([sys.executable, "-c", RSS_SCRIPT, "explain", str(model), str(folder / "list.txt"), "--out",
-                          str(folder / "out"), "--device", "cpu", "--no-png", "--preprocess", "unit", *extra],
+                          str(folder / "out"), "--device", "cpu", "--no-png", "--preprocess", "unit", "--batch-size", "64", *extra],
                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stderr
     assert json.loads((folder / "out" / "index.json").read_text())["count"] == n
@@ -194,3 +195,22 @@ def test_peak_memory_is_flat_from_2000_to_20000_inputs(tmp_path: Path) -> None:
     print(f"peak RSS: 2,000 inputs {small / 1024:.1f} MiB, 20,000 inputs {big / 1024:.1f} MiB, ratio {big / small:.3f}")
     assert big <= 1.25 * small
 
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_progress_bar_with_rate_and_eta_on_a_terminal() -> None:
+    code = ("import time\nfrom onnx_pathwise.stream import _progress\n"
+            "with _progress(10, 2, None) as advance:\n"
+            "    for _ in range(8):\n        time.sleep(0.1)\n        advance(1)\n")
+    master, slave = os.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=slave, env={**os.environ, "COLUMNS": "120"})
+    os.close(slave)
+    seen = b""
+    with contextlib.suppress(OSError):
+        while chunk := os.read(master, 4096):
+            seen += chunk
+    os.close(master)
+    assert proc.wait(timeout=120) == 0
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode("utf-8", "replace"))
+    assert "explaining" in text and "10/10" in text and "samples/s" in text and "0:00:0" in text
