@@ -144,6 +144,8 @@ def open_inputs(
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir():
+        if columns is not None:
+            raise PathwiseError(f"--columns applies to CSV/Parquet tables; {path} is a folder of images")
         files = _folder_images(path, glob)
         if not files:
             raise InputError(f"{path}: no image files{f' matching --glob {glob!r}' if glob else ''} "
