@@ -168,7 +168,7 @@ class Engine(str, Enum):
 
 
 EngineOpt = Annotated[Engine, typer.Option(
-    "--engine", case_sensitive=False, help="Where the explaining runs: local, or ray (pip install 'onnx-pathwise[ray]').")]
+    "--engine", case_sensitive=False, help="Where the explaining runs: local, or ray (pip install 'onnx-pathwise\\[ray]').")]
 RayAddressOpt = Annotated[str | None, typer.Option(
     "--ray-address", help="Ray cluster to join with --engine ray (default: start a local one).", show_default=False)]
 

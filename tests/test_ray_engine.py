@@ -66,3 +66,11 @@ def test_ray_equals_local_sample_by_sample(tmp_path: Path) -> None:
         assert (ra["source"], ra["target"], ra["shard"], ra["offset"]) == (rb["source"], rb["target"], rb["shard"],
                                                                           rb["offset"])
         assert ra["score"] == pytest.approx(rb["score"], rel=1e-6)
+
+
+def test_ray_address_needs_engine_ray(tmp_path: Path) -> None:
+    photo_folder(tmp_path / "p")
+    model = conv_model(tmp_path / "m.onnx", size=16)
+    res = runner.invoke(app, ["explain", str(model), str(tmp_path / "p"), "--out", str(tmp_path / "o"),
+                              "--ray-address", "auto", "--device", "cpu"])
+    assert res.exit_code == 2 and "--ray-address needs --engine ray" in res.output
