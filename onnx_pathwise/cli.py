@@ -22,6 +22,7 @@ bug and keeps its traceback. SIGINT, SIGTERM and SIGHUP end a command through th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import math
 import os
@@ -39,6 +40,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import __version__, limits, plots, runtime
+from .data import InputSource, is_array_file, load_labels, open_inputs
 from .errors import (
     DeviceError,
     InputError,
@@ -52,6 +54,7 @@ from .graph import GateLayer, Segment
 from .io import bytes_writer, existing_kind, json_writer, load_array, npz_writer, to_json, write_files
 from .ir import GATE, ROUTING
 from .metrics import finite_mean
+from .pathwise import target_scores
 from .text import clean, clean_block, number
 
 PROG = "onnx-pathwise"
@@ -345,8 +348,9 @@ def choice_option(name: str, choices: Sequence[str], help: str, **kwargs: Any) -
 
 ModelArg = Annotated[Path, typer.Argument(help="ONNX model file.", metavar="MODEL", show_default=False)]
 InputArg = Annotated[Path, typer.Argument(
-    help="Input batch: a .npy file, or a .npz holding one array (or one named 'x' or 'inputs'); "
-         "with or without the batch axis.", metavar="INPUT", show_default=False)]
+    help="Inputs: a .npy file, or a .npz holding one array (or one named 'x' or 'inputs'), with or without "
+         "the batch axis; an image file, a folder of images (recursively), a text file listing image paths, "
+         "or a CSV/Parquet table (one sample per row).", metavar="INPUT", show_default=False)]
 InputNameOpt = Annotated[str | None, typer.Option(
     "--input-name", help="Model input to explain; default: the only float input.", show_default=False)]
 OutputNameOpt = Annotated[str | None, typer.Option(
@@ -366,6 +370,53 @@ class PageFormat(str, Enum):
 PageOpt = Annotated[PageFormat | None, typer.Option(
     "--report", case_sensitive=False, help="Also write OUT/report.html: one self-contained page (figures "
     "embedded, no network) with the model, the preprocessing and a card per sample.", show_default=False)]
+
+# Input handling (onnx_pathwise.data, onnx_pathwise.preprocess), shared by explain, evaluate, audit, diff.
+GlobOpt = Annotated[str | None, typer.Option(
+    "--glob", help="For a folder of images: only files matching this pattern (e.g. '*.jpg', 'cats/**').",
+    show_default=False)]
+PreprocessOpt = Annotated[str, typer.Option(
+    "--preprocess", help="Image preprocessing preset: imagenet, caffe, tf, unit or none.")]
+ResizeOpt = Annotated[str | None, typer.Option(
+    "--resize", help="Resize the shorter image side to this many pixels before the centre crop.", show_default=False)]
+CropOpt = Annotated[str | None, typer.Option(
+    "--crop", help="Centre crop, e.g. 224 or 224x224 (default: the model's input size).", show_default=False)]
+MeanOpt = Annotated[str | None, typer.Option(
+    "--mean", help="Per-channel mean subtracted after scaling, e.g. 0.5,0.5,0.5 (overrides the preset).",
+    show_default=False)]
+StdOpt = Annotated[str | None, typer.Option(
+    "--std", help="Per-channel std divided by after the mean, e.g. 0.5,0.5,0.5 (overrides the preset).",
+    show_default=False)]
+LayoutOpt = Annotated[str | None, typer.Option(
+    "--layout", help="Image layout of the model input: nchw or nhwc (default: read from the model).",
+    show_default=False)]
+LabelsOpt = Annotated[Path | None, typer.Option(
+    "--labels", help="Class names: one per line, or JSON (default: the model's metadata, if any).",
+    show_default=False)]
+OnErrorOpt = Annotated[str, typer.Option(
+    "--on-error", help="A corrupt image or bad table row: fail (stop with its name) or skip (leave it out).")]
+ColumnsOpt = Annotated[str | None, typer.Option(
+    "--columns", help="Table columns to use, by name, in the model's feature order (e.g. age,income,...).",
+    show_default=False)]
+BatchSizeOpt = Annotated[int | None, typer.Option(
+    "--batch-size", help="Samples read and explained at a time (default: from the memory budget).",
+    show_default=False, min=1)]
+ShardSizeOpt = Annotated[int | None, typer.Option(
+    "--shard-size", help="Samples per output shard explanation-NNNNN.npz (default: up to 1000).",
+    show_default=False, min=1)]
+ResumeOpt = Annotated[bool, typer.Option(
+    "--resume", help="Continue an interrupted run in OUT after its last complete shard.")]
+
+
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+EngineOpt = Annotated[Engine, typer.Option(
+    "--engine", case_sensitive=False, help="Where the explaining runs: local, or ray (pip install 'onnx-pathwise\\[ray]').")]
+RayAddressOpt = Annotated[str | None, typer.Option(
+    "--ray-address", help="Ray cluster to join with --engine ray (default: start a local one).", show_default=False)]
 
 
 def _version(value: bool) -> None:
@@ -421,9 +472,68 @@ def _open_explainer(model: Path, device: Device | str = Device.auto, input_name:
     return Explainer(model, device=_resolve_device(device), input_name=input_name, output_name=output_name)
 
 
-def _load_input(path: Path, explainer: Explainer) -> np.ndarray:
-    """Read an input file safely and check it against the model: a batch (N, *input shape)."""
-    return explainer.check_input(load_array(path), name=str(path))
+@dataclasses.dataclass(frozen=True)
+class _DataOptions:
+    """The input-handling options, as given (see :func:`_open_source`)."""
+
+    glob: str | None = None
+    preprocess: str = "imagenet"
+    resize: str | None = None
+    crop: str | None = None
+    mean: str | None = None
+    std: str | None = None
+    layout: str | None = None
+    on_error: str = "fail"
+    columns: str | None = None
+    batch_size: int | None = None
+
+
+def _open_source(path: Path, model: Any, opts: _DataOptions | None = None) -> InputSource:
+    """Open INPUT for the model (an Explainer or its input shape): arrays, images, folders,
+    path lists, tables; the options are checked before anything is read."""
+    from .preprocess import preset
+
+    opts = opts or _DataOptions()
+    prep = preset(opts.preprocess, resize=opts.resize, crop=opts.crop, mean=opts.mean, std=opts.std,
+                  layout=opts.layout)
+    return open_inputs(path, model, preprocess=prep, glob=opts.glob, on_error=opts.on_error,
+                       columns=opts.columns, batch_size=opts.batch_size)
+
+
+def _load_input(path: Path, explainer: Explainer, opts: _DataOptions | None = None,
+                source: InputSource | None = None) -> np.ndarray:
+    """Read INPUT safely and check it against the model: a batch (N, *input shape). A .npy/.npz
+    file is read exactly as :func:`~onnx_pathwise.io.load_array` reads it; other sources are
+    read whole (within the memory budget), bad items failing or skipped per ``--on-error``."""
+    source = source or _open_source(path, explainer, opts)
+    x = source.to_array()
+    _note_skipped(source.skipped)
+    return explainer.check_input(x, name=str(path))
+
+
+def _read_inputs(path: Path, model: Path, opts: _DataOptions) -> np.ndarray:
+    """--inputs of audit and diff: a .npy/.npz file as load_array reads it (the command checks
+    its shape); any other source is read for the model's input shape."""
+    if is_array_file(path):
+        if opts.glob is not None or opts.columns is not None:
+            raise PathwiseError("--glob and --columns do not apply to a .npy/.npz array")
+        return load_array(path)
+    return _load_input(path, _open_explainer(model, Device.cpu), opts)
+
+
+def _note_skipped(skipped: Sequence[tuple[str, str]]) -> None:
+    """One notice per input left out with --on-error skip (shown once the command succeeded)."""
+    for name, why in skipped:
+        _notices.append(f"{PROG}: skipped {name}: {why.removeprefix(name + ': ')}")
+
+
+def _labels(path: Path | None, explainer: Explainer) -> list[str] | None:
+    """--labels, else the model's metadata labels; their count must match the classes."""
+    labels = load_labels(path, explainer.proto)
+    if labels is not None and len(labels) != explainer.num_classes:
+        where = str(path) if path is not None else "the model's metadata labels"
+        raise InputError(f"{where}: {len(labels)} label(s), but the model has {explainer.num_classes} classes")
+    return labels
 
 
 def _check_target(target: int | None, ex: Explainer) -> None:
@@ -787,22 +897,49 @@ def explain(
     png: Annotated[bool, typer.Option("--png/--no-png", help="For image inputs, one PNG per sample.")] = True,
     report_format: PageOpt = None,
     force: ForceOpt = False,
+    glob: GlobOpt = None,
+    preprocess: PreprocessOpt = "imagenet",
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    layout: LayoutOpt = None,
+    labels: LabelsOpt = None,
+    on_error: OnErrorOpt = "fail",
+    columns: ColumnsOpt = None,
+    batch_size: BatchSizeOpt = None,
+    shard_size: ShardSizeOpt = None,
+    resume: ResumeOpt = False,
+    engine: EngineOpt = Engine.local,
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """Explain each sample: pathwise (the default) or a baseline method.
 
-    Writes OUT/explanation.npz (attribution, output, target; pathwise also weight, bias,
-    masked_score), OUT/explanation.json (per sample: target, score and, for pathwise,
-    faithfulness and the path) and, for image inputs, OUT/sample_<i>.png.
+    A .npy/.npz INPUT: writes OUT/explanation.npz (attribution, output, target; pathwise also
+    weight, bias, masked_score), OUT/explanation.json (per sample: target, score and, for
+    pathwise, faithfulness and the path) and, for image inputs, OUT/sample_<i>.png.
+    Images, folders, path lists and tables (or --batch-size, --shard-size, --resume, --engine
+    ray) stream in batches to shards OUT/explanation-NNNNN.npz and OUT/index.json.
     """
     w, iw, ncls = width, input_width, classes
     if method != "pathwise" and (w is not None or depth is not None or iw is not None or ncls is not None):
         raise PathwiseError("--width, --depth, --input-width and --classes apply to --method pathwise only")
+    data = _DataOptions(glob, preprocess, resize, crop, mean, std, layout, on_error, columns, batch_size)
+    streaming = (not is_array_file(input) or resume or batch_size is not None or shard_size is not None
+                 or engine is not Engine.local)
+    if not streaming and ray_address is not None:
+        raise PathwiseError("--ray-address needs --engine ray")
+    if streaming:
+        _explain_stream(model, input, out, method, target, w, depth, iw, ncls, steps, exact, device, input_name,
+                        output, png, force, data, labels, shard_size, resume, engine, ray_address, report_format)
+        return
     names = ["explanation.npz", "explanation.json"] + (["report.html"] if report_format else [])
     _guard_dir(out, names, force)
     ex = _open_explainer(model, device, input_name, output)
     _check_target(target, ex)
-    x = _load_input(input, ex)
+    x = _load_input(input, ex, data)
     _guard_dir(out, names + _png_names(png, ex, x.shape[0]), force)
+    class_names = _labels(labels, ex)
     if method == "pathwise":
         res = _chunked(lambda b: ex.explain(b, target=target, width=w, depth=depth, input_width=iw, classes=ncls),
                        x, "explaining")
@@ -817,17 +954,21 @@ def explain(
         res = _chunked(lambda b: ex.attribute(b, method=method, target=target, **opts), x, "explaining")
         arrays = {"attribution": res.attribution, "output": res.output, "target": res.target}
         idx = np.arange(len(res.target))
-        from .pathwise import target_scores
-
         scores = target_scores(res.output, res.target)
         samples = [{"target": int(res.target[i]), "score": float(scores[i])} for i in idx]
         options = opts
+    if class_names is not None:
+        for i, s in enumerate(samples):
+            s["label"] = class_names[int(res.target[i])]
     report = {"model": str(model), "method": method, "options": options, "explained_output": ex.ir.output_name,
               "samples": samples}
+    if class_names is not None:
+        report["labels"] = class_names
     pngs = {}
     if png and plots.is_image(ex.input_shape):
         for i in range(x.shape[0]):
-            title = plots.title(method, int(res.target[i]), float(res.output[i, res.target[i]]))
+            title = plots.title(method, int(res.target[i]), float(target_scores(res.output[i:i + 1], res.target[i:i + 1])[0]),
+                                class_names)
             pngs[f"sample_{i}.png"] = plots.sample_figure(x[i], res.attribution[i], title) or b""
     if report_format is not None:
         from .report import explain_page
@@ -835,10 +976,103 @@ def explain(
         pngs["report.html"] = explain_page(
             model_info=describe(ex, model), method=method, options=options, x=x, attribution=res.attribution,
             output=res.output, target=res.target, samples=samples, bias=getattr(res, "bias", None),
-            masked_score=getattr(res, "masked_score", None), inputs=str(input)).encode()
+            masked_score=getattr(res, "masked_score", None), inputs=str(input), labels=class_names).encode()
     written = _write_dir(out, {"explanation.npz": arrays}, {"explanation.json": report}, pngs, force)
     extra = f", faithfulness {number(finite_mean(res.faithfulness), '.3f')} (mean)" if method == "pathwise" else ""
     _out(f"wrote {len(written)} file(s) to {out}: {x.shape[0]} sample(s), method {method}{extra}")
+
+
+def _explain_stream(model: Path, input: Path, out: Path, method: str, target: int | None, w: Any, depth: int | None,
+                    iw: Any, ncls: int | None, steps: int, exact: bool, device: Device, input_name: str | None,
+                    output: str | None, png: bool, force: bool, opts: _DataOptions, labels: Path | None,
+                    shard_size: int | None, resume: bool, engine: Engine, ray_address: str | None,
+                    report_format: Any = None) -> None:
+    """explain over a dataset in bounded memory: batches in, shards out (onnx_pathwise.stream).
+    Figures are overlays on each sample's original image; ``--report html`` pages the first
+    :data:`onnx_pathwise.report.html.MAX_CARDS` samples."""
+    from . import stream
+
+    if resume and force:
+        raise PathwiseError("--resume and --force contradict each other: --resume keeps OUT's finished shards")
+    if engine is Engine.local and ray_address is not None:
+        raise PathwiseError("--ray-address needs --engine ray")
+    names = ["explanation.npz", "explanation.json", stream.INDEX, stream.SHARD.format(0), stream.RUN]
+    names += ["report.html"] if report_format else []
+    _guard_dir(out, [] if resume else names, force)
+    ex = _open_explainer(model, device, input_name, output)
+    _check_target(target, ex)
+    source = _open_source(input, ex, opts)
+    class_names = _labels(labels, ex)
+    if method == "pathwise":
+        options: dict[str, Any] = {"width": w, "depth": depth, "input_width": iw}
+        if ncls is not None:
+            options["classes"] = ncls
+    else:
+        options = {"steps": steps, "exact": exact} if method == "integrated_gradients" else {}
+    from .report.html import MAX_CARDS
+
+    pages: list[tuple[Any, dict[str, Any], dict[str, np.ndarray]]] = []  # the report's first samples
+    draw = png and plots.is_image(ex.input_shape)
+    render = None
+    if draw or report_format:
+        def render(sample: Any, row: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> dict[str, bytes]:
+            if report_format and len(pages) < MAX_CARDS:
+                pages.append((sample, dict(row), dict(arrays)))
+            if not draw:
+                return {}
+            title = plots.title(method, int(row["target"]), float(row["score"]), class_names)
+            fig = plots.sample_figure(sample.array, arrays["attribution"], title, sample.original, sample.features)
+            return {f"sample_{row['sample']}.png": fig} if fig else {}
+    kw: dict[str, Any] = {"model": model, "method": method, "target": target, "options": options,
+                          "shard_size": shard_size, "resume": resume, "labels": class_names, "render": render,
+                          "overwrite_figures": force or resume, "batch_size_given": opts.batch_size is not None}
+    if engine is Engine.ray:
+        from .ray_engine import run as run_ray
+
+        result = run_ray(ex, source, out, address=ray_address, device=ex.device, input_name=input_name,
+                         output_name=output, **kw)
+    else:
+        result = stream.run(ex, source, out, **kw)
+    if report_format and pages:
+        _stream_report(out, model, ex, method, options, source, class_names, pages, force or resume)
+    _note_skipped(result.skipped)
+    extra = f", faithfulness {result.mean_faithfulness:.3f} (mean)" if result.mean_faithfulness is not None else ""
+    again = f", resumed after {result.resumed_at}" if result.resumed_at else ""
+    skipped = f", {len(result.skipped)} skipped" if result.skipped else ""
+    _out(f"wrote {result.count} sample(s) in {result.shards} shard(s) and {stream.INDEX} to {out}{again}"
+         f"{skipped}: method {method}{extra}")
+
+
+def _stream_report(out: Path, model: Path, ex: Explainer, method: str, options: Mapping[str, Any],
+                   source: InputSource, class_names: Sequence[str] | None,
+                   pages: Sequence[tuple[Any, dict[str, Any], dict[str, np.ndarray]]], overwrite: bool) -> None:
+    """OUT/report.html of a streaming explain, from the samples its figures hook kept."""
+    from . import stream
+    from .report import explain_page
+
+    layers = stream.path_layers(ex, options) if method == "pathwise" else []
+    samples = []
+    for _, row, arrays in pages:
+        info: dict[str, Any] = {"target": row["target"], "score": row["score"], "faithfulness": row.get("faithfulness")}
+        if "path_count" in arrays:
+            info["path"] = [{"node": layer["name"], "count": int(c), "units": layer["units"]}
+                            for layer, c in zip(layers, arrays["path_count"])]
+        samples.append(info)
+
+    def stacked(key: str) -> np.ndarray | None:
+        return np.stack([a[key] for _, _, a in pages]) if all(key in a for _, _, a in pages) else None
+
+    attribution, output = stacked("attribution"), stacked("output")
+    assert attribution is not None and output is not None  # every method writes both
+    page = explain_page(
+        model_info=describe(ex, model), method=method, options=options,
+        x=np.stack([s.array for s, _, _ in pages]), attribution=attribution, output=output,
+        target=np.array([r["target"] for _, r, _ in pages]), samples=samples, bias=stacked("bias"),
+        masked_score=stacked("masked_score"), sources=[s.source for s, _, _ in pages],
+        originals=[s.original for s, _, _ in pages], labels=class_names, features=pages[0][0].features,
+        preprocessing=source.preprocessing.to_json() if source.preprocessing is not None else None,
+        inputs=str(source.path))
+    _write_bytes(out / "report.html", page.encode(), overwrite)
 
 
 # --------------------------------------------------------------------------- decompose
@@ -920,6 +1154,16 @@ def evaluate(
     output: OutputNameOpt = None,
     report_format: PageOpt = None,
     force: ForceOpt = False,
+    glob: GlobOpt = None,
+    preprocess: PreprocessOpt = "imagenet",
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    layout: LayoutOpt = None,
+    labels: LabelsOpt = None,
+    on_error: OnErrorOpt = "fail",
+    columns: ColumnsOpt = None,
 ) -> None:
     """Rank explanation methods on MODEL with insertion/deletion AUC and more.
 
@@ -940,11 +1184,16 @@ def evaluate(
     _guard_dir(out, names, force)
     ex = _open_explainer(model, device, input_name, output)
     _check_target(target, ex)
-    x = _load_input(inputs, ex)
+    source = _open_source(inputs, ex, _DataOptions(glob, preprocess, resize, crop, mean, std, layout, on_error, columns))
+    x = _load_input(inputs, ex, source=source)
+    class_names = _labels(labels, ex)
     attributions: dict[str, np.ndarray] | None = {} if report_format else None
     result = run_evaluation(ex, x, chosen, widths=widths, depths=list(depth) if depth else None, step=step,
                             target=target, attributions=attributions, classes=ncls)
     result["model"] = str(model)
+    result["input"] = source.describe()
+    if class_names is not None:
+        result["labels"] = class_names
     metric_names = ["insertion_auc", "deletion_auc", "faithfulness", "sparsity", "completeness_delta"]
     rows = []
     for label, info in result["methods"].items():
@@ -982,7 +1231,8 @@ class ReportFormat(str, Enum):
 def audit(
     model: ModelArg,
     inputs: Annotated[Path | None, typer.Option(
-        "--inputs", help="Inputs to check on (.npy/.npz); default: 4 generated standard-normal inputs.",
+        "--inputs", help="Inputs to check on (as INPUT of explain: .npy/.npz, images, a folder, a list, a table); "
+                         "default: 4 generated standard-normal inputs.",
         show_default=False)] = None,
     max_delta: Annotated[float, number_option(
         "--max-delta", help="Largest completeness delta allowed, relative to the score scale (at least 1)",
@@ -995,6 +1245,15 @@ def audit(
                                              show_default=False)] = None,
     device: DeviceOpt = Device.auto,
     force: ForceOpt = False,
+    glob: GlobOpt = None,
+    preprocess: PreprocessOpt = "imagenet",
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    layout: LayoutOpt = None,
+    on_error: OnErrorOpt = "fail",
+    columns: ColumnsOpt = None,
 ) -> None:
     """Check that MODEL is analysable and its explanations are exact and stable: for CI gates.
 
@@ -1011,7 +1270,8 @@ def audit(
             raise PathwiseError("--out needs --report json, junit or html")
     x = None
     if inputs is not None:
-        x = load_array(inputs)
+        x = _read_inputs(inputs, model, _DataOptions(glob, preprocess, resize, crop, mean, std, layout, on_error,
+                                                     columns))
     result = run_audit(model, inputs=x, max_delta=max_delta, device=_resolve_device(device), width=width,
                        inputs_name=str(inputs))
     text = result.to_text()
@@ -1039,7 +1299,8 @@ def audit(
 def diff(
     old: Annotated[Path, typer.Argument(help="The released model.", metavar="OLD", show_default=False)],
     new: Annotated[Path, typer.Argument(help="The candidate model.", metavar="NEW", show_default=False)],
-    inputs: Annotated[Path, typer.Option("--inputs", help="Inputs to compare on (.npy/.npz).", show_default=False)],
+    inputs: Annotated[Path, typer.Option("--inputs", help="Inputs to compare on (as INPUT of explain: .npy/.npz, "
+                                         "images, a folder, a list, a table).", show_default=False)],
     fail_below: Annotated[float | None, number_option(
         "--fail-below", help="Fail when the mean attribution correlation is below this", low=-1.0, high=1.0)] = None,
     min_overlap: Annotated[float | None, number_option(
@@ -1057,6 +1318,15 @@ def diff(
                                              show_default=False)] = None,
     device: DeviceOpt = Device.auto,
     force: ForceOpt = False,
+    glob: GlobOpt = None,
+    preprocess: PreprocessOpt = "imagenet",
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    layout: LayoutOpt = None,
+    on_error: OnErrorOpt = "fail",
+    columns: ColumnsOpt = None,
 ) -> None:
     """Compare the explanations of two versions of a model on the same inputs.
 
@@ -1071,7 +1341,7 @@ def diff(
         raise PathwiseError("--report html and --out FILE go together")
     if out is not None:
         _guard_output(out, force)
-    x = load_array(inputs)
+    x = _read_inputs(inputs, old, _DataOptions(glob, preprocess, resize, crop, mean, std, layout, on_error, columns))
     result = run_diff(old, new, x, width=width, depth=depth, device=_resolve_device(device),
                       min_correlation=fail_below, min_jaccard=min_overlap, max_prediction_changes=max_changes,
                       inputs_name=str(inputs))

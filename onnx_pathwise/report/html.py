@@ -240,7 +240,7 @@ def explain_page(
     cards = []
     for i in range(min(n, max_cards)):
         t = int(target[i])
-        score = float(output[i, t])
+        score = _side_score(output[i], t)
         original = originals[i] if originals is not None else None
         region = regions[i] if regions is not None else None
         fig = plots.sample_figure(x[i], attribution[i], plots.title(method, t, score, labels), original, features, region)
@@ -265,11 +265,19 @@ def explain_page(
     )
 
 
+def _side_score(output: np.ndarray, target: int) -> float:
+    """The explained score of class ``target``: y_c, or for a single score y the side's
+    log-odds (y for class 1, −y for class 0; docs/design.md §4)."""
+    if len(output) == 1:
+        return float(output[0] if target == 1 else -output[0])
+    return float(output[target])
+
+
 def _prediction_facts(output: np.ndarray, target: int, labels: Sequence[str] | None) -> list[tuple[str, str]]:
-    predicted = int(np.argmax(output))
-    facts = [("prediction", f"{_class_name(predicted, labels)}, score {_num(output[predicted])}")]
+    predicted = int(output[0] >= 0) if len(output) == 1 else int(np.argmax(output))
+    facts = [("prediction", f"{_class_name(predicted, labels)}, score {_num(_side_score(output, predicted))}")]
     if predicted != target:
-        facts.append(("explained target", f"{_class_name(target, labels)}, score {_num(output[target])}"))
+        facts.append(("explained target", f"{_class_name(target, labels)}, score {_num(_side_score(output, target))}"))
     return facts
 
 
@@ -339,7 +347,7 @@ def evaluate_page(
         original = originals[i] if originals is not None else None
         region = regions[i] if regions is not None else None
         per_method = {label: a[i] for label, a in attributions.items()}
-        score = float(output[i, t]) if output is not None else float(evaluation["samples"]["score"]["values"][i])
+        score = _side_score(output[i], t) if output is not None else float(evaluation["samples"]["score"]["values"][i])
         if original is not None or plots.is_image(x.shape[1:]):
             heading = f"{_class_name(t, labels)}, score {score:.3g}"
             figs_i = [_figure(plots.methods_grid(original, x[i], per_method, heading, region), "methods compared")]
