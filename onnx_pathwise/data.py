@@ -36,18 +36,19 @@ from __future__ import annotations
 
 import csv
 import fnmatch
+import io
 import json
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
 from .errors import InputError, PathwiseError
-from .io import load_array
+from .io import load_array, open_regular
 from .preprocess import Preprocessing, preset
 
 __all__ = ["IMAGE_SUFFIXES", "InputSource", "Preprocessing", "Sample", "is_array_file", "load_labels", "open_inputs"]
@@ -143,6 +144,8 @@ def open_inputs(
         return ArraySource(path, x, **common)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
+    if not path.is_dir():
+        _open_input(path).close()  # a FIFO, device, socket or /proc entry is refused before anything
     if path.is_dir():
         if columns is not None:
             raise PathwiseError(f"--columns applies to CSV/Parquet tables; {path} is a folder of images")
@@ -180,11 +183,33 @@ def is_array_file(path: str | os.PathLike[str]) -> bool:
 
 
 def _head(path: Path) -> bytes:
-    try:
-        with open(path, "rb") as f:
+    with _open_input(path) as f:
+        try:
             return f.read(16)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+#: Largest list or labels file read (they are read whole).
+MAX_TEXT_BYTES = 64 * 2**20
+
+
+def _read_text(path: Path, encoding: str) -> str:
+    """A small text file (a list of paths, class labels), read only if it is a regular file."""
+    f, size = open_regular(path, InputError, "a text file")
+    with f:
+        if size > MAX_TEXT_BYTES:
+            raise InputError(f"{path}: {size} bytes, more than a list or labels file may hold ({MAX_TEXT_BYTES})")
+        return f.read(size).decode(encoding)
+
+
+def _open_input(path: Path, text: bool = False) -> IO[Any]:
+    """An input file opened for reading only if it is a regular file (never a FIFO, device,
+    socket or /proc entry: :func:`onnx_pathwise.io.open_regular`), in binary or text mode."""
+    f, _ = open_regular(path, InputError, "an input file")
+    if text:
+        return io.TextIOWrapper(f, encoding="utf-8-sig", newline="")
+    return f
 
 
 def _looks_like_image(head: bytes) -> bool:
@@ -213,7 +238,7 @@ def _list_file(path: Path) -> list[str]:
     """Paths listed one per line (relative to the list file's folder); blank lines and
     ``#`` comments are ignored."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path, "utf-8")
     except UnicodeDecodeError:
         raise InputError(f"{path}: not a .npy/.npz array, an image, a table or a UTF-8 list of paths") from None
     except OSError as exc:
@@ -402,12 +427,16 @@ class TableSource(InputSource):
         if self.parquet:
             pq = _pyarrow_parquet(self.path)
             try:
-                meta = pq.ParquetFile(self.path)
+                with _open_input(self.path) as f:
+                    meta = pq.ParquetFile(f)
+                    names, rows = list(meta.schema_arrow.names), int(meta.metadata.num_rows)
+            except PathwiseError:
+                raise
             except Exception as exc:  # pyarrow raises its own ArrowInvalid / OSError
                 raise InputError(f"{self.path}: not a readable Parquet file ({exc})") from None
-            return list(meta.schema_arrow.names), int(meta.metadata.num_rows)
+            return names, rows
         try:
-            with open(self.path, newline="", encoding="utf-8-sig") as f:
+            with _open_input(self.path, text=True) as f:
                 reader = csv.reader(f, delimiter=self._delimiter())
                 header = next(reader, None)
                 if header is None:
@@ -426,14 +455,15 @@ class TableSource(InputSource):
         if self.parquet:
             pq = _pyarrow_parquet(self.path)
             i = 0
-            for rb in pq.ParquetFile(self.path).iter_batches(batch_size=max(64, self.batch_size), columns=self.features):
-                cols = [rb.column(n).to_pylist() for n in self.features]
-                for values in zip(*cols):
-                    if i >= start:
-                        yield i, list(values)
-                    i += 1
+            with _open_input(self.path) as f:
+                for rb in pq.ParquetFile(f).iter_batches(batch_size=max(64, self.batch_size), columns=self.features):
+                    cols = [rb.column(n).to_pylist() for n in self.features]
+                    for values in zip(*cols):
+                        if i >= start:
+                            yield i, list(values)
+                        i += 1
             return
-        with open(self.path, newline="", encoding="utf-8-sig") as f:
+        with _open_input(self.path, text=True) as f:
             reader = csv.reader(f, delimiter=self._delimiter())
             next(reader)
             i = 0
@@ -499,9 +529,11 @@ def load_labels(path: str | os.PathLike[str] | None, model_proto_metadata: Any =
     if path is not None:
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8-sig")
-        except FileNotFoundError:
-            raise InputError(f"{path}: no such labels file") from None
+            if not path.exists():
+                raise InputError(f"{path}: no such labels file")
+            text = _read_text(path, "utf-8-sig")
+        except InputError:
+            raise
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError(f"{path}: cannot read labels ({exc})") from None
         stripped = text.strip()

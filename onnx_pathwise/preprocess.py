@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, PathwiseError
+from .io import open_regular
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -156,7 +157,8 @@ class Preprocessing:
         from PIL import Image, ImageOps, UnidentifiedImageError
 
         try:
-            with Image.open(path) as opened:
+            f, _ = open_regular(path, InputError, "an image file")
+            with f, Image.open(f) as opened:
                 opened.load()
                 image = ImageOps.exif_transpose(opened)
                 return self.apply(image)

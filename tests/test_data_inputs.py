@@ -176,3 +176,44 @@ def test_input_shape_mismatch_is_one_line(tmp_path: Path) -> None:
     photo_folder(tmp_path / "p")
     res = invoke("explain", SAMPLES / "mlp.onnx", tmp_path / "p", "--out", tmp_path / "o", "--device", "cpu")
     assert res.exit_code == 5 and "is not an image" in res.output and "Traceback" not in res.output
+
+
+def _finishes(fn, seconds: float = 20.0):
+    """Run ``fn`` in a thread; fail (instead of hanging the suite) if it blocks."""
+    import threading
+
+    box: dict[str, BaseException | None] = {"exc": None}
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            box["exc"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), "blocked on a read"
+    return box["exc"]
+
+
+def test_special_files_among_data_inputs_are_refused_not_read(tmp_path: Path) -> None:
+    """A FIFO as a table, as a labels file, as a path list or as an image inside a folder is refused
+    before it is opened for reading (a read would block forever)."""
+    import os
+
+    photo_folder(tmp_path / "p")
+    os.mkfifo(tmp_path / "p" / "stuck.png")
+    os.mkfifo(tmp_path / "rows.csv")
+    os.mkfifo(tmp_path / "labels.txt")
+    os.mkfifo(tmp_path / "list.txt")
+    src = open_inputs(tmp_path / "p", (3, 16, 16), preprocess="unit", batch_size=64)
+    exc = _finishes(lambda: list(src.batches()))
+    assert isinstance(exc, InputError) and "stuck.png" in str(exc) and "FIFO" in str(exc)
+    skipping = open_inputs(tmp_path / "p", (3, 16, 16), preprocess="unit", batch_size=64, on_error="skip")
+    assert _finishes(lambda: list(skipping.batches())) is None
+    for name in ("rows.csv", "list.txt"):
+        exc = _finishes(lambda name=name: open_inputs(tmp_path / name, (4,)))
+        assert isinstance(exc, InputError) and "FIFO" in str(exc), exc
+    exc = _finishes(lambda: load_labels(tmp_path / "labels.txt", None))
+    assert isinstance(exc, InputError) and "FIFO" in str(exc), exc
