@@ -20,6 +20,7 @@ import functools
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_pathwise import runtime, serde
 from onnx_pathwise.engine import Engine, Record
 from onnx_pathwise.errors import UnsupportedModelError
-from onnx_pathwise.rules import RULES
+from onnx_pathwise.ir import TERMINAL
+from onnx_pathwise.rules import RULES, supported_table
 
 FLOAT = TensorProto.FLOAT
 BATCH = 2
@@ -505,8 +507,29 @@ def test_transpose_equals_dense_matrix(case_id: str) -> None:
 
 def test_every_registered_op_has_a_case() -> None:
     covered = {n.op_type for c in CASES for n in c.model.graph.node}
-    missing = sorted(set(RULES) - covered)
+    swept = {op for op, rule in RULES.items() if rule.role != TERMINAL}  # terminal ops are peeled
+    missing = sorted(swept - covered)
     assert not missing, f"registered ops without a case in CASES: {missing}"
+
+
+def test_registry_opsets_match_the_onnx_schemas() -> None:
+    """Each entry's first covered opset is the op's first version in onnx's schemas."""
+    first: dict[str, int] = {}
+    for schema in onnx.defs.get_all_schemas_with_history():
+        if schema.domain == "":
+            first[schema.name] = min(first.get(schema.name, schema.since_version), schema.since_version)
+    wrong = {op: (rule.since, first.get(op)) for op, rule in RULES.items() if rule.since != first.get(op)}
+    assert not wrong, f"registry 'since' differs from onnx's first version: {wrong}"
+
+
+def test_readme_supported_operations_table_is_generated_from_the_registry() -> None:
+    """The README's table between the ops-table markers is exactly ``supported_table()``;
+    regenerate it with ``python -c "from onnx_pathwise.rules import supported_table as t; print(t())"``."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    start, end = "<!-- ops-table:start -->\n", "<!-- ops-table:end -->"
+    assert start in readme and end in readme, "README lacks the ops-table markers"
+    table = readme.split(start, 1)[1].split(end, 1)[0]
+    assert table.strip() == supported_table().strip(), "README's supported-ops table is out of date"
 
 
 class CountingKernels(runtime.OpKernels):
