@@ -330,6 +330,12 @@ CASES: list[Case] = [
     Case("Gather-scalar-index", op("Gather", (3, 4), ["x", np.array(-2, np.int64)], axis=-1)),
     Case("Expand-inner-axis", op("Expand", (3, 1), ["x", I(1, 3, 4)])),
     Case("Expand-new-middle-axis", op("Expand", (1, 4), ["x", I(1, 3, 4)])),
+    Case("DepthToSpace-DCR", op("DepthToSpace", (8, 2, 3), blocksize=2)),
+    Case("DepthToSpace-CRD", op("DepthToSpace", (8, 2, 3), blocksize=2, mode="CRD")),
+    Case("DepthToSpace-CRD-blocksize3-opset13", op("DepthToSpace", (18, 2, 1), blocksize=3, mode="CRD", opset=13)),
+    Case("DepthToSpace-opset1", op("DepthToSpace", (9, 2, 2), blocksize=3, opset=1)),
+    Case("SpaceToDepth", op("SpaceToDepth", (3, 4, 6), blocksize=2)),
+    Case("SpaceToDepth-opset1-blocksize3", op("SpaceToDepth", (2, 3, 6), blocksize=3, opset=1)),
     # ---------------------------------------------------------------- gates
     Case("Relu", op("Relu", (3, 4)), "gate"),
     Case("LeakyRelu-alpha0.2", op("LeakyRelu", (3, 4), alpha=0.2), "gate"),
