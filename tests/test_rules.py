@@ -17,6 +17,7 @@ for max pooling). A meta-test fails when a registered op_type has no case.
 from __future__ import annotations
 
 import functools
+import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -526,6 +527,18 @@ def test_registry_opsets_match_the_onnx_schemas() -> None:
             first[schema.name] = min(first.get(schema.name, schema.since_version), schema.since_version)
     wrong = {op: (rule.since, first.get(op)) for op, rule in RULES.items() if rule.since != first.get(op)}
     assert not wrong, f"registry 'since' differs from onnx's first version: {wrong}"
+
+
+def test_design_role_table_names_every_registered_op_under_its_role() -> None:
+    """docs/design.md §1's role table names each op of the registry in the row of its role."""
+    design = (Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text(encoding="utf-8")
+    section = design.split("## 1. Models it accepts", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip(): line.split("|")[2] for line in section.splitlines()
+            if line.startswith("| ") and line.count("|") >= 3}
+    words = {role: set(re.findall(r"[A-Za-z]+", row)) for role, row in rows.items()}
+    missing = [f"{op} ({rule.role})" for op, rule in RULES.items() if op not in words.get(rule.role, set())]
+    merges = [op for op, rule in RULES.items() if rule.merges and op not in words.get("merge", set())]
+    assert not missing and not merges, f"docs/design.md §1 does not list {missing + merges}"
 
 
 def test_readme_supported_operations_table_is_generated_from_the_registry() -> None:
