@@ -41,32 +41,16 @@ from onnx import TensorProto, helper, numpy_helper
 from . import limits
 from .errors import ModelError, UnsupportedModelError
 from .io import MAX_INPUT_BYTES, file_kind, open_regular
-from .ir import AFFINE, GATE, MERGE, ROUTING, SHAPE, ModelIR, Node
+from .ir import ModelIR, Node
 from .limits import check_fits, format_bytes
+from .rules import NOT_PIECEWISE_LINEAR, RULES, supported_ops, terminal_ops
+from .rules.attrs import FLOAT_TYPES
 
-#: op_type → role, for ops of the default domain that may sit on the input→output path.
-SUPPORTED_OPS: dict[str, str] = {
-    **dict.fromkeys(
-        [
-            "Gemm", "MatMul", "Conv", "ConvTranspose", "BatchNormalization", "Add", "Sub",
-            "Mul", "Div", "Sum", "AveragePool", "GlobalAveragePool", "ReduceMean",
-            "ReduceSum", "Pad", "Dropout", "Identity", "Cast",
-        ],
-        AFFINE,
-    ),
-    **dict.fromkeys(
-        [
-            "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Split",
-            "Slice", "Gather", "Expand",
-        ],
-        SHAPE,
-    ),
-    **dict.fromkeys(["Relu", "LeakyRelu", "PRelu", "Clip", "Max"], GATE),
-    **dict.fromkeys(["MaxPool", "GlobalMaxPool"], ROUTING),
-}
-TERMINAL_OPS = frozenset({"Softmax", "LogSoftmax", "Sigmoid"})
+#: op_type → role, for ops of the default domain that may sit on the input→output path
+#: (derived from the rule registry, :data:`onnx_pathwise.rules.RULES`).
+SUPPORTED_OPS: dict[str, str] = supported_ops()
+TERMINAL_OPS = terminal_ops()
 ML_DOMAIN = "ai.onnx.ml"
-FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 CONST, SHAPE_KIND, DATA = 0, 1, 2
 MAX_CONSTANT_BYTES = 2**31
 #: protobuf cannot parse a message of 2 GiB or more.
@@ -1152,13 +1136,13 @@ def _analyse(
                             f"({why}; only control flow on constants is folded)")
             continue
         if domain not in ("", "ai.onnx") or node.op_type not in SUPPORTED_OPS:
-            reason = "not piecewise linear" if node.op_type in _NONLINEAR else "not supported"
+            reason = "not piecewise linear" if node.op_type in NOT_PIECEWISE_LINEAR else "not supported"
             if node.op_type in TERMINAL_OPS:
                 reason = "only allowed after the last layer"
             problems.append(f"{where}: {reason}")
             continue
-        n_data = sum(1 for i in node.input if i and kind.get(i) == DATA)
-        msg = _structural_problem(node, n_data, kind)
+        check = RULES[node.op_type].check
+        msg = check(_checked_node(node, kind, opset)) if check else ""
         if msg:
             problems.append(f"{where}: {msg}")
     if problems:
@@ -1241,9 +1225,7 @@ def _analyse(
         except ModelError as exc:
             problems.append(f"{name} ({node.op_type}, opset {opset}): {exc}")
             continue
-        role = SUPPORTED_OPS[node.op_type]
-        if node.op_type in ("Add", "Sum", "Concat", "Gemm") and sum(data) > 1:
-            role = MERGE
+        role = RULES[node.op_type].node_role(data)
         ir_nodes.append(
             Node(name, node.op_type, "", opset, tuple(node.input), outputs, attrs, data, role)
         )
@@ -1404,19 +1386,6 @@ def _check_finite_constants(cone_nodes: Sequence[onnx.NodeProto], consts: Mappin
                                  f"holds {what} value(s) of {flat.size}; every explanation would be NaN")
 
 
-_NONLINEAR = frozenset(
-    {
-        "Tanh", "Gelu", "Elu", "Selu", "Softplus", "Softsign", "HardSigmoid", "HardSwish",
-        "Exp", "Log", "Sqrt", "Pow", "Erf", "LRN", "LpNormalization", "InstanceNormalization",
-        "LayerNormalization", "GroupNormalization", "Mish", "Sin", "Cos", "Abs", "Min",
-        "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2", "ReduceL1", "ReduceLogSumExp",
-        "Softmax", "LogSoftmax", "Sigmoid", "QuantizeLinear", "DequantizeLinear", "QLinearConv",
-        "QLinearMatMul", "ConvInteger", "MatMulInteger", "If", "Loop", "Scan", "Where", "TopK",
-        "Round", "Floor", "Ceil", "Sign", "Reciprocal", "Neg",
-    }
-)
-
-
 def _normaliser_problem(node: onnx.NodeProto, opset: int, shape: tuple[int, ...]) -> str:
     """Why a terminal Softmax/LogSoftmax over a tensor of ``shape`` (batch axis first) is not a
     per-sample classifier head (empty when it is one): it must normalise over exactly the
@@ -1439,297 +1408,33 @@ def _normaliser_problem(node: onnx.NodeProto, opset: int, shape: tuple[int, ...]
     return ""
 
 
-def _structural_problem(node: onnx.NodeProto, n_data: int, kind: Mapping[str, int]) -> str:
-    op = node.op_type
-    ins = list(node.input)
+_SIMPLE_ATTRIBUTES = frozenset({
+    onnx.AttributeProto.INT, onnx.AttributeProto.FLOAT, onnx.AttributeProto.STRING,
+    onnx.AttributeProto.INTS, onnx.AttributeProto.FLOATS, onnx.AttributeProto.STRINGS,
+})
 
-    def is_data(i: int) -> bool:
-        return i < len(ins) and bool(ins[i]) and kind.get(ins[i]) == DATA
 
-    if op == "MatMul" and n_data > 1:
-        return "MatMul of two computed tensors is bilinear, not linear"
-    if op == "Gemm" and is_data(1):
-        return "Gemm whose B is computed is bilinear, not linear"
-    if op == "Gemm" and not is_data(0):
-        return "Gemm whose computed operand is B (not A) is not supported"
-    if op == "Gemm":
-        trans_a = next((a.i for a in node.attribute if a.name == "transA"), 0)
-        if trans_a:
-            return "Gemm with transA=1 on the computed operand would move the batch axis"
-    if op in ("Conv", "ConvTranspose", "BatchNormalization", "PRelu") and (
-        not is_data(0) or n_data > 1
-    ):
-        return f"{op} needs constant weights (its parameters depend on the input)"
-    if op == "Mul" and n_data > 1:
-        return "Mul of two computed tensors is bilinear, not linear"
-    if op == "Div" and (n_data > 1 or not is_data(0)):
-        return "Div by a computed tensor is not linear"
-    if op in ("Max", "Clip") and n_data > 1:
-        return f"{op} of computed tensors is not supported (needs constant bounds)"
-    if op == "Max" and len([i for i in ins if i]) != 2:
-        return "Max is supported with exactly two operands (x, 0)"
-    if op in ("Reshape", "Expand", "Slice", "Gather", "Pad", "Squeeze", "Unsqueeze", "Split", "Clip", "ReduceMean", "ReduceSum", "Dropout", "Transpose", "Flatten", "Identity", "Cast", "Relu", "LeakyRelu") and not is_data(0):
-        return f"{op}'s computed operand must be its first input"
-    if op in ("Reshape", "Expand", "Slice", "Gather", "Pad", "Squeeze", "Unsqueeze", "Split", "ReduceMean", "ReduceSum") and n_data > 1:
-        return f"{op} with computed indices/shape is not supported"
-    return ""
+def _checked_node(node: onnx.NodeProto, kind: Mapping[str, int], opset: int) -> Node:
+    """What a registry entry's ``check`` sees, before any numerics: the inputs, which of them
+    are computed, and the node's own int, float and string attributes (no schema defaults)."""
+    attrs = {a.name: _decode(helper.get_attribute_value(a)) for a in node.attribute if a.type in _SIMPLE_ATTRIBUTES}
+    data = tuple(bool(i) and kind.get(i) == DATA for i in node.input)
+    return Node(node.name, node.op_type, "", opset, tuple(node.input), tuple(node.output), attrs, data)
 
 
 # --------------------------------------------------------------------------- canonical attributes
 
 
-def _const_input(node: Node, i: int, consts: Mapping[str, np.ndarray]) -> np.ndarray | None:
-    if i >= len(node.inputs) or not node.inputs[i]:
-        return None
-    if node.data[i]:
-        raise ModelError(f"input {i} must be constant")
-    return np.asarray(consts[node.inputs[i]])
-
-
-def _rank(node: Node, shapes: Mapping[str, tuple[int, ...]], i: int = 0) -> int:
-    return len(shapes[node.inputs[i]]) + 1
-
-
-def _explicit_pads(
-    attrs: dict[str, Any],
-    spatial: Sequence[int],
-    kernel: Sequence[int],
-    strides: Sequence[int],
-    dilations: Sequence[int],
-) -> list[int]:
-    n = len(spatial)
-    auto = attrs.get("auto_pad", "NOTSET") or "NOTSET"
-    if auto in ("NOTSET", ""):
-        pads = list(attrs.get("pads") or [0] * (2 * n))
-        return [int(p) for p in pads]
-    if auto == "VALID":
-        return [0] * (2 * n)
-    begins, ends = [], []
-    for L, k, s, d in zip(spatial, kernel, strides, dilations):
-        out = -(-L // s)
-        total = max(0, (out - 1) * s + (k - 1) * d + 1 - L)
-        small, big = total // 2, total - total // 2
-        if auto == "SAME_UPPER":
-            begins.append(small)
-            ends.append(big)
-        else:
-            begins.append(big)
-            ends.append(small)
-    return begins + ends
-
-
 def canonical_attrs(
     node: Node, consts: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]
 ) -> dict[str, Any]:
-    """Return ``node.attrs`` in the one form the rules read, whatever the opset."""
+    """Return ``node.attrs`` in the one form the rules read, whatever the opset (the op's
+    registry entry, ``RULES[op].canonical``, does the work)."""
     a: dict[str, Any] = dict(node.attrs)
-    op = node.op_type
-    if op in ("Conv", "ConvTranspose", "MaxPool", "AveragePool"):
-        spatial = shapes[node.inputs[0]][1:]
-        n = len(spatial)
-        if op in ("Conv", "ConvTranspose"):
-            w = _const_input(node, 1, consts)
-            assert w is not None
-            kernel = list(a.get("kernel_shape") or w.shape[2:])
-        else:
-            kernel = list(a["kernel_shape"])
-        strides = list(a.get("strides") or [1] * n)
-        dilations = list(a.get("dilations") or [1] * n)
-        a.update(kernel_shape=kernel, strides=strides, dilations=dilations)
-        if op == "ConvTranspose":
-            out_spatial = shapes[node.outputs[0]][1:]
-            if a.get("auto_pad", "NOTSET") not in ("NOTSET", "") or a.get("output_shape"):
-                totals = [
-                    s * (L - 1) + op_ + (k - 1) * d + 1 - o
-                    for L, s, op_, k, d, o in zip(
-                        spatial, strides, a.get("output_padding") or [0] * n, kernel, dilations, out_spatial
-                    )
-                ]
-                # a negative total (output_shape past the natural size): onnxruntime pads
-                # nothing and leaves the extra outputs, zeros, at the end (a negative end pad)
-                upper = a.get("auto_pad") == "SAME_UPPER"
-                begins = [max(t, 0) // 2 if upper else max(t, 0) - max(t, 0) // 2 for t in totals]
-                pads = begins + [t - b for t, b in zip(totals, begins)]
-            else:
-                pads = list(a.get("pads") or [0] * (2 * n))
-            a["pads"] = [int(p) for p in pads]
-            a["out_spatial"] = list(out_spatial)
-        else:
-            a["pads"] = _explicit_pads(a, spatial, kernel, strides, dilations)
-        a["auto_pad"] = "NOTSET"
-        a.setdefault("group", 1)
-    elif op == "Pad":
-        rank = _rank(node, shapes)
-        if node.opset >= 11:
-            pads_in = _const_input(node, 1, consts)
-            value = _const_input(node, 2, consts)
-            pad_axes = _const_input(node, 3, consts)
-            pads_l = [int(p) for p in (pads_in if pads_in is not None else [])]
-            if pad_axes is not None:
-                full = [0] * (2 * rank)
-                ax = [int(x) % rank for x in pad_axes]
-                for j, x in enumerate(ax):
-                    full[x] = pads_l[j]
-                    full[rank + x] = pads_l[len(ax) + j]
-                pads_l = full
-            a["pads"] = pads_l
-            a["value"] = float(value.reshape(-1)[0]) if value is not None and value.size else 0.0
-        else:
-            a["pads"] = [int(p) for p in (a.get("pads") or a.get("paddings") or [])]
-            a["value"] = float(a.get("value", 0.0))
-        if a.get("mode", "constant") != "constant":
-            raise ModelError(f"Pad mode {a.get('mode')!r} is not supported (only 'constant')")
-        if len(a["pads"]) != 2 * rank:
-            raise ModelError(f"Pad has {len(a['pads'])} pads for rank {rank}")
-        if a["pads"][0] != 0 or a["pads"][rank] != 0:
-            raise ModelError("Pad on the batch axis is not supported")
-    elif op == "Clip":
-        if node.opset >= 11:
-            lo = _const_input(node, 1, consts)
-            hi = _const_input(node, 2, consts)
-            for key, bound, default in (("min", lo, -np.inf), ("max", hi, np.inf)):
-                if bound is not None and bound.size != 1:
-                    raise ModelError(f"Clip {key} has shape {bound.shape}; it must hold one value")
-                a[key] = float(bound.reshape(-1)[0]) if bound is not None else default
-        else:
-            a["min"] = float(a.get("min", -3.4028234663852886e38))
-            a["max"] = float(a.get("max", 3.4028234663852886e38))
-    elif op in ("Squeeze", "Unsqueeze"):
-        if node.opset >= 13:
-            axes = _const_input(node, 1, consts)
-            a["axes"] = [int(x) for x in axes] if axes is not None else None
-        rank = _rank(node, shapes) + (len(a["axes"]) if op == "Unsqueeze" else 0)
-        if a.get("axes") is not None:
-            a["axes"] = [int(x) % rank for x in a["axes"]]
-            if 0 in a["axes"]:
-                raise ModelError(f"{op} on the batch axis is not supported")
-    elif op in ("ReduceMean", "ReduceSum"):
-        axes_from_input = (op == "ReduceSum" and node.opset >= 13) or (
-            op == "ReduceMean" and node.opset >= 18
-        )
-        if axes_from_input:
-            axes = _const_input(node, 1, consts)
-            a["axes"] = [int(x) for x in axes] if axes is not None and axes.size else None
-        rank = _rank(node, shapes)
-        if a.get("axes") is None:
-            if a.get("noop_with_empty_axes", 0):
-                a["axes"] = []
-            else:
-                raise ModelError(f"{op} over all axes would reduce the batch axis")
-        a["axes"] = sorted(int(x) % rank for x in a["axes"])
-        if 0 in a["axes"]:
-            raise ModelError(f"{op} over the batch axis is not supported")
-    elif op == "Split":
-        rank = _rank(node, shapes)
-        a["axis"] = int(a.get("axis", 0)) % rank
-        if a["axis"] == 0:
-            raise ModelError("Split along the batch axis is not supported")
-        # sizes from the operator's spec, not from recorded shapes: outputs outside the cone
-        # (a Split whose other pieces are unused) have none
-        dim = shapes[node.inputs[0]][a["axis"] - 1]
-        split = _const_input(node, 1, consts) if node.opset >= 13 else a.get("split")
-        k = len(node.outputs)
-        if split is not None and len(split):
-            sizes = [int(s) for s in split]
-        else:  # equal pieces; with Split-18 num_outputs the last one may be smaller
-            chunk = -(-dim // k)
-            sizes = [chunk] * (k - 1) + [dim - chunk * (k - 1)]
-        if sum(sizes) != dim or len(sizes) != k or any(
-            o in shapes and shapes[o][a["axis"] - 1] != s for o, s in zip(node.outputs, sizes)
-        ):
-            raise ModelError(f"Split sizes {sizes} do not fit axis {a['axis']} of length {dim}")
-        a["sizes"] = sizes
-    elif op == "Slice":
-        rank = _rank(node, shapes)
-        if node.opset >= 10:
-            starts = _const_input(node, 1, consts)
-            ends = _const_input(node, 2, consts)
-            axes = _const_input(node, 3, consts)
-            steps = _const_input(node, 4, consts)
-        else:
-            starts, ends = np.array(a["starts"]), np.array(a["ends"])
-            axes = np.array(a["axes"]) if a.get("axes") else None
-            steps = None
-        assert starts is not None and ends is not None
-        axes_l = [int(x) % rank for x in (axes if axes is not None else range(len(starts)))]
-        steps_l = [int(s) for s in (steps if steps is not None else [1] * len(starts))]
-        full_shape = (1,) + shapes[node.inputs[0]]
-        index: list[tuple[int, int | None, int]] = [(0, None, 1)] * rank
-        for axis_i, st, en, sp in zip(axes_l, starts, ends, steps_l):
-            index[axis_i] = _onnx_slice(int(st), int(en), sp, full_shape[axis_i])
-        if index[0] != (0, None, 1) and index[0] != (0, 1, 1):
-            raise ModelError("Slice of the batch axis is not supported")
-        index[0] = (0, None, 1)
-        a["index"] = index
-    elif op == "Gather":
-        idx = _const_input(node, 1, consts)
-        assert idx is not None
-        rank = _rank(node, shapes)
-        a["axis"] = int(a.get("axis", 0)) % rank
-        if a["axis"] == 0:
-            raise ModelError("Gather along the batch axis is not supported")
-        dim = shapes[node.inputs[0]][a["axis"] - 1]
-        a["indices"] = np.where(idx < 0, idx + dim, idx).astype(np.int64)
-    elif op in ("Concat", "Flatten", "LogSoftmax", "Softmax"):
-        rank = _rank(node, shapes, next(i for i, d in enumerate(node.data) if d))
-        a["axis"] = int(a.get("axis", 1)) % rank if op != "Concat" else int(a["axis"]) % rank
-        if op == "Concat" and a["axis"] == 0:
-            raise ModelError("Concat along the batch axis is not supported")
-        if op == "Flatten" and a["axis"] == 0:
-            raise ModelError("Flatten with axis=0 would merge the batch axis")
-    elif op == "Transpose":
-        rank = _rank(node, shapes)
-        perm = a.get("perm") or list(reversed(range(rank)))
-        if perm[0] != 0:
-            raise ModelError(f"Transpose perm {perm} moves the batch axis")
-        a["perm"] = [int(p) for p in perm]
-    elif op == "Gemm":
-        if a.get("transA", 0):
-            raise ModelError("Gemm transA=1 on the computed operand is not supported")
-    elif op == "Cast":
-        if a["to"] not in FLOAT_TYPES:
-            raise ModelError(
-                f"Cast to {helper.tensor_dtype_to_np_dtype(a['to'])} is not a float type"
-            )
-    elif op == "Max":
-        const_i = [i for i, d in enumerate(node.data) if not d and node.inputs[i]]
-        c = _const_input(node, const_i[0], consts) if const_i else None
-        if c is None or np.any(c != 0):
-            raise ModelError("Max is supported only as Max(x, 0)")
-    elif op == "Dropout":
-        if node.opset >= 12:
-            tm = _const_input(node, 2, consts)
-            if tm is not None and bool(np.asarray(tm).reshape(-1)[0]):
-                raise ModelError("Dropout in training mode")
-    elif op == "BatchNormalization":
-        if a.get("training_mode", 0):
-            raise ModelError("BatchNormalization in training mode")
-        scale = _const_input(node, 1, consts)
-        if scale is not None and scale.ndim != 1:
-            raise ModelError(
-                f"BatchNormalization with per-activation statistics (spatial=0, scale shape "
-                f"{scale.shape}) is not supported; only per-channel"
-            )
-    elif op == "Sum":
-        pass
+    rule = RULES.get(node.op_type)
+    if rule is not None and rule.canonical is not None:
+        rule.canonical(node, a, consts, shapes)
     return a
-
-
-def _onnx_slice(start: int, end: int, step: int, dim: int) -> tuple[int, int | None, int]:
-    """ONNX Slice clamping (operator spec) turned into a numpy slice triple."""
-    if step == 0:
-        raise ModelError("Slice step 0")
-    if start < 0:
-        start += dim
-    if end < 0:
-        end += dim
-    if step > 0:
-        start = min(max(start, 0), dim)
-        end = min(max(end, 0), dim)
-        return (start, end, step)
-    start = min(max(start, 0), dim - 1)
-    end = min(max(end, -1), dim - 1)
-    return (start, None if end < 0 else end, step)
 
 
 # --------------------------------------------------------------------------- edits for audits

@@ -24,8 +24,9 @@ from onnx_pathwise import Explainer, ModelError, UnsupportedModelError, serde
 N = 3  # samples per batch
 TOL = 1e-4  # relative to the scale of the compared quantity
 
-TORCH_MODELS = ["mlp", "cnn", "residual", "residual_dynamo", "branches", "activations", "fixed_batch"]
-HAND_MODELS = ["constant_weights", "ir3", "opset6_mlp", "opset6_conv"]
+TORCH_MODELS = ["mlp", "cnn", "residual", "residual_dynamo", "branches", "activations", "fixed_batch",
+                "pixel_shuffle"]
+HAND_MODELS = ["constant_weights", "ir3", "opset6_mlp", "opset6_conv", "space_to_depth"]
 SKLEARN_MODELS = ["sklearn_zipmap", "sklearn_nozipmap"]
 ALL_MODELS = TORCH_MODELS + HAND_MODELS + SKLEARN_MODELS
 
@@ -42,6 +43,8 @@ STRUCTURE: dict[str, tuple[list[str], int, tuple[str, ...]]] = {
     "ir3": (["Relu"], 0, ()),
     "opset6_mlp": (["Relu"], 0, ("Softmax",)),
     "opset6_conv": (["Relu"], 0, ()),
+    "pixel_shuffle": (["Relu", "Relu"], 0, ()),
+    "space_to_depth": (["Relu", "Relu"], 0, ()),
     "sklearn_zipmap": (["Relu", "Relu"], 0, ("ZipMap", "Softmax")),
     "sklearn_nozipmap": (["Relu", "Relu"], 0, ("Softmax",)),
 }
@@ -55,6 +58,8 @@ GATE_UNITS = {
     "activations": [4 * 81, 3 * 25, 10],
     "fixed_batch": [3 * 25, 8],
     "sklearn_zipmap": [16, 8],
+    "pixel_shuffle": [8 * 36, 4 * 144],
+    "space_to_depth": [4 * 36, 8 * 9],
 }
 
 
@@ -299,6 +304,14 @@ def test_structure(models: Zoo, name: str) -> None:
         assert s.inputs and set(s.inputs) <= boundary
     assert any(ex.ir.output_name in s.outputs for s in segs)
     assert all(n.op_type != "BatchNormalization" for n in ex.ir.nodes) or name == "opset6_conv"
+
+
+def test_pixel_shuffle_and_space_to_depth_models_hold_the_ops(models: Zoo) -> None:
+    """The whole-model cases exercise DepthToSpace in both modes and SpaceToDepth: PyTorch's
+    legacy exporter writes PixelShuffle as DepthToSpace in CRD mode."""
+    ops = {(n.op_type, n.attrs.get("mode")) for name in ("pixel_shuffle", "space_to_depth")
+           for n in models.explainer(name).ir.nodes if n.op_type in ("DepthToSpace", "SpaceToDepth")}
+    assert ops == {("DepthToSpace", "CRD"), ("DepthToSpace", "DCR"), ("SpaceToDepth", None)}
 
 
 def test_residual_segments_join_two_inputs(models: Zoo) -> None:

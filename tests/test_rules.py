@@ -17,9 +17,11 @@ for max pooling). A meta-test fails when a registered op_type has no case.
 from __future__ import annotations
 
 import functools
+import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +32,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_pathwise import runtime, serde
 from onnx_pathwise.engine import Engine, Record
 from onnx_pathwise.errors import UnsupportedModelError
-from onnx_pathwise.rules import RULES
+from onnx_pathwise.ir import TERMINAL
+from onnx_pathwise.rules import RULES, supported_table
 
 FLOAT = TensorProto.FLOAT
 BATCH = 2
@@ -328,6 +331,12 @@ CASES: list[Case] = [
     Case("Gather-scalar-index", op("Gather", (3, 4), ["x", np.array(-2, np.int64)], axis=-1)),
     Case("Expand-inner-axis", op("Expand", (3, 1), ["x", I(1, 3, 4)])),
     Case("Expand-new-middle-axis", op("Expand", (1, 4), ["x", I(1, 3, 4)])),
+    Case("DepthToSpace-DCR", op("DepthToSpace", (8, 2, 3), blocksize=2)),
+    Case("DepthToSpace-CRD", op("DepthToSpace", (8, 2, 3), blocksize=2, mode="CRD")),
+    Case("DepthToSpace-CRD-blocksize3-opset13", op("DepthToSpace", (18, 2, 1), blocksize=3, mode="CRD", opset=13)),
+    Case("DepthToSpace-opset1", op("DepthToSpace", (9, 2, 2), blocksize=3, opset=1)),
+    Case("SpaceToDepth", op("SpaceToDepth", (3, 4, 6), blocksize=2)),
+    Case("SpaceToDepth-opset1-blocksize3", op("SpaceToDepth", (2, 3, 6), blocksize=3, opset=1)),
     # ---------------------------------------------------------------- gates
     Case("Relu", op("Relu", (3, 4)), "gate"),
     Case("LeakyRelu-alpha0.2", op("LeakyRelu", (3, 4), alpha=0.2), "gate"),
@@ -505,8 +514,41 @@ def test_transpose_equals_dense_matrix(case_id: str) -> None:
 
 def test_every_registered_op_has_a_case() -> None:
     covered = {n.op_type for c in CASES for n in c.model.graph.node}
-    missing = sorted(set(RULES) - covered)
+    swept = {op for op, rule in RULES.items() if rule.role != TERMINAL}  # terminal ops are peeled
+    missing = sorted(swept - covered)
     assert not missing, f"registered ops without a case in CASES: {missing}"
+
+
+def test_registry_opsets_match_the_onnx_schemas() -> None:
+    """Each entry's first covered opset is the op's first version in onnx's schemas."""
+    first: dict[str, int] = {}
+    for schema in onnx.defs.get_all_schemas_with_history():
+        if schema.domain == "":
+            first[schema.name] = min(first.get(schema.name, schema.since_version), schema.since_version)
+    wrong = {op: (rule.since, first.get(op)) for op, rule in RULES.items() if rule.since != first.get(op)}
+    assert not wrong, f"registry 'since' differs from onnx's first version: {wrong}"
+
+
+def test_design_role_table_names_every_registered_op_under_its_role() -> None:
+    """docs/design.md §1's role table names each op of the registry in the row of its role."""
+    design = (Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text(encoding="utf-8")
+    section = design.split("## 1. Models it accepts", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip(): line.split("|")[2] for line in section.splitlines()
+            if line.startswith("| ") and line.count("|") >= 3}
+    words = {role: set(re.findall(r"[A-Za-z]+", row)) for role, row in rows.items()}
+    missing = [f"{op} ({rule.role})" for op, rule in RULES.items() if op not in words.get(rule.role, set())]
+    merges = [op for op, rule in RULES.items() if rule.merges and op not in words.get("merge", set())]
+    assert not missing and not merges, f"docs/design.md §1 does not list {missing + merges}"
+
+
+def test_readme_supported_operations_table_is_generated_from_the_registry() -> None:
+    """The README's table between the ops-table markers is exactly ``supported_table()``;
+    regenerate it with ``python -c "from onnx_pathwise.rules import supported_table as t; print(t())"``."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    start, end = "<!-- ops-table:start -->\n", "<!-- ops-table:end -->"
+    assert start in readme and end in readme, "README lacks the ops-table markers"
+    table = readme.split(start, 1)[1].split(end, 1)[0]
+    assert table.strip() == supported_table().strip(), "README's supported-ops table is out of date"
 
 
 class CountingKernels(runtime.OpKernels):

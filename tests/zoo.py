@@ -37,6 +37,8 @@ INPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "ir3": (4,),
     "opset6_mlp": (5,),
     "opset6_conv": (2, 6, 6),
+    "pixel_shuffle": (2, 6, 6),
+    "space_to_depth": (2, 6, 6),
 }
 
 
@@ -447,6 +449,49 @@ def opset6_conv(path: PathLike) -> tuple[Path, None]:
     return _save(graph, path, 6, 3), None
 
 
+def pixel_shuffle(path: PathLike) -> tuple[Path, Any]:
+    """Conv → ReLU → PixelShuffle(2) (DepthToSpace, CRD) → Conv → ReLU → PixelUnshuffle(2) (a 6-D
+    Reshape/Transpose/Reshape) → Flatten → Linear."""
+    torch = _torch()
+    nn = torch.nn
+    torch.manual_seed(12)
+    model = nn.Sequential(
+        nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(), nn.PixelShuffle(2),
+        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.PixelUnshuffle(2),
+        nn.Flatten(), nn.Linear(16 * 6 * 6, 5),
+    )
+    model.eval()
+    return _export(model, INPUT_SHAPES["pixel_shuffle"], path), model
+
+
+def space_to_depth(path: PathLike) -> tuple[Path, None]:
+    """A hand-built CNN (no exporter writes SpaceToDepth): Conv → Relu → SpaceToDepth(2) →
+    Conv 1×1 → Relu → DepthToSpace(2, DCR) → Flatten → Gemm."""
+    rng = np.random.default_rng(13)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["h1"], name="relu1"),
+        helper.make_node("SpaceToDepth", ["h1"], ["s2d"], blocksize=2, name="s2d"),
+        helper.make_node("Conv", ["s2d", "w2", "b2"], ["c2"], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["h2"], name="relu2"),
+        helper.make_node("DepthToSpace", ["h2"], ["d2s"], blocksize=2, mode="DCR", name="d2s"),
+        helper.make_node("Flatten", ["d2s"], ["flat"], axis=1),
+        helper.make_node("Gemm", ["flat", "w3", "b3"], ["logits"], transB=1, name="fc"),
+    ]
+    inits = [
+        _init("w1", rng.normal(size=(4, 2, 3, 3)) * 0.5), _init("b1", rng.normal(size=4) * 0.1),
+        _init("w2", rng.normal(size=(8, 16, 1, 1)) * 0.5), _init("b2", rng.normal(size=8) * 0.1),
+        _init("w3", rng.normal(size=(4, 2 * 6 * 6)) * 0.3), _init("b3", rng.normal(size=4) * 0.1),
+    ]
+    graph = helper.make_graph(
+        nodes, "space_to_depth",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 6, 6])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        initializer=inits,
+    )
+    return _save(graph, path, 17, 8), None
+
+
 #: Every builder by name (the names of :data:`INPUT_SHAPES`).
 BUILDERS = {
     "mlp": mlp,
@@ -463,4 +508,6 @@ BUILDERS = {
     "ir3": ir3,
     "opset6_mlp": opset6_mlp,
     "opset6_conv": opset6_conv,
+    "pixel_shuffle": pixel_shuffle,
+    "space_to_depth": space_to_depth,
 }

@@ -12,22 +12,40 @@ loader canonicalises attributes) and never guess defaults (the schema fills them
   constant or missing inputs; output cotangents that no path reached arrive as ``None``.
 * ``record(node, inputs, ctx) -> state`` — gates and routing only: the frozen state
   (slopes, offsets, argmax) from the values of one recorded forward pass.
+
+Each entry of :data:`RULES` also says what the loader needs to know about the op
+(docs/design.md §9): its ``role`` (and whether it becomes a merge when two or more of its
+inputs are computed), the first opset version it covers (``since``; every later version the
+onnx package knows is covered too), ``check(node) -> problem`` (structural checks decidable
+before any numerics: which inputs must be constant, which must carry the data) and
+``canonical(node, attrs, consts, shapes)`` (turns every opset's attributes into the one form
+the rule reads, refusing unsupported values with :class:`~onnx_pathwise.errors.ModelError`).
+Every module of this package is imported below, so a new family module registers itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import importlib
+import pkgutil
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ..ir import Node
+from ..ir import AFFINE, GATE, MERGE, ROUTING, SHAPE, TERMINAL, Node
 
 Array = np.ndarray
 Forward = Callable[[Node, "list[Array | None]", "Ctx"], "list[Array]"]
 Transpose = Callable[[Node, "list[Array | None]", "Ctx"], "list[Array | None]"]
 Record = Callable[[Node, "list[Array | None]", "Ctx"], Any]
+#: ``check(node) -> problem``: ``node.attrs`` holds the node's own (int, float, string) attributes
+#: without schema defaults, ``node.data`` which inputs are computed; "" when nothing is wrong.
+Check = Callable[[Node], str]
+#: ``canonical(node, attrs, consts, shapes)`` rewrites ``attrs`` (a copy of ``node.attrs`` with
+#: schema defaults) in place; ``consts`` maps constant tensors to values, ``shapes`` data
+#: tensors to per-sample shapes.
+Canonical = Callable[[Node, "dict[str, Any]", Mapping[str, np.ndarray], Mapping[str, "tuple[int, ...]"]], None]
 
 
 @dataclass(frozen=True)
@@ -51,26 +69,89 @@ class Ctx:
 
 @dataclass(frozen=True)
 class Rule:
+    """Everything the tool knows about one ONNX op of the default domain."""
+
     forward: Forward
     transpose: Transpose
     record: Record | None = None
     doc: str = field(default="")
+    op_type: str = ""
+    role: str = AFFINE
+    since: int = 1
+    merges: bool = False
+    check: Check | None = None
+    canonical: Canonical | None = None
+    notes: str = ""
+
+    def node_role(self, data: Sequence[bool]) -> str:
+        """The role of a node of this op whose computed inputs are ``data``."""
+        return MERGE if self.merges and sum(data) > 1 else self.role
 
 
 RULES: dict[str, Rule] = {}
 
 
-def register(*op_types: str, record: Record | None = None) -> Callable[[type], type]:
-    """Class decorator: a class with ``forward``/``transpose`` (static) methods becomes a rule."""
+def register(
+    *op_types: str,
+    role: str,
+    since: int = 1,
+    merges: bool = False,
+    check: Check | None = None,
+    canonical: Canonical | None = None,
+    notes: str = "",
+    record: Record | None = None,
+) -> Callable[[type], type]:
+    """Class decorator: a class with ``forward``/``transpose`` (static) methods becomes the rule
+    of ``op_types``, with the role, checks and canonicalisation given (see the module doc).
+    Stack several decorators on one class when its ops differ in those."""
 
     def wrap(cls: type) -> type:
-        rule = Rule(getattr(cls, "forward"), getattr(cls, "transpose"),  # noqa: B009 (classes, not instances)
-                    getattr(cls, "record", None) or record, cls.__doc__ or "")
         for op in op_types:
-            RULES[op] = rule
+            if op in RULES:
+                raise ValueError(f"{op} is registered twice")
+            RULES[op] = Rule(getattr(cls, "forward"), getattr(cls, "transpose"),  # noqa: B009 (classes, not instances)
+                             getattr(cls, "record", None) or record, cls.__doc__ or "", op, role, since,
+                             merges, check, canonical, notes)
         return cls
 
     return wrap
+
+
+def supported_ops() -> dict[str, str]:
+    """op_type → role of every op that may sit on the input→output path."""
+    return {op: r.role for op, r in RULES.items() if r.role != TERMINAL}
+
+
+def terminal_ops() -> frozenset[str]:
+    """Ops peeled off after the last layer (explanations target their input)."""
+    return frozenset(op for op, r in RULES.items() if r.role == TERMINAL)
+
+
+#: Ops of the default domain that are known not to be piecewise linear (or not linear in the
+#: input): a refusal names the reason. Ops neither here nor in RULES are "not supported".
+NOT_PIECEWISE_LINEAR = frozenset(
+    {
+        "Tanh", "Gelu", "Elu", "Selu", "Softplus", "Softsign", "HardSigmoid", "HardSwish",
+        "Exp", "Log", "Sqrt", "Pow", "Erf", "LRN", "LpNormalization", "InstanceNormalization",
+        "LayerNormalization", "GroupNormalization", "Mish", "Sin", "Cos", "Abs", "Min",
+        "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2", "ReduceL1", "ReduceLogSumExp",
+        "Softmax", "LogSoftmax", "Sigmoid", "QuantizeLinear", "DequantizeLinear", "QLinearConv",
+        "QLinearMatMul", "ConvInteger", "MatMulInteger", "If", "Loop", "Scan", "Where", "TopK",
+        "Round", "Floor", "Ceil", "Sign", "Reciprocal", "Neg",
+    }
+)
+
+
+_ROLE_ORDER = (AFFINE, SHAPE, GATE, ROUTING, TERMINAL)
+
+
+def supported_table() -> str:
+    """The README's "Supported operations" table (Markdown), generated from :data:`RULES`."""
+    rows = ["| op | role | opsets | notes |", "| --- | --- | --- | --- |"]
+    for op, rule in sorted(RULES.items(), key=lambda kv: (_ROLE_ORDER.index(kv[1].role), kv[0])):
+        role = f"{rule.role} / merge" if rule.merges else rule.role
+        rows.append(f"| {op} | {role} | {rule.since}+ | {rule.notes} |")
+    return "\n".join(rows) + "\n"
 
 
 def unbroadcast(cot: Array, target: Sequence[int]) -> Array:
@@ -92,4 +173,5 @@ def rows_shape(x: Array, per_sample: tuple[int, ...] | None) -> tuple[int, ...]:
     return (x.shape[0],) + tuple(per_sample)
 
 
-from . import elementwise, linear, normalization, pooling, shape  # noqa: E402,F401
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")

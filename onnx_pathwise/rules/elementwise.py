@@ -4,12 +4,17 @@ LeakyRelu, PRelu, Clip, Max(x, 0)) frozen at the recorded slopes."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from onnx import helper
 
-from ..ir import Node
+from ..errors import ModelError
+from ..ir import AFFINE, GATE, Node
 from . import Ctx, register, unbroadcast
+from .attrs import FLOAT_TYPES, const_input, constant_weights, data_first, is_data, not_bilinear
 
 Array = np.ndarray
 
@@ -22,7 +27,9 @@ def _cast(v: Array, like: Array) -> Array:
     return v.astype(like.dtype, copy=False)
 
 
-@register("Add", "Sub", "Sum")
+@register("Add", "Sum", role=AFFINE, merges=True,
+          notes="with constants; of two or more computed tensors a merge (residual connections)")
+@register("Sub", role=AFFINE, notes="with a constant, or of two computed tensors")
 class AddSub:
     """Y = A + B (Sub: A − B; Sum: Σ inputs), numpy broadcasting; constants add an offset.
     Adjoint: each computed input gets ±Ȳ summed over the axes it was broadcast along.
@@ -54,7 +61,14 @@ class AddSub:
         return out
 
 
-@register("Mul", "Div")
+def _div_check(node: Node) -> str:
+    if sum(node.data) > 1 or not is_data(node, 0):
+        return "Div by a computed tensor is not linear"
+    return ""
+
+
+@register("Mul", role=AFFINE, check=not_bilinear, notes="with a constant")
+@register("Div", role=AFFINE, check=_div_check, notes="by a constant")
 class MulDiv:
     """Y = X·c or X/c with c constant (broadcast). Adjoint: X̄ = Ȳ·c (Ȳ/c), un-broadcast.
     https://onnx.ai/onnx/operators/onnx__Mul.html"""
@@ -81,7 +95,27 @@ class MulDiv:
         return out
 
 
-@register("Identity", "Dropout", "Cast")
+def _dropout_canonical(
+    node: Node, a: dict[str, Any], consts: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]
+) -> None:
+    if node.opset >= 12:
+        tm = const_input(node, 2, consts)
+        if tm is not None and bool(np.asarray(tm).reshape(-1)[0]):
+            raise ModelError("Dropout in training mode")
+
+
+def _cast_canonical(
+    node: Node, a: dict[str, Any], consts: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]
+) -> None:
+    if a["to"] not in FLOAT_TYPES:
+        raise ModelError(
+            f"Cast to {helper.tensor_dtype_to_np_dtype(a['to'])} is not a float type"
+        )
+
+
+@register("Identity", role=AFFINE, check=data_first, notes="dropped by a pass")
+@register("Dropout", role=AFFINE, check=data_first, canonical=_dropout_canonical, notes="inference")
+@register("Cast", role=AFFINE, check=data_first, canonical=_cast_canonical, notes="between float types")
 class PassThrough:
     """Y = X (Dropout in inference; Cast between float types is the identity on values up to
     rounding, and the engine keeps one dtype). Adjoint: X̄ = Ȳ.
@@ -131,7 +165,49 @@ def _data_index(node: Node) -> int:
     return next(i for i, d in enumerate(node.data) if d)
 
 
-@register("Relu", "LeakyRelu", "PRelu", "Clip", "Max")
+def _clip_check(node: Node) -> str:
+    if sum(node.data) > 1:
+        return "Clip of computed tensors is not supported (needs constant bounds)"
+    return data_first(node)
+
+
+def _clip_canonical(
+    node: Node, a: dict[str, Any], consts: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]
+) -> None:
+    if node.opset >= 11:
+        lo = const_input(node, 1, consts)
+        hi = const_input(node, 2, consts)
+        for key, bound, default in (("min", lo, -np.inf), ("max", hi, np.inf)):
+            if bound is not None and bound.size != 1:
+                raise ModelError(f"Clip {key} has shape {bound.shape}; it must hold one value")
+            a[key] = float(bound.reshape(-1)[0]) if bound is not None else default
+    else:
+        a["min"] = float(a.get("min", -3.4028234663852886e38))
+        a["max"] = float(a.get("max", 3.4028234663852886e38))
+
+
+def _max_check(node: Node) -> str:
+    if sum(node.data) > 1:
+        return "Max of computed tensors is not supported (needs constant bounds)"
+    if len([i for i in node.inputs if i]) != 2:
+        return "Max is supported with exactly two operands (x, 0)"
+    return ""
+
+
+def _max_canonical(
+    node: Node, a: dict[str, Any], consts: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]
+) -> None:
+    const_i = [i for i, d in enumerate(node.data) if not d and node.inputs[i]]
+    c = const_input(node, const_i[0], consts) if const_i else None
+    if c is None or np.any(c != 0):
+        raise ModelError("Max is supported only as Max(x, 0)")
+
+
+@register("Relu", "LeakyRelu", role=GATE, check=data_first, notes="z = 0 counts as off")
+@register("PRelu", role=GATE, check=constant_weights, notes="constant slopes")
+@register("Clip", role=GATE, check=_clip_check, canonical=_clip_canonical,
+          notes="constant bounds (ReLU6 = Clip(0, 6)); a unit held at a bound contributes the bound")
+@register("Max", role=GATE, check=_max_check, canonical=_max_canonical, notes="only Max(x, 0)")
 class Gate:
     """Gates: Relu, LeakyRelu(α), PRelu(slope), Clip(min, max) and Max(x, 0).
     Frozen at the recorded z: Y = slope·X + offset (offset = the bound where Clip saturates).

@@ -6,10 +6,15 @@ when the engine provides single-op kernels and works in float32; numpy otherwise
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 
-from ..ir import Node
+from ..errors import ModelError
+from ..ir import AFFINE, Node
 from . import Ctx, register, unbroadcast
+from .attrs import constant_weights, is_data, not_bilinear, window_canonical
 from .windows import conv_nd, conv_nd_adjoint
 
 Array = np.ndarray
@@ -35,7 +40,25 @@ def _product_of_live_columns(g: Array, w: Array) -> Array:
     return (g2[:, live] @ w[live]).reshape(g.shape[:-1] + (w.shape[1],))
 
 
-@register("Gemm")
+def _gemm_check(node: Node) -> str:
+    if is_data(node, 1):
+        return "Gemm whose B is computed is bilinear, not linear"
+    if not is_data(node, 0):
+        return "Gemm whose computed operand is B (not A) is not supported"
+    if node.attrs.get("transA", 0):
+        return "Gemm with transA=1 on the computed operand would move the batch axis"
+    return ""
+
+
+def _gemm_canonical(
+    node: Node, a: dict[str, Any], consts: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]
+) -> None:
+    if a.get("transA", 0):
+        raise ModelError("Gemm transA=1 on the computed operand is not supported")
+
+
+@register("Gemm", role=AFFINE, merges=True, check=_gemm_check, canonical=_gemm_canonical,
+          notes="constant B, transA = 0; a merge when the bias C is computed")
 class Gemm:
     """Y = alpha·A·B' + beta·C with A computed (B' = Bᵀ when transB); C constant, or computed
     (then Gemm joins two computed tensors linearly). Adjoint: Ā = alpha·Ȳ·B'ᵀ, C̄ = beta·Ȳ.
@@ -66,7 +89,7 @@ class Gemm:
         return out
 
 
-@register("MatMul")
+@register("MatMul", role=AFFINE, check=not_bilinear, notes="one operand constant")
 class MatMul:
     """Y = X·W or Y = W·X with W constant (numpy matmul broadcasting, 1-D operands as numpy).
     Adjoint: X̄ = Ȳ·Wᵀ (or Wᵀ·Ȳ), summed over broadcast axes.
@@ -122,7 +145,8 @@ def _bias_shape(rank: int) -> tuple[int, ...]:
     return (1, -1) + (1,) * (rank - 2)
 
 
-@register("Conv")
+@register("Conv", role=AFFINE, check=constant_weights, canonical=window_canonical,
+          notes="1D/2D/3D, groups, dilations, strides, pads, auto_pad; constant weights")
 class Conv:
     """Y = W ⋆ X + b (cross-correlation, groups, strides, dilations, explicit pads).
     Adjoint: X̄ = ConvTranspose(Ȳ; W) with the same geometry, cropped to X's size.
@@ -160,7 +184,8 @@ class Conv:
         return [dx] + [None] * (len(node.inputs) - 1)
 
 
-@register("ConvTranspose")
+@register("ConvTranspose", role=AFFINE, check=constant_weights, canonical=window_canonical,
+          notes="as Conv, also output_padding and output_shape")
 class ConvTranspose:
     """Y = Convᵀ(X; W) + b: the adjoint of a Conv with weights W (C_in, C_out/g, *k).
     Adjoint: X̄ = Conv(Ȳ; W), the first X-sized windows.

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 
-from ..ir import Node
+from ..errors import ModelError
+from ..ir import AFFINE, Node
 from . import Ctx, register
+from .attrs import const_input, constant_weights
 
 Array = np.ndarray
 
@@ -17,7 +22,21 @@ def batchnorm_affine(node: Node, ctx: Ctx) -> tuple[Array, Array]:
     return a, bias - a * mean
 
 
-@register("BatchNormalization")
+def _batchnorm_canonical(
+    node: Node, a: dict[str, Any], consts: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]
+) -> None:
+    if a.get("training_mode", 0):
+        raise ModelError("BatchNormalization in training mode")
+    scale = const_input(node, 1, consts)
+    if scale is not None and scale.ndim != 1:
+        raise ModelError(
+            f"BatchNormalization with per-activation statistics (spatial=0, scale shape "
+            f"{scale.shape}) is not supported; only per-channel"
+        )
+
+
+@register("BatchNormalization", role=AFFINE, check=constant_weights, canonical=_batchnorm_canonical,
+          notes="inference, per-channel statistics")
 class BatchNormalization:
     """Y = (X − mean)/sqrt(var + ε)·scale + B per channel (axis 1), inference mode.
     Adjoint: X̄ = Ȳ·scale/sqrt(var + ε). https://onnx.ai/onnx/operators/onnx__BatchNormalization.html"""

@@ -4,12 +4,16 @@ MaxPool, GlobalMaxPool (routing, frozen at the recorded argmax)."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from ..ir import Node
+from ..errors import ModelError
+from ..ir import AFFINE, ROUTING, Node
 from . import Ctx, register
+from .attrs import const_input, data_first_rest_constant, rank, window_canonical
 from .windows import col2im, crop, pad_spatial, padded_size, windows
 
 Array = np.ndarray
@@ -34,7 +38,8 @@ def _avg_divisor(node: Node, ctx: Ctx, dtype: np.dtype) -> Array:
     return win.sum(axis=tuple(range(2 + n, 2 + 2 * n)))[0, 0]
 
 
-@register("AveragePool")
+@register("AveragePool", role=AFFINE, canonical=window_canonical,
+          notes="pads, strides, dilations, ceil_mode, count_include_pad, auto_pad")
 class AveragePool:
     """Y = mean over each window (pads, strides, dilations, ceil_mode, count_include_pad).
     Adjoint: each window's cotangent divided by its count, scattered back over the window.
@@ -62,7 +67,7 @@ class AveragePool:
         return [crop(xp, pads, spatial)]
 
 
-@register("GlobalAveragePool")
+@register("GlobalAveragePool", role=AFFINE, notes="1D/2D/3D")
 class GlobalAveragePool:
     """Y[b, c] = mean of X[b, c] over the spatial axes. Adjoint: X̄ = Ȳ / size, broadcast.
     https://onnx.ai/onnx/operators/onnx__GlobalAveragePool.html"""
@@ -82,7 +87,29 @@ class GlobalAveragePool:
         return [np.broadcast_to(g / size, shape).copy()]
 
 
-@register("ReduceMean", "ReduceSum")
+def _reduce_canonical(
+    node: Node, a: dict[str, Any], consts: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]
+) -> None:
+    op = node.op_type
+    axes_from_input = (op == "ReduceSum" and node.opset >= 13) or (
+        op == "ReduceMean" and node.opset >= 18
+    )
+    if axes_from_input:
+        axes = const_input(node, 1, consts)
+        a["axes"] = [int(x) for x in axes] if axes is not None and axes.size else None
+    r = rank(node, shapes)
+    if a.get("axes") is None:
+        if a.get("noop_with_empty_axes", 0):
+            a["axes"] = []
+        else:
+            raise ModelError(f"{op} over all axes would reduce the batch axis")
+    a["axes"] = sorted(int(x) % r for x in a["axes"])
+    if 0 in a["axes"]:
+        raise ModelError(f"{op} over the batch axis is not supported")
+
+
+@register("ReduceMean", "ReduceSum", role=AFFINE, check=data_first_rest_constant, canonical=_reduce_canonical,
+          notes="constant axes, not over the batch axis")
 class Reduce:
     """Y = sum (or mean) of X over ``axes`` (never the batch axis), keepdims as set.
     Adjoint: Ȳ broadcast back over the reduced axes (divided by their size for the mean).
@@ -161,7 +188,8 @@ def _scatter(g: Array, state: Routing, ctx: Ctx) -> Array:
     return dx.reshape(in_shape)
 
 
-@register("MaxPool")
+@register("MaxPool", role=ROUTING, canonical=window_canonical,
+          notes="argmax recorded; ties go to the first maximum in row-major window order, padding never wins")
 class MaxPool:
     """Y = max over each window (pads, strides, dilations, ceil_mode); routing op.
     Frozen: Y copies the input element at the recorded argmax. Ties go to the first maximum in
@@ -198,7 +226,7 @@ class MaxPool:
         return [_scatter(g, ctx.state, ctx)]
 
 
-@register("GlobalMaxPool")
+@register("GlobalMaxPool", role=ROUTING, notes="argmax recorded; ties go to the first maximum")
 class GlobalMaxPool:
     """Y[b, c] = max of X[b, c] over the spatial axes; routing op, frozen at the recorded
     argmax (ties: first in row-major order). Adjoint: scatter-add Ȳ to the argmax.

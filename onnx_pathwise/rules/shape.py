@@ -3,10 +3,15 @@ Expand, Pad — all linear maps that move, copy or pad elements, never across sa
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 
-from ..ir import Node
+from ..errors import ModelError
+from ..ir import AFFINE, SHAPE, Node
 from . import Ctx, register, unbroadcast
+from .attrs import axis_canonical, const_input, data_first, data_first_rest_constant, rank
 
 Array = np.ndarray
 
@@ -23,7 +28,24 @@ def _none_after(first: Array | None, node: Node) -> list[Array | None]:
     return [first] + [None] * (len(node.inputs) - 1)
 
 
-@register("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+def _squeeze_canonical(
+    node: Node, a: dict[str, Any], consts: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]
+) -> None:
+    op = node.op_type
+    if node.opset >= 13:
+        axes = const_input(node, 1, consts)
+        a["axes"] = [int(x) for x in axes] if axes is not None else None
+    r = rank(node, shapes) + (len(a["axes"]) if op == "Unsqueeze" else 0)
+    if a.get("axes") is not None:
+        a["axes"] = [int(x) % r for x in a["axes"]]
+        if 0 in a["axes"]:
+            raise ModelError(f"{op} on the batch axis is not supported")
+
+
+@register("Reshape", role=SHAPE, check=data_first_rest_constant, notes="constant shape")
+@register("Flatten", role=SHAPE, check=data_first, canonical=axis_canonical, notes="axis ≥ 1")
+@register("Squeeze", "Unsqueeze", role=SHAPE, check=data_first_rest_constant, canonical=_squeeze_canonical,
+          notes="constant axes, not the batch axis")
 class Reshape:
     """Y = X with the recorded output shape (row-major order kept). Adjoint: reshape back.
     https://onnx.ai/onnx/operators/onnx__Reshape.html"""
@@ -41,7 +63,18 @@ class Reshape:
         return _none_after(g.reshape(_in(ctx, g.shape[0])), node)
 
 
-@register("Transpose")
+def _transpose_canonical(
+    node: Node, a: dict[str, Any], consts: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]
+) -> None:
+    r = rank(node, shapes)
+    perm = a.get("perm") or list(reversed(range(r)))
+    if perm[0] != 0:
+        raise ModelError(f"Transpose perm {perm} moves the batch axis")
+    a["perm"] = [int(p) for p in perm]
+
+
+@register("Transpose", role=SHAPE, check=data_first, canonical=_transpose_canonical,
+          notes="perm keeps the batch axis first")
 class Transpose:
     """Y = Xᵀ under ``perm`` (perm[0] = 0). Adjoint: transpose by the inverse permutation.
     https://onnx.ai/onnx/operators/onnx__Transpose.html"""
@@ -59,7 +92,8 @@ class Transpose:
         return [g.transpose(np.argsort(node.attrs["perm"]))]
 
 
-@register("Concat")
+@register("Concat", role=SHAPE, merges=True, canonical=axis_canonical,
+          notes="not along the batch axis; of two or more computed tensors a merge (branches)")
 class Concat:
     """Y = concatenation along ``axis`` (constant operands broadcast over rows).
     Adjoint: split Ȳ into the operands' extents. https://onnx.ai/onnx/operators/onnx__Concat.html"""
@@ -95,7 +129,32 @@ class Concat:
         return out
 
 
-@register("Split")
+def _split_canonical(
+    node: Node, a: dict[str, Any], consts: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]
+) -> None:
+    r = rank(node, shapes)
+    a["axis"] = int(a.get("axis", 0)) % r
+    if a["axis"] == 0:
+        raise ModelError("Split along the batch axis is not supported")
+    # sizes from the operator's spec, not from recorded shapes: outputs outside the cone
+    # (a Split whose other pieces are unused) have none
+    dim = shapes[node.inputs[0]][a["axis"] - 1]
+    split = const_input(node, 1, consts) if node.opset >= 13 else a.get("split")
+    k = len(node.outputs)
+    if split is not None and len(split):
+        sizes = [int(s) for s in split]
+    else:  # equal pieces; with Split-18 num_outputs the last one may be smaller
+        chunk = -(-dim // k)
+        sizes = [chunk] * (k - 1) + [dim - chunk * (k - 1)]
+    if sum(sizes) != dim or len(sizes) != k or any(
+        o in shapes and shapes[o][a["axis"] - 1] != s for o, s in zip(node.outputs, sizes)
+    ):
+        raise ModelError(f"Split sizes {sizes} do not fit axis {a['axis']} of length {dim}")
+    a["sizes"] = sizes
+
+
+@register("Split", role=SHAPE, check=data_first_rest_constant, canonical=_split_canonical,
+          notes="constant sizes, not along the batch axis")
 class Split:
     """Y_i = consecutive pieces of X along ``axis`` (sizes as recorded).
     Adjoint: concatenate the pieces' cotangents (zeros where none arrived).
@@ -123,7 +182,51 @@ class Split:
         return _none_after(np.concatenate(parts, axis=axis), node)
 
 
-@register("Slice")
+def _onnx_slice(start: int, end: int, step: int, dim: int) -> tuple[int, int | None, int]:
+    """ONNX Slice clamping (operator spec) turned into a numpy slice triple."""
+    if step == 0:
+        raise ModelError("Slice step 0")
+    if start < 0:
+        start += dim
+    if end < 0:
+        end += dim
+    if step > 0:
+        start = min(max(start, 0), dim)
+        end = min(max(end, 0), dim)
+        return (start, end, step)
+    start = min(max(start, 0), dim - 1)
+    end = min(max(end, -1), dim - 1)
+    return (start, None if end < 0 else end, step)
+
+
+def _slice_canonical(
+    node: Node, a: dict[str, Any], consts: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]
+) -> None:
+    r = rank(node, shapes)
+    if node.opset >= 10:
+        starts = const_input(node, 1, consts)
+        ends = const_input(node, 2, consts)
+        axes = const_input(node, 3, consts)
+        steps = const_input(node, 4, consts)
+    else:
+        starts, ends = np.array(a["starts"]), np.array(a["ends"])
+        axes = np.array(a["axes"]) if a.get("axes") else None
+        steps = None
+    assert starts is not None and ends is not None
+    axes_l = [int(x) % r for x in (axes if axes is not None else range(len(starts)))]
+    steps_l = [int(s) for s in (steps if steps is not None else [1] * len(starts))]
+    full_shape = (1,) + shapes[node.inputs[0]]
+    index: list[tuple[int, int | None, int]] = [(0, None, 1)] * r
+    for axis_i, st, en, sp in zip(axes_l, starts, ends, steps_l):
+        index[axis_i] = _onnx_slice(int(st), int(en), sp, full_shape[axis_i])
+    if index[0] != (0, None, 1) and index[0] != (0, 1, 1):
+        raise ModelError("Slice of the batch axis is not supported")
+    index[0] = (0, None, 1)
+    a["index"] = index
+
+
+@register("Slice", role=SHAPE, check=data_first_rest_constant, canonical=_slice_canonical,
+          notes="constant starts, ends, axes and steps; not of the batch axis")
 class Slice:
     """Y = X[index] with the canonical per-axis (start, stop, step) from the operator's
     clamping rules. Adjoint: zeros with Ȳ written at ``index``.
@@ -148,7 +251,21 @@ class Slice:
         return _none_after(dx, node)
 
 
-@register("Gather")
+def _gather_canonical(
+    node: Node, a: dict[str, Any], consts: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]
+) -> None:
+    idx = const_input(node, 1, consts)
+    assert idx is not None
+    r = rank(node, shapes)
+    a["axis"] = int(a.get("axis", 0)) % r
+    if a["axis"] == 0:
+        raise ModelError("Gather along the batch axis is not supported")
+    dim = shapes[node.inputs[0]][a["axis"] - 1]
+    a["indices"] = np.where(idx < 0, idx + dim, idx).astype(np.int64)
+
+
+@register("Gather", role=SHAPE, check=data_first_rest_constant, canonical=_gather_canonical,
+          notes="constant indices, not along the batch axis")
 class Gather:
     """Y = take(X, indices, axis) with constant indices. Adjoint: scatter-add Ȳ (repeated
     indices accumulate). https://onnx.ai/onnx/operators/onnx__Gather.html"""
@@ -172,7 +289,7 @@ class Gather:
         return [dx, None]
 
 
-@register("Expand")
+@register("Expand", role=SHAPE, since=8, check=data_first_rest_constant, notes="constant shape")
 class Expand:
     """Y = X broadcast to the recorded output shape. Adjoint: sum back over broadcast axes.
     https://onnx.ai/onnx/operators/onnx__Expand.html"""
@@ -202,7 +319,37 @@ def _pad_index(pads: list[int], in_shape: tuple[int, ...]) -> tuple[tuple[slice,
     return tuple(src), tuple(dst)
 
 
-@register("Pad")
+def _pad_canonical(
+    node: Node, a: dict[str, Any], consts: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]
+) -> None:
+    r = rank(node, shapes)
+    if node.opset >= 11:
+        pads_in = const_input(node, 1, consts)
+        value = const_input(node, 2, consts)
+        pad_axes = const_input(node, 3, consts)
+        pads_l = [int(p) for p in (pads_in if pads_in is not None else [])]
+        if pad_axes is not None:
+            full = [0] * (2 * r)
+            ax = [int(x) % r for x in pad_axes]
+            for j, x in enumerate(ax):
+                full[x] = pads_l[j]
+                full[r + x] = pads_l[len(ax) + j]
+            pads_l = full
+        a["pads"] = pads_l
+        a["value"] = float(value.reshape(-1)[0]) if value is not None and value.size else 0.0
+    else:
+        a["pads"] = [int(p) for p in (a.get("pads") or a.get("paddings") or [])]
+        a["value"] = float(a.get("value", 0.0))
+    if a.get("mode", "constant") != "constant":
+        raise ModelError(f"Pad mode {a.get('mode')!r} is not supported (only 'constant')")
+    if len(a["pads"]) != 2 * r:
+        raise ModelError(f"Pad has {len(a['pads'])} pads for rank {r}")
+    if a["pads"][0] != 0 or a["pads"][r] != 0:
+        raise ModelError("Pad on the batch axis is not supported")
+
+
+@register("Pad", role=AFFINE, check=data_first_rest_constant, canonical=_pad_canonical,
+          notes="constant mode and pads (negative pads crop), not on the batch axis")
 class Pad:
     """Y = X padded with a constant (negative pads crop); mode 'constant' only.
     Adjoint: X̄ = the window of Ȳ that X occupies (zeros where X was cropped).
