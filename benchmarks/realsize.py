@@ -13,7 +13,10 @@ round after round (median of ``--repeat``), so drift of a shared machine cancels
   scaled, since running 1,001 forwards of a ResNet-50 per round would dominate the run);
 * ``rss``      — peak RSS of ours and the reference for IG-32, each in its own subprocess;
 * ``cli``      — a warm ``python -m onnx_pathwise explain`` ÷ the same explanation through the API,
-  and its breakdown (imports, load and analysis, explain, writing).
+  and its breakdown (imports, load and analysis, explain, writing);
+* ``overlap``  — competing classes (``classes=N``, N = 10 and 100) against ``all``: the mean Jaccard
+  overlap of the kept units per path layer, the share of layers whose kept set differs, and the
+  time ratio.
 
     python benchmarks/realsize.py --models resnet18 [--classes 10] [--batch 1] [--repeat 3]
     python benchmarks/realsize.py            # the full set (hours on a 2-core machine)
@@ -132,6 +135,30 @@ def cli_overhead(model_path: str, x_path: str, out: Path, repeat: int) -> dict[s
             "cli_minus_api": c - (load + api)}
 
 
+def classes_overlap(ex: Explainer, x: np.ndarray, K: int) -> dict[str, Any]:
+    """How often ``classes=N`` keeps other units than ``classes="all"``, and how much faster it is."""
+    t = time.perf_counter()
+    full = ex.explain(x)
+    t_all = time.perf_counter() - t
+    out: dict[str, Any] = {}
+    for n in (10, 100):
+        if n >= K:
+            continue
+        t = time.perf_counter()
+        part = ex.explain(x, classes=n)
+        dt = time.perf_counter() - t
+        jac, differ, layers = [], 0, 0
+        for a, b in zip(full.path, part.path):
+            for la, lb in zip(a, b):
+                sa, sb = set(la.kept.tolist()), set(lb.kept.tolist())
+                jac.append(len(sa & sb) / max(1, len(sa | sb)))
+                differ += sa != sb
+                layers += 1
+        out[f"top{n}"] = {"jaccard": float(np.mean(jac)) if jac else 1.0, "layers_differ": f"{differ}/{layers}",
+                          "speedup": t_all / dt}
+    return out
+
+
 def measure(ex: Explainer, model: torch.nn.Module, x: np.ndarray, path: str, name: str, K: int, repeat: int,
             what: set[str], tmp: Path) -> dict[str, Any]:
     """One row of the table: the chosen comparisons for one model, head and batch."""
@@ -161,6 +188,8 @@ def measure(ex: Explainer, model: torch.nn.Module, x: np.ndarray, path: str, nam
         ours = _child_rss(["ours", path, f"{name}:{K}", str(b)])
         ref = _child_rss(["ref", path, f"{name}:{K}", str(b)])
         row["rss_ig32"] = f"{ours:.0f} / {ref:.0f} MiB ({ours / ref:.2f})"
+    if "overlap" in what:
+        row["overlap"] = classes_overlap(ex, x, K)
     if "cli" in what:
         xp = tmp / "x.npy"
         np.save(xp, x)
@@ -195,7 +224,7 @@ def main() -> None:
     p.add_argument("--classes", default="1,10,1000")
     p.add_argument("--batch", default="1,8")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--what", default="grad,unwrap,ig32,pathwise,rss,cli")
+    p.add_argument("--what", default="grad,unwrap,ig32,pathwise,rss,cli,overlap")
     a = p.parse_args()
     rows = run(a.models.split(","), [int(k) for k in a.classes.split(",")], [int(b) for b in a.batch.split(",")],
                a.repeat, set(a.what.split(",")))
@@ -207,6 +236,8 @@ def main() -> None:
         vals = [f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
         print(f"| {r['model']} | {r['K']} | {r['batch']} | " + " | ".join(vals) + " |")
     for r in rows:
+        if r.get("overlap"):
+            print(f"classes {r['model']} K={r['K']} b={r['batch']}: " + json.dumps(r["overlap"]))
         if "cli" in r:
             print(f"cli {r['model']} K={r['K']} b={r['batch']}: " + ", ".join(f"{k} {v:.2f}s" for k, v in r["cli"].items()))
 
