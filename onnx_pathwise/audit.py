@@ -16,9 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from . import runtime, serde
+from . import frontend, runtime
+from .audit_edits import last_weight, randomize_initializer
 from .errors import PathwiseError, UnsupportedModelError
 from .explainer import Explainer
+from .load import read_model
 from .text import clean, number
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
@@ -115,7 +117,7 @@ def audit(
     label = str(model)
     checks: list[Check] = []
     try:
-        proto = serde.read_model(model)
+        proto = read_model(model)
     except PathwiseError as exc:
         return AuditReport(label, [Check("model readable", FAIL, str(exc))])
     ops = Counter(n.op_type for n in proto.graph.node)
@@ -123,7 +125,7 @@ def audit(
 
     def analysable() -> tuple[str, str, dict[str, Any]]:
         try:
-            serde.load(proto)
+            frontend.load(proto)
         except UnsupportedModelError as exc:
             return FAIL, "; ".join(exc.problems), {"blockers": exc.problems, "ops": dict(ops)}
         return PASS, f"ops: {inventory}", {"ops": dict(ops)}
@@ -186,10 +188,10 @@ def audit(
     checks.append(_timed("cpu vs cuda", cuda_agreement))
 
     def randomisation() -> tuple[str, str, dict[str, Any]]:
-        name = serde.last_weight(ex.source_ir, proto)
+        name = last_weight(ex.source_ir, proto)
         if name is None:
             return SKIP, "no initializer-backed weight in the last layer", {}
-        shuffled = Explainer(serde.randomize_initializer(proto, name, seed=1), device=ex.device)
+        shuffled = Explainer(randomize_initializer(proto, name, seed=1), device=ex.device)
         a = ex.explain(x, width=width).attribution.reshape(x.shape[0], -1)
         b = shuffled.explain(x, width=width).attribution.reshape(x.shape[0], -1)
         corr = [_correlation(a[i], b[i]) for i in range(x.shape[0])]

@@ -20,19 +20,21 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 import numpy as np
-import onnx
 
+from . import frontend, limits, runtime
 from . import graph as graph_mod
-from . import limits, runtime, serde
 from .engine import Engine, Record
 from .errors import InputError, PathwiseError
 from .ir import ModelIR
 from .passes import run_passes
 from .pathwise import Explanation
+
+if TYPE_CHECKING:
+    import onnx
 
 #: Rows (cotangents × samples × largest tensor) handled at once in a sweep: 4M float32
 #: elements, 16 MB per tensor. Larger sweeps were slower, not faster: tensors over glibc's
@@ -121,7 +123,7 @@ class Explainer:
         output_name: str | None = None,
     ) -> None:
         self.device = runtime.resolve_device(device)
-        self.proto, raw_ir = serde.load(model, input_name=input_name, output_name=output_name)
+        self.proto, raw_ir = frontend.load(model, input_name=input_name, output_name=output_name)
         self.source_ir: ModelIR = raw_ir
         self.ir: ModelIR = run_passes(raw_ir)
         self.kernels = runtime.OpKernels(self.device)

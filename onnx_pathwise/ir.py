@@ -1,4 +1,4 @@
-"""The typed intermediate representation every module past :mod:`serde` works on.
+"""The typed intermediate representation every module past :mod:`~onnx_pathwise.analysis` works on.
 
 No protobuf here: nodes are frozen dataclasses, tensors are numpy arrays, and the whole
 model is a :class:`ModelIR` holding the input→output cone in a deterministic topological

@@ -20,8 +20,8 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from . import serde
 from .errors import DeviceError, ModelError
+from .load import external_references
 
 DEVICES = ("auto", "cpu", "cuda")
 _CPU: list[Any] = ["CPUExecutionProvider"]
@@ -146,8 +146,8 @@ def session(
         except Exception as exc:
             raise ModelError(f"not a valid ONNX protobuf ({type(exc).__name__})") from None
     # onnxruntime would resolve an external-data location against the current directory:
-    # external data is read only by serde, from inside the model's folder
-    external = serde.external_references(model)
+    # external data is read only by the loader (onnx_pathwise.load), from inside the model's folder
+    external = external_references(model)
     if external:
         raise ModelError(f"{external[0]}; refusing to let onnxruntime resolve it")
     data = model.SerializeToString()

@@ -17,7 +17,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from onnx_pathwise import Explainer, serde
+from onnx_pathwise import Explainer
+from onnx_pathwise.audit_edits import last_weight, randomize_initializer
 from onnx_pathwise.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -296,10 +297,10 @@ def test_audit_json_report_on_stdout(blocked: Path) -> None:
 @pytest.fixture(scope="module")
 def retrained(tmp_path_factory: pytest.TempPathFactory, mlp: Explainer) -> Path:
     """samples/mlp.onnx with its last weight matrix redrawn (same mean and spread)."""
-    name = serde.last_weight(mlp.source_ir, mlp.proto)
+    name = last_weight(mlp.source_ir, mlp.proto)
     assert name is not None
     path = tmp_path_factory.mktemp("models") / "mlp_retrained.onnx"
-    onnx.save(serde.randomize_initializer(mlp.proto, name, seed=3), str(path))
+    onnx.save(randomize_initializer(mlp.proto, name, seed=3), str(path))
     return path
 
 

@@ -17,7 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper, version_converter
 from typer.testing import CliRunner
 
-from onnx_pathwise import Explainer, runtime, serde
+from onnx_pathwise import Explainer, load, runtime
 from onnx_pathwise.cli import app
 from onnx_pathwise.errors import ModelError
 
@@ -52,7 +52,7 @@ def _model(nodes: list[onnx.NodeProto], inits: dict[str, np.ndarray], in_shape: 
 
 
 def _ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    upgraded = serde.upgrade_old_opset(model)
+    upgraded = load.upgrade_old_opset(model)
     out = upgraded.graph.output[0].name
     return np.asarray(runtime.probe(upgraded, [out], {"x": x})[out], np.float64)
 
@@ -173,7 +173,7 @@ def test_rewrite_is_a_no_op_for_new_opsets() -> None:
     model.opset_import[0].version = 13
     for node in model.graph.node:
         del node.attribute[:]
-    assert serde.upgrade_old_opset(model) is model
+    assert load.upgrade_old_opset(model) is model
 
 
 # --------------------------------------------------------------------------- other legacy ops

@@ -19,7 +19,7 @@ import zoo
 from onnx import numpy_helper
 
 import onnx_pathwise
-from onnx_pathwise import Explainer, ModelError, UnsupportedModelError, serde
+from onnx_pathwise import Explainer, ModelError, UnsupportedModelError, frontend, load
 
 N = 3  # samples per batch
 TOL = 1e-4  # relative to the scale of the compared quantity
@@ -380,7 +380,7 @@ def test_old_opsets_are_upgraded_for_onnxruntime(models: Zoo) -> None:
         path, _ = models.build(name)
         assert onnx.load(str(path)).opset_import[0].version == 6
         ex = models.explainer(name)
-        assert ex.ir.opset >= serde.MIN_RUNTIME_OPSET
+        assert ex.ir.opset >= load.MIN_RUNTIME_OPSET
         dims = ex.proto.graph.input[0].type.tensor_type.shape.dim
         assert dims[0].dim_param  # the batch axis stays symbolic
     pad = next(n for n in models.explainer("opset6_conv").ir.nodes if n.op_type == "Pad")
@@ -487,7 +487,7 @@ def test_unsupported_nodes_are_all_listed(models: Zoo) -> None:
         raise AssertionError("the model was run before validation finished")
 
     with pytest.raises(UnsupportedModelError) as info:
-        serde.load(path, probe=no_numerics)
+        frontend.load(path, probe=no_numerics)
     err = info.value
     assert len(err.problems) == 3, err.problems
     for node, op in (("/Tanh", "Tanh"), ("/Sigmoid", "Sigmoid"), ("/MatMul", "MatMul")):

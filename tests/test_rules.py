@@ -1,7 +1,7 @@
 """Every registered rule tested three ways from one case table (STYLE habit #11).
 
 Each case is a tiny ONNX model (data input ``x`` with a symbolic batch dimension, constants
-as initializers) read through :func:`onnx_pathwise.serde.load`, so the rules see the
+as initializers) read through :func:`onnx_pathwise.frontend.load`, so the rules see the
 canonical attributes the loader produces. For every case, in float64:
 
 1. the engine's forward pass (free, and frozen at the gates/argmax recorded at ``x``) agrees
@@ -29,7 +29,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_pathwise import runtime, serde
+from onnx_pathwise import frontend, runtime
 from onnx_pathwise.engine import Engine, Record
 from onnx_pathwise.errors import UnsupportedModelError
 from onnx_pathwise.ir import TERMINAL
@@ -421,7 +421,7 @@ def make_record(engine: Engine, x: np.ndarray) -> Record:
 @functools.cache
 def loaded(case_id: str) -> Loaded:
     case = CASE_BY_ID[case_id]
-    proto, ir = serde.load(case.model)
+    proto, ir = frontend.load(case.model)
     engine = Engine(ir, kernels=None, dtype=np.float64)
     x = draw(case.inputs, (BATCH,) + case.in_shape, seeded(case_id, "x"))
     x = x.astype(np.float32).astype(np.float64)
@@ -590,7 +590,7 @@ def test_per_activation_batchnorm_is_refused() -> None:
     refused before any numerics rather than mis-broadcast."""
     stats = [W(3, 2), W(3, 2), W(3, 2), np.abs(W(3, 2)) + 0.5]
     with pytest.raises(UnsupportedModelError, match="per-activation"):
-        serde.load(op("BatchNormalization", (3, 2), ["x", *stats], opset=7, spatial=0))
+        frontend.load(op("BatchNormalization", (3, 2), ["x", *stats], opset=7, spatial=0))
 
 
 @pytest.mark.parametrize("ceil_mode", [0, 1])

@@ -28,9 +28,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from onnx_pathwise import Explainer, io, runtime, serde
+from onnx_pathwise import Explainer, frontend, io, load, runtime
 from onnx_pathwise.cli import app
 from onnx_pathwise.errors import InputError, ModelError
+from onnx_pathwise.load import external
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_EXIT, INPUT_EXIT = ModelError.exit_code, InputError.exit_code
@@ -496,7 +497,7 @@ def test_external_data_fields_are_validated(site: Site, case: str, place: str, n
     (site.folder / "w.bin").write_bytes(W.tobytes())
     culprit = _save(site, place, "w.bin", **fields)
     with pytest.raises(ModelError) as info:
-        serde.read_model(site.model)
+        load.read_model(site.model)
     assert fragment in str(info.value) and culprit in str(info.value), str(info.value)
     assert no_onnxruntime == []
 
@@ -509,10 +510,10 @@ def test_nothing_is_read_before_every_reference_passed(site: Site, monkeypatch: 
     onnx.save(model, str(site.model))
     parsed = onnx.load(str(site.model), load_external_data=False)
     reads: list[object] = []
-    monkeypatch.setattr(serde, "open_regular", lambda *a, **k: reads.append(a))
+    monkeypatch.setattr(external, "open_regular", lambda *a, **k: reads.append(a))
     monkeypatch.setattr(os, "pread", lambda *a: reads.append(a))
     with pytest.raises(ModelError, match=r"'secret_w'\) stores its data in '../secret'"):
-        serde._load_external_data(parsed, site.model)
+        load.load_external_data(parsed, site.model)
     assert reads == []
 
 
@@ -547,15 +548,15 @@ def test_cli_bad_fields(site: Site, case: str) -> None:
 
 @pytest.mark.parametrize("place", list(PLACES))
 def test_external_data_inside_the_folder_is_loaded_by_us(site: Site, place: str) -> None:
-    """Legitimate external data (in a subfolder) is read by serde into the ModelProto: no
+    """Legitimate external data (in a subfolder) is read by the loader into the ModelProto: no
     external reference is left for onnxruntime to resolve."""
     (site.folder / "data").mkdir()
     (site.folder / "data" / "w.bin").write_bytes(b"junk" + W.tobytes() + b"tail")
     digest = hashlib.sha1(W.tobytes()).hexdigest()
     _save(site, place, "data/w.bin", offset="4", checksum=digest)
-    model = serde.read_model(site.model)
-    assert serde.external_references(model) == []
-    tensors, _ = serde._all_tensors(model)
+    model = load.read_model(site.model)
+    assert load.external_references(model) == []
+    tensors, _ = load.all_tensors(model)
     loaded = [t for _, t in tensors if t.name == ("w" if place == "initializer" else "secret_w")]
     assert len(loaded) == 1 and loaded[0].raw_data == W.tobytes()
     assert loaded[0].data_location == TensorProto.DEFAULT and not loaded[0].external_data
@@ -565,7 +566,7 @@ def test_checksum_of_the_whole_file_is_accepted(site: Site) -> None:
     data = W.tobytes() + b"other tensors"
     (site.folder / "w.bin").write_bytes(data)
     _save(site, "initializer", "w.bin", checksum=hashlib.sha1(data).hexdigest().upper())
-    assert serde.external_references(serde.read_model(site.model)) == []
+    assert load.external_references(load.read_model(site.model)) == []
 
 
 @pytest.mark.parametrize("place", ["initializer", "constant"])
@@ -579,7 +580,7 @@ def test_external_weights_explained_exactly_without_external_references_in_onnxr
     assert float(result.delta.max()) < 1e-5
     assert ort_models, "onnxruntime was never used"
     for model in ort_models:
-        assert serde.external_references(model) == []
+        assert load.external_references(model) == []
 
 
 def test_in_memory_model_with_external_references_is_refused(site: Site) -> None:
@@ -625,7 +626,7 @@ def test_special_model_paths_are_refused_unopened(site: Site, special: dict[str,
                                                   no_onnxruntime: list[str]) -> None:
     path = special[kind]
     with pytest.raises(ModelError) as info:
-        _within(20, lambda: serde.read_model(path))
+        _within(20, lambda: load.read_model(path))
     assert str(info.value).startswith(str(path)) and SPECIAL[kind] in str(info.value)
 
 
@@ -661,7 +662,7 @@ def test_swapped_file_is_caught_on_the_descriptor(site: Site, monkeypatch: pytes
     real_open = os.open
     monkeypatch.setattr(io.os, "open", lambda path, flags, *a, **k: real_open(fifo, flags, *a, **k))
     with pytest.raises(ModelError, match="changed while it was being opened"):
-        _within(20, lambda: serde.read_model(site.model))
+        _within(20, lambda: load.read_model(site.model))
 
 
 # --------------------------------------------------------------------------- stored tensors
@@ -746,7 +747,7 @@ def test_names_that_are_not_utf8_are_model_errors(site: Site, name: str, no_onnx
     code, out, err = _in_process(*_unwrap_argv(site))
     _assert_refused(code, out, err, MODEL_EXIT, "m.onnx: model.graph.", "not valid UTF-8", "\\xff")
     with pytest.raises(ModelError, match="not valid UTF-8"):
-        serde.load(onnx.load_model_from_string(_rename_bytes(_named_net(), name)))
+        frontend.load(onnx.load_model_from_string(_rename_bytes(_named_net(), name)))
 
 
 def test_external_data_location_that_is_not_utf8(site: Site) -> None:

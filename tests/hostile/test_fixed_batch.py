@@ -13,7 +13,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_pathwise import Explainer, UnsupportedModelError, runtime, serde
+from onnx_pathwise import Explainer, UnsupportedModelError, runtime
+from onnx_pathwise.analysis import build
 from onnx_pathwise.cli import _describe_text, describe
 
 torch = pytest.importorskip("torch")
@@ -199,7 +200,7 @@ def test_a_model_that_mixes_the_batch_axis_is_refused_by_name(case: str) -> None
 
 
 def test_the_numeric_check_catches_what_the_graph_checks_miss(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(serde, "_fixed_batch_problems", lambda *args: [])
+    monkeypatch.setattr(build, "fixed_batch_problems", lambda *args: [])
     nodes, inits, _ = MIXING["matmul_left"]
     with pytest.raises(UnsupportedModelError) as info:
         Explainer(_model(nodes, inits), device="cpu")

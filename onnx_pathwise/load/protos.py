@@ -1,0 +1,80 @@
+"""Walks over a ModelProto shared by the loader and the analysis: subgraphs, every stored tensor,
+the opset a model imports."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import onnx
+from onnx import TensorProto
+
+
+def node_subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The subgraphs a node holds in its attributes (If branches, Loop and Scan bodies)."""
+    return [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH] + [
+        g for a in node.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs]
+
+
+def all_tensors(
+    model: onnx.ModelProto,
+) -> tuple[list[tuple[str, TensorProto]], list[tuple[str, onnx.SparseTensorProto]]]:
+    """Every stored tensor of the model, with where it lives (for messages): initializers and
+    sparse initializers (values and indices) of every graph, and tensor, tensors, sparse-tensor
+    attributes of every node at any depth of If/Loop/Scan bodies, of local function bodies
+    and of training graphs. Attribute fields are read whatever the attribute's declared type."""
+    tensors: list[tuple[str, TensorProto]] = []
+    sparse: list[tuple[str, onnx.SparseTensorProto]] = []
+
+    def add_sparse(s: onnx.SparseTensorProto, label: str) -> None:
+        sparse.append((label, s))
+        tensors.append((f"{label} (values)", s.values))
+        tensors.append((f"{label} (indices)", s.indices))
+
+    def named(label: str, t: TensorProto) -> str:
+        return f"{label} (tensor {t.name!r})" if t.name else label
+
+    def add_attr(a: onnx.AttributeProto, owner: str) -> None:
+        label = f"{owner}: attribute {a.name!r}"
+        if a.HasField("t"):
+            tensors.append((named(label, a.t), a.t))
+        tensors.extend((named(f"{label}[{i}]", t), t) for i, t in enumerate(a.tensors))
+        if a.HasField("sparse_tensor"):
+            add_sparse(a.sparse_tensor, label)
+        for i, s in enumerate(a.sparse_tensors):
+            add_sparse(s, f"{label}[{i}]")
+        inside = f" in subgraph {a.name!r} of {owner}"
+        if a.HasField("g"):
+            add_graph(a.g, inside)
+        for g in a.graphs:
+            add_graph(g, inside)
+
+    def add_nodes(nodes: Sequence[onnx.NodeProto], where: str) -> None:
+        for n in nodes:
+            owner = f"node {n.name or '<unnamed>'!r} ({n.op_type}){where}"
+            for a in n.attribute:
+                add_attr(a, owner)
+
+    def add_graph(g: onnx.GraphProto, where: str) -> None:
+        tensors.extend((f"initializer {t.name!r}{where}", t) for t in g.initializer)
+        for s in g.sparse_initializer:
+            add_sparse(s, f"sparse initializer {s.values.name!r}{where}")
+        add_nodes(g.node, where)
+
+    add_graph(model.graph, "")
+    for f in model.functions:
+        where = f" in local function '{f.domain}.{f.name}'"
+        add_nodes(f.node, where)
+        for a in f.attribute_proto:
+            add_attr(a, f"local function '{f.domain}.{f.name}'")
+    for i, info in enumerate(model.training_info):
+        add_graph(info.initialization, f" in training_info[{i}].initialization")
+        add_graph(info.algorithm, f" in training_info[{i}].algorithm")
+    return tensors, sparse
+
+
+def opset_version(model: onnx.ModelProto, domain: str = "") -> int:
+    """The opset the model imports for ``domain`` (the default domain: ``""`` or ``ai.onnx``); 0 if none."""
+    for imp in model.opset_import:
+        if imp.domain in (domain, "ai.onnx" if domain == "" else domain):
+            return int(imp.version)
+    return 0
