@@ -39,7 +39,7 @@ import numpy as np
 import typer
 from typer.core import TyperGroup
 
-from . import __version__, limits, plots, runtime
+from . import __version__, baselines, limits, plots, runtime
 from .data import InputSource, is_array_file, load_labels, open_inputs
 from .errors import (
     DeviceError,
@@ -49,12 +49,13 @@ from .errors import (
     PathwiseError,
     UnsupportedModelError,
 )
-from .explainer import Explainer, concat_batches
+from .explainer import Explainer
 from .graph import GateLayer, Segment
 from .io import bytes_writer, existing_kind, json_writer, load_array, npz_writer, to_json, write_files
 from .ir import GATE, ROUTING
 from .metrics import finite_mean
 from .pathwise import target_scores
+from .sweep import concat_batches
 from .text import clean, clean_block, number
 
 PROG = "onnx-pathwise"
@@ -871,7 +872,14 @@ def _classes(value: Any) -> int | None:
         raise OptionError("--classes", value, "expected 'all' or a number of classes of at least 2") from exc
 
 
-METHODS = ("pathwise", "gradient", "input_x_gradient", "integrated_gradients", "guided_backprop", "unwrap")
+#: The attribution methods, from their registry (onnx_pathwise.baselines.METHODS).
+METHODS = tuple(baselines.METHODS)
+
+
+def _method_options(method: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The CLI's method options (--steps, --exact) that ``method`` takes, in their order."""
+    takes = baselines.METHODS[method].options
+    return {k: v for k, v in given.items() if k in takes}
 
 
 # --------------------------------------------------------------------------- explain
@@ -922,7 +930,7 @@ def explain(
     ray) stream in batches to shards OUT/explanation-NNNNN.npz and OUT/index.json.
     """
     w, iw, ncls = width, input_width, classes
-    if method != "pathwise" and (w is not None or depth is not None or iw is not None or ncls is not None):
+    if not baselines.METHODS[method].path and (w is not None or depth is not None or iw is not None or ncls is not None):
         raise PathwiseError("--width, --depth, --input-width and --classes apply to --method pathwise only")
     data = _DataOptions(glob, preprocess, resize, crop, mean, std, layout, on_error, columns, batch_size)
     streaming = (not is_array_file(input) or resume or batch_size is not None or shard_size is not None
@@ -940,7 +948,7 @@ def explain(
     x = _load_input(input, ex, data)
     _guard_dir(out, names + _png_names(png, ex, x.shape[0]), force)
     class_names = _labels(labels, ex)
-    if method == "pathwise":
+    if baselines.METHODS[method].path:
         res = _chunked(lambda b: ex.explain(b, target=target, width=w, depth=depth, input_width=iw, classes=ncls),
                        x, "explaining")
         arrays = {"attribution": res.attribution, "weight": res.weight, "bias": res.bias, "output": res.output,
@@ -950,7 +958,7 @@ def explain(
                     "sparsity": float(res.sparsity[i]), "path": _path_json(res.path[i])} for i in range(len(res.target))]
         options = {"width": w, "depth": depth, "input_width": iw, "classes": ncls if ncls is not None else "all"}
     else:
-        opts: dict[str, Any] = {"steps": steps, "exact": exact} if method == "integrated_gradients" else {}
+        opts: dict[str, Any] = _method_options(method, {"steps": steps, "exact": exact})
         res = _chunked(lambda b: ex.attribute(b, method=method, target=target, **opts), x, "explaining")
         arrays = {"attribution": res.attribution, "output": res.output, "target": res.target}
         idx = np.arange(len(res.target))
@@ -978,7 +986,7 @@ def explain(
             output=res.output, target=res.target, samples=samples, bias=getattr(res, "bias", None),
             masked_score=getattr(res, "masked_score", None), inputs=str(input), labels=class_names).encode()
     written = _write_dir(out, {"explanation.npz": arrays}, {"explanation.json": report}, pngs, force)
-    extra = f", faithfulness {number(finite_mean(res.faithfulness), '.3f')} (mean)" if method == "pathwise" else ""
+    extra = f", faithfulness {number(finite_mean(res.faithfulness), '.3f')} (mean)" if baselines.METHODS[method].path else ""
     _out(f"wrote {len(written)} file(s) to {out}: {x.shape[0]} sample(s), method {method}{extra}")
 
 
@@ -1003,12 +1011,12 @@ def _explain_stream(model: Path, input: Path, out: Path, method: str, target: in
     _check_target(target, ex)
     source = _open_source(input, ex, opts)
     class_names = _labels(labels, ex)
-    if method == "pathwise":
+    if baselines.METHODS[method].path:
         options: dict[str, Any] = {"width": w, "depth": depth, "input_width": iw}
         if ncls is not None:
             options["classes"] = ncls
     else:
-        options = {"steps": steps, "exact": exact} if method == "integrated_gradients" else {}
+        options = _method_options(method, {"steps": steps, "exact": exact})
     from .report.html import MAX_CARDS
 
     pages: list[tuple[Any, dict[str, Any], dict[str, np.ndarray]]] = []  # the report's first samples
@@ -1050,7 +1058,7 @@ def _stream_report(out: Path, model: Path, ex: Explainer, method: str, options: 
     from . import stream
     from .report import explain_page
 
-    layers = stream.path_layers(ex, options) if method == "pathwise" else []
+    layers = stream.path_layers(ex, options) if baselines.METHODS[method].path else []
     samples = []
     for _, row, arrays in pages:
         info: dict[str, Any] = {"target": row["target"], "score": row["score"], "faithfulness": row.get("faithfulness")}
@@ -1139,8 +1147,8 @@ def evaluate(
     model: ModelArg,
     inputs: InputArg,
     out: OutDirOpt,
-    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods.")] = (
-        "pathwise,gradient,input_x_gradient,integrated_gradients,guided_backprop"),
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods, from: " + ", ".join(METHODS)
+                                         + ".")] = ",".join(m.name for m in baselines.METHODS.values() if m.evaluate),
     width: Annotated[list[str] | None, width_option(
         "--width", help="Pathwise width(s); repeat for a sweep (e.g. --width 5% --width 20%).")] = None,
     depth: Annotated[list[int] | None, count_option("--depth", help="Pathwise depth(s); repeat for several",
