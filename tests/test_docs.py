@@ -101,4 +101,4 @@ def test_the_checks_can_fail() -> None:
     assert section(text, "A").strip().startswith("see `x.py`")
     assert inline_code(text) == ["x.py", "tests/", "rules/<f>.py", "a/b"]
     assert [s for s in inline_code(text) if looks_like_path(s)] == ["tests/"]
-    assert "cli.py" in modules() and "rules/__init__.py" in modules()
+    assert "cli/__init__.py" in modules() and "rules/__init__.py" in modules()

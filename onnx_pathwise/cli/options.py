@@ -4,7 +4,7 @@ line is parsed against the range its help text states, and the options the comma
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -155,6 +155,47 @@ def choice_option(name: str, choices: Sequence[str], help: str, **kwargs: Any) -
                         help=f"{help} One of: {', '.join(choices)}.", **kwargs)
 
 
+def checked_option(name: str, help: str, check: Callable[[str], Any], *, metavar: str = "TEXT",
+                   **kwargs: Any) -> Any:
+    """A text option that ``check`` validates while the command line is parsed (it raises
+    :class:`PathwiseError` naming the option); the value itself passes on unchanged."""
+    def parse(value: Any) -> str:
+        text = str(value)
+        try:
+            check(text)
+        except PathwiseError as exc:
+            problem = str(exc)
+            if problem.startswith(name + " "):
+                problem = problem.split(": ", 1)[-1]
+            raise OptionError(name, value, problem) from None
+        return text
+
+    return typer.Option(name, parser=parse, metavar=metavar, help=help,
+                        show_default=kwargs.pop("show_default", False), **kwargs)
+
+
+def _one_of(name: str, choices: Sequence[str]) -> Callable[[str], None]:
+    def check(text: str) -> None:
+        if text not in choices:
+            raise PathwiseError(f"{name} {text!r}: choose one of {', '.join(choices)}")
+    return check
+
+
+def _not_empty(name: str, what: str) -> Callable[[str], None]:
+    def check(text: str) -> None:
+        if not text.strip(" ,"):
+            raise PathwiseError(f"{name} {text!r}: expected {what}")
+    return check
+
+
+def _preset_check(**which: Any) -> Callable[[str], Any]:
+    """Validate one --preprocess/--resize/--crop/--mean/--std/--layout value as the preset does."""
+    from ..preprocess import preset
+
+    (key,) = which
+    return lambda text: preset(text) if key == "name" else preset("none", **{key: text})
+
+
 # --------------------------------------------------------------------------- shared options
 
 ModelArg = Annotated[Path, typer.Argument(help="ONNX model file.", metavar="MODEL", show_default=False)]
@@ -183,38 +224,40 @@ PageOpt = Annotated[PageFormat | None, typer.Option(
     "embedded, no network) with the model, the preprocessing and a card per sample.", show_default=False)]
 
 # Input handling (onnx_pathwise.data, onnx_pathwise.preprocess), shared by explain, evaluate, audit, diff.
-GlobOpt = Annotated[str | None, typer.Option(
-    "--glob", help="For a folder of images: only files matching this pattern (e.g. '*.jpg', 'cats/**').",
-    show_default=False)]
-PreprocessOpt = Annotated[str, typer.Option(
-    "--preprocess", help="Image preprocessing preset: imagenet, caffe, tf, unit or none.")]
-ResizeOpt = Annotated[str | None, typer.Option(
-    "--resize", help="Resize the shorter image side to this many pixels before the centre crop.", show_default=False)]
-CropOpt = Annotated[str | None, typer.Option(
-    "--crop", help="Centre crop, e.g. 224 or 224x224 (default: the model's input size).", show_default=False)]
-MeanOpt = Annotated[str | None, typer.Option(
-    "--mean", help="Per-channel mean subtracted after scaling, e.g. 0.5,0.5,0.5 (overrides the preset).",
-    show_default=False)]
-StdOpt = Annotated[str | None, typer.Option(
-    "--std", help="Per-channel std divided by after the mean, e.g. 0.5,0.5,0.5 (overrides the preset).",
-    show_default=False)]
-LayoutOpt = Annotated[str | None, typer.Option(
-    "--layout", help="Image layout of the model input: nchw or nhwc (default: read from the model).",
-    show_default=False)]
+GlobOpt = Annotated[str | None, checked_option(
+    "--glob", "For a folder of images: only files matching this pattern (e.g. '*.jpg', 'cats/**').",
+    _not_empty("--glob", "a file name pattern"), metavar="PATTERN")]
+PreprocessOpt = Annotated[str, checked_option(
+    "--preprocess", "Image preprocessing preset: imagenet, caffe, tf, unit or none.", _preset_check(name=True),
+    metavar="NAME", show_default=True)]
+ResizeOpt = Annotated[str | None, checked_option(
+    "--resize", "Resize the shorter image side to this many pixels (at least 1) before the centre crop.",
+    _preset_check(resize=True), metavar="N")]
+CropOpt = Annotated[str | None, checked_option(
+    "--crop", "Centre crop, e.g. 224 or 224x224 (default: the model's input size).", _preset_check(crop=True),
+    metavar="HxW")]
+MeanOpt = Annotated[str | None, checked_option(
+    "--mean", "Per-channel mean subtracted after scaling, e.g. 0.5,0.5,0.5 (overrides the preset).",
+    _preset_check(mean=True), metavar="X,X,X")]
+StdOpt = Annotated[str | None, checked_option(
+    "--std", "Per-channel std divided by after the mean, e.g. 0.5,0.5,0.5 (overrides the preset).",
+    _preset_check(std=True), metavar="X,X,X")]
+LayoutOpt = Annotated[str | None, checked_option(
+    "--layout", "Image layout of the model input: nchw or nhwc (default: read from the model).",
+    _preset_check(layout=True), metavar="nchw|nhwc")]
 LabelsOpt = Annotated[Path | None, typer.Option(
     "--labels", help="Class names: one per line, or JSON (default: the model's metadata, if any).",
     show_default=False)]
-OnErrorOpt = Annotated[str, typer.Option(
-    "--on-error", help="A corrupt image or bad table row: fail (stop with its name) or skip (leave it out).")]
-ColumnsOpt = Annotated[str | None, typer.Option(
-    "--columns", help="Table columns to use, by name, in the model's feature order (e.g. age,income,...).",
-    show_default=False)]
-BatchSizeOpt = Annotated[int | None, typer.Option(
-    "--batch-size", help="Samples read and explained at a time (default: from the memory budget).",
-    show_default=False, min=1)]
-ShardSizeOpt = Annotated[int | None, typer.Option(
-    "--shard-size", help="Samples per output shard explanation-NNNNN.npz (default: up to 1000).",
-    show_default=False, min=1)]
+OnErrorOpt = Annotated[str, checked_option(
+    "--on-error", "A corrupt image or bad table row: fail (stop with its name) or skip (leave it out).",
+    _one_of("--on-error", ("fail", "skip")), metavar="fail|skip", show_default=True)]
+ColumnsOpt = Annotated[str | None, checked_option(
+    "--columns", "Table columns to use, by name, in the model's feature order (e.g. age,income,...).",
+    _not_empty("--columns", "comma-separated column names"), metavar="NAMES")]
+BatchSizeOpt = Annotated[int | None, count_option(
+    "--batch-size", help="Samples read and explained at a time (default: from the memory budget)")]
+ShardSizeOpt = Annotated[int | None, count_option(
+    "--shard-size", help="Samples per output shard explanation-NNNNN.npz (default: up to 1000)")]
 ResumeOpt = Annotated[bool, typer.Option(
     "--resume", help="Continue an interrupted run in OUT after its last complete shard.")]
 
