@@ -60,7 +60,7 @@ def looks_like_path(span: str) -> bool:
 
 
 def modules() -> list[str]:
-    """Every module of the package, relative to it (``cli.py``, ``rules/linear.py``, ...)."""
+    """Every module of the package, relative to it (``cli/__init__.py``, ``rules/linear.py``, ...)."""
     return [p.relative_to(PACKAGE).as_posix() for p in sorted(PACKAGE.rglob("*.py"))]
 
 
