@@ -35,6 +35,7 @@ from .engine import Hook, Record
 from .errors import PathwiseError
 from .ir import Node
 from .pathwise import resolve_targets
+from .sweep import record_rows
 
 if TYPE_CHECKING:
     from .explainer import Explainer
@@ -48,15 +49,6 @@ MAX_ROWS = 4096
 # ---------------------------------------------------------------------- plumbing
 
 
-def record_rows(explainer: Explainer, x: Array, preactivations: bool = False) -> tuple[Record, dict[str, Array]]:
-    """One onnxruntime forward pass over rows x (already checked): the record and the raw
-    recorded values (gate outputs, or inputs with ``preactivations``; max-pool inputs; scores)."""
-    values = explainer._recorder_for(preactivations).run(x)
-    states, pre = explainer.engine.states_from(values)
-    scores = np.asarray(values[explainer.ir.output_name]).reshape(x.shape[0], -1)
-    return Record(x=x, scores=scores, states=states, preactivations=pre), values
-
-
 def _row_chunk(explainer: Explainer) -> int:
     """Rows per record/sweep so that one sweep stays within the engine's memory bound."""
     return max(1, min(MAX_ROWS, explainer._class_chunk(1)))
@@ -64,7 +56,7 @@ def _row_chunk(explainer: Explainer) -> int:
 
 def _probe_chunk(explainer: Explainer) -> int:
     """Rows per probe: a tangent pass keeps every tensor of the cone at once."""
-    from .explainer import MAX_SWEEP_ELEMENTS
+    from .sweep import MAX_SWEEP_ELEMENTS
 
     total = sum(int(np.prod(shape, dtype=np.int64)) for shape in explainer.ir.shapes.values())
     return max(1, min(MAX_ROWS, MAX_SWEEP_ELEMENTS // max(1, 2 * total)))
@@ -102,7 +94,7 @@ def _sweep(
     """∂y_target/∂x per row (n, *in) of the frozen network, with optional gate hooks built
     per chunk from its record; chunked over rows, each row recorded once (``record`` when
     given, sliced per chunk)."""
-    from .explainer import slice_record
+    from .sweep import slice_record
 
     n = x.shape[0]
     if record is not None and n <= _row_chunk(explainer):
@@ -410,34 +402,82 @@ def segment_pieces(
 # ---------------------------------------------------------------------- registry
 
 
-METHODS: dict[str, Callable[..., Array]] = {
-    "gradient": gradient,
-    "input_x_gradient": input_x_gradient,
-    "integrated_gradients": integrated_gradients,
-    "guided_backprop": guided_backprop,
-    "unwrap": unwrap,
-    "pathwise": pathwise,
-}
+@dataclass(frozen=True)
+class Method:
+    """One attribution method of the registry: everything the API, the CLI (``--method``,
+    ``--methods``), ``evaluate``, the streaming ``explain`` and the README's methods table
+    know about it."""
+
+    name: str
+    fn: Callable[..., Array]  # fn(explainer, x, target=None, *, record=None, **options) -> (N, *in)
+    description: str  # one line, for --help and the README
+    path: bool = False  # selects a path (width, depth, input_width, classes; writes the path)
+    weight: bool = False  # yields the local weights W (explain writes weight)
+    bias: bool = False  # yields the local bias b (explain writes bias)
+    evaluate: bool = True  # in evaluate's default --methods
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The keyword options the method accepts (besides ``record``) with their defaults."""
+        return {p.name: p.default for p in inspect.signature(self.fn).parameters.values()
+                if p.kind == p.KEYWORD_ONLY and p.name != "record"}
+
+    def check(self, options: Mapping[str, Any]) -> None:
+        """Refuse options the method does not take (:class:`PathwiseError`, one line)."""
+        allowed = list(self.options)
+        bad = sorted(set(options) - set(allowed))
+        if bad:
+            raise PathwiseError(
+                f"method {self.name!r} does not take option(s) {', '.join(bad)}; "
+                f"it takes: {', '.join(allowed) if allowed else 'none'}"
+            )
+
+
+#: The attribution methods, in the order the CLI and the docs list them. A new method is one
+#: :func:`register` call (docs/design.md §9).
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, fn: Callable[..., Array], description: str, **flags: bool) -> Method:
+    """Add a method to :data:`METHODS` (``flags``: ``path``, ``weight``, ``bias``, ``evaluate``)."""
+    if name in METHODS:
+        raise ValueError(f"attribution method {name!r} is registered twice")
+    METHODS[name] = Method(name, fn, description, **flags)
+    return METHODS[name]
+
+
+register("pathwise", pathwise, "Pathwise attribution W_p ⊙ x: the paths through the units that favour the target.",
+         path=True, weight=True, bias=True)
+register("gradient", gradient, "Saliency ∂y_c/∂x of the frozen network at x (signed).")
+register("input_x_gradient", input_x_gradient, "Input × Gradient: x ⊙ ∂y_c/∂x.")
+register("integrated_gradients", integrated_gradients, "Integrated Gradients from a baseline: Riemann midpoint "
+         "steps, or exact over the segment's linear pieces.")
+register("guided_backprop", guided_backprop, "Guided Backpropagation: only positive cotangents pass every gate.")
+register("unwrap", unwrap, "The target row of the local affine model W_x ⊙ x (equals Input × Gradient).",
+         evaluate=False)
 
 
 def method_options(method: str) -> list[str]:
     """The keyword options a method accepts (besides ``record``)."""
-    fn = get_method(method)
-    return [p.name for p in inspect.signature(fn).parameters.values()
-            if p.kind == p.KEYWORD_ONLY and p.name != "record"]
+    return list(get_method(method).options)
 
 
-def get_method(method: str) -> Callable[..., Array]:
+def get_method(method: str) -> Method:
     if method not in METHODS:
         raise PathwiseError(f"unknown attribution method {method!r}; choose one of: {', '.join(METHODS)}")
     return METHODS[method]
 
 
 def check_options(method: str, options: Mapping[str, Any]) -> None:
-    allowed = method_options(method)
-    bad = sorted(set(options) - set(allowed))
-    if bad:
-        raise PathwiseError(
-            f"method {method!r} does not take option(s) {', '.join(bad)}; "
-            f"it takes: {', '.join(allowed) if allowed else 'none'}"
-        )
+    get_method(method).check(options)
+
+
+def methods_table() -> str:
+    """The README's table of attribution methods (between its methods-table markers)."""
+    rows = ["| Method | Options (default) | Path | Weight, bias | What it computes |",
+            "|---|---|---|---|---|"]
+    for m in METHODS.values():
+        opts = ", ".join(f"`{k}` ({v!r})" for k, v in m.options.items()) or "—"
+        wb = "yes" if m.weight and m.bias else "—"
+        rows.append(f"| `{m.name}` | {opts} | {'yes' if m.path else '—'} | {wb} | {m.description} |")
+    return "\n".join(rows) + "\n"

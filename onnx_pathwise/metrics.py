@@ -318,15 +318,15 @@ def evaluate(
     runs: list[tuple[str, dict[str, Any]]] = []
     for m in methods:
         name, opts = (m, {}) if isinstance(m, str) else (m[0], dict(m[1]))
-        baselines.get_method(name)
-        if name == "pathwise" and not opts and (widths is not None or depths is not None):
+        spec = baselines.get_method(name)
+        if spec.path and not opts and (widths is not None or depths is not None):
             for w in widths if widths is not None else [None]:
                 for d in depths if depths is not None else [None]:
                     runs.append((name, {"width": w, "depth": d}))
         else:
             runs.append((name, opts))
     if classes is not None:  # the competing classes of every pathwise run (DESIGN §4)
-        runs = [(name, {**opts, "classes": classes} if name == "pathwise" else opts) for name, opts in runs]
+        runs = [(name, {**opts, "classes": classes} if baselines.METHODS[name].path else opts) for name, opts in runs]
     result: dict[str, Any] = {
         "n": int(xb.shape[0]),
         "target": tgt.tolist(),
@@ -348,14 +348,14 @@ def evaluate(
     for name, opts in runs:
         baselines.check_options(name, opts)
         metrics: dict[str, Any] = {}
-        if name == "pathwise":
+        if baselines.METHODS[name].path:
             e = explainer.explain(xb, tgt, record=rec, **opts)
             attribution = e.attribution
             metrics["masked_score"] = _summary(e.masked_score)
             metrics["faithfulness"] = _summary(e.faithfulness)
             metrics["sparsity"] = _summary(e.sparsity)
         else:
-            attribution = baselines.get_method(name)(explainer, xb, tgt, record=rec, **opts)
+            attribution = baselines.METHODS[name].fn(explainer, xb, tgt, record=rec, **opts)
         if name == "unwrap":
             metrics["completeness_delta"] = _summary(explainer.unwrap(xb, record=rec).delta)
         if name == "integrated_gradients":

@@ -72,8 +72,10 @@ def explain_batch(explainer: Any, x: np.ndarray, method: str = "pathwise", targe
                   options: Mapping[str, Any] | None = None) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
     """Explain one batch: (arrays with the batch axis first, one row per sample with
     ``target``, ``score``, ``faithfulness``, ``delta``). Shared by the local and Ray engines."""
+    from .baselines import get_method
+
     options = dict(options or {})
-    if method != "pathwise":
+    if not get_method(method).path:
         res = explainer.attribute(x, method=method, target=target, **options)
         idx = np.arange(len(res.target))
         arrays = {"attribution": res.attribution, "output": res.output, "target": res.target}

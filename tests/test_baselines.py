@@ -206,3 +206,41 @@ def test_piece_kernels_match_a_direct_computation() -> None:
     assert np.all(hi[1:] - lo[1:] > 0)  # the other rows have room to move
     np.testing.assert_array_equal(lo, ref[0])
     np.testing.assert_array_equal(hi, ref[1])
+
+
+def test_readme_methods_table_is_generated_from_the_registry() -> None:
+    """The README's table between the methods-table markers is exactly ``methods_table()``;
+    regenerate it with ``python -c "from onnx_pathwise.baselines import methods_table as t; print(t())"``."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    start, end = "<!-- methods-table:start -->\n", "<!-- methods-table:end -->"
+    assert start in readme and end in readme, "README lacks the methods-table markers"
+    assert readme.split(start, 1)[1].split(end, 1)[0].strip() == B.methods_table().strip(), (
+        "README's methods table is out of date")
+
+
+def test_the_registry_is_what_every_consumer_enumerates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One registration makes a method known to Explainer.attribute, evaluate, the streaming
+    explain and the CLI's choices; a second registration of a name is refused."""
+    from onnx_pathwise import cli, stream
+    from onnx_pathwise.metrics import evaluate
+
+    assert cli.METHODS == tuple(B.METHODS)
+    assert set(B.METHODS["integrated_gradients"].options) == {"baseline", "steps", "exact"}
+    with pytest.raises(ValueError, match="twice"):
+        B.register("gradient", B.gradient, "again")
+
+    def doubled(explainer, x, target=None, *, record=None, factor: float = 2.0):
+        return factor * B.gradient(explainer, x, target, record=record)
+
+    monkeypatch.setitem(B.METHODS, "doubled", B.Method("doubled", doubled, "Twice the gradient."))
+    ex = Explainer(tiny_mlp(), device="cpu")
+    x = np.array([[1.0, 2.0]], np.float32)
+    a = ex.attribute(x, "doubled", factor=3.0)
+    np.testing.assert_allclose(a.attribution, 3 * ex.attribute(x, "gradient").attribution)
+    with pytest.raises(PathwiseError, match="does not take option"):
+        ex.attribute(x, "doubled", steps=3)
+    assert "doubled" in evaluate(ex, x, ["doubled"], step=1)["methods"]
+    arrays, _ = stream.explain_batch(ex, x, "doubled")
+    assert "weight" not in arrays and arrays["attribution"].shape == x.shape

@@ -17,7 +17,8 @@ import pytest
 import zoo
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_pathwise import Explainer, baselines, explainer, limits, runtime
+from onnx_pathwise import Explainer, baselines, limits, runtime
+from onnx_pathwise import sweep as explainer
 
 MODELS = [name for name in zoo.BUILDERS if name != "unsupported"]
 
@@ -165,7 +166,7 @@ CHILD = textwrap.dedent("""
             if line.startswith(field):
                 return int(line.split()[1]) * 1024
     # compile the kernels (numba) on a tiny model first, chunked and not
-    from onnx_pathwise import explainer
+    from onnx_pathwise import sweep as explainer
     t = Explainer(tiny_mlp(), device="cpu")
     t.explain(np.ones((1, 2), np.float32))
     explainer.CLASS_CHUNK_ROWS = 1

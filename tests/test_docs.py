@@ -60,7 +60,7 @@ def looks_like_path(span: str) -> bool:
 
 
 def modules() -> list[str]:
-    """Every module of the package, relative to it (``cli.py``, ``rules/linear.py``, ...)."""
+    """Every module of the package, relative to it (``cli/__init__.py``, ``rules/linear.py``, ...)."""
     return [p.relative_to(PACKAGE).as_posix() for p in sorted(PACKAGE.rglob("*.py"))]
 
 
@@ -101,4 +101,4 @@ def test_the_checks_can_fail() -> None:
     assert section(text, "A").strip().startswith("see `x.py`")
     assert inline_code(text) == ["x.py", "tests/", "rules/<f>.py", "a/b"]
     assert [s for s in inline_code(text) if looks_like_path(s)] == ["tests/"]
-    assert "cli.py" in modules() and "rules/__init__.py" in modules()
+    assert "cli/__init__.py" in modules() and "rules/__init__.py" in modules()

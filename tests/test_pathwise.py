@@ -405,12 +405,12 @@ def test_targets_per_sample_and_permutation() -> None:
 
 
 def test_large_batches_are_chunked_with_the_same_results(monkeypatch: pytest.MonkeyPatch) -> None:
-    from onnx_pathwise import explainer as explainer_mod
+    from onnx_pathwise import sweep as sweep_mod
 
     ex = Explainer(tiny_mlp(), device="cpu")
     x = np.random.default_rng(0).normal(size=(7, 2)).astype(np.float32)
     whole_e, whole_u = ex.explain(x, target=[0, 1, 0, 1, 0, 1, 0]), ex.unwrap(x)
-    monkeypatch.setattr(explainer_mod, "MAX_SWEEP_ELEMENTS", 20)  # a few samples per sweep
+    monkeypatch.setattr(sweep_mod, "MAX_SWEEP_ELEMENTS", 20)  # a few samples per sweep
     e, u = ex.explain(x, target=[0, 1, 0, 1, 0, 1, 0]), ex.unwrap(x)
     np.testing.assert_array_equal(e.attribution, whole_e.attribution)
     np.testing.assert_array_equal(e.target, whole_e.target)

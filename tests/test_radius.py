@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_pathwise import Explainer, InputError
-from onnx_pathwise import explainer as explainer_mod
+from onnx_pathwise import sweep as sweep_mod
 from onnx_pathwise.samples import tiny_cnn
 
 
@@ -46,7 +46,7 @@ def test_chunked_tangents_give_the_same_radius(monkeypatch: pytest.MonkeyPatch) 
     ex = Explainer(tiny_cnn(), device="cpu")
     x = np.random.default_rng(0).normal(size=(3, 1, 4, 4)).astype(np.float32)
     whole = ex.certified_radius(x)
-    monkeypatch.setattr(explainer_mod, "MAX_SWEEP_ELEMENTS", 50)  # one input element per chunk
+    monkeypatch.setattr(sweep_mod, "MAX_SWEEP_ELEMENTS", 50)  # one input element per chunk
     chunked = ex.certified_radius(x)
     np.testing.assert_allclose(chunked.l2, whole.l2, rtol=1e-6)
     np.testing.assert_allclose(chunked.linf, whole.linf, rtol=1e-6)
@@ -115,7 +115,7 @@ def test_radius_chunks_follow_the_memory_budget(monkeypatch: pytest.MonkeyPatch)
         return real(t, rec)  # type: ignore[arg-type]
 
     monkeypatch.setattr(ex.engine, "tangent_env", spy)
-    monkeypatch.setattr(explainer_mod, "MAX_SWEEP_ELEMENTS", 1 << 30)  # the budget alone sets the chunks
+    monkeypatch.setattr(sweep_mod, "MAX_SWEEP_ELEMENTS", 1 << 30)  # the budget alone sets the chunks
     try:
         limits.set_memory_budget("4G")
         whole = ex.certified_radius(x)

@@ -27,7 +27,8 @@ from typer.testing import CliRunner
 
 from onnx_pathwise import Explainer
 from onnx_pathwise.audit import AuditReport, Check, DiffReport
-from onnx_pathwise.cli import app, describe
+from onnx_pathwise.cli import app
+from onnx_pathwise.render import describe
 from onnx_pathwise.report import audit_page, diff_page, explain_page, write_page
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -120,7 +120,7 @@ def test_not_one_unit_per_layer(ex: Explainer) -> None:
 
 
 def test_class_chunks_and_baselines_follow_the_side(ex: Explainer, monkeypatch: pytest.MonkeyPatch) -> None:
-    from onnx_pathwise import explainer
+    from onnx_pathwise import sweep as explainer
 
     x = inputs_both_sides(ex)
     ref = ex.explain(x, width="50%")

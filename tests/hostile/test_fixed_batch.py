@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_pathwise import Explainer, UnsupportedModelError, runtime
 from onnx_pathwise.analysis import build
-from onnx_pathwise.cli import _describe_text, describe
+from onnx_pathwise.render import _describe_text, describe
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
