@@ -1,4 +1,4 @@
-"""Pathwise explanation cost, measured side by side in one process (DESIGN §6, issue 3).
+"""Pathwise explanation cost, measured side by side in one process (docs/design.md §6, issue 3).
 
 For each model, per explanation (batch 1, K = 10, all path layers, width 10%):
 
@@ -69,7 +69,7 @@ def vgg_style() -> nn.Sequential:
 
 
 def select(h: torch.Tensor, J: torch.Tensor, c: int, width: int) -> torch.Tensor:
-    """DESIGN §4 selection for one sample: h (u,), J (K, u) → mask (u,)."""
+    """docs/design.md §4 selection for one sample: h (u,), J (K, u) → mask (u,)."""
     C = (h[None] * J).double()
     logp = C[c] - torch.logsumexp(C, dim=0)
     order = torch.argsort(-logp, stable=True)[:width]

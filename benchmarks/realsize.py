@@ -9,7 +9,7 @@ round after round (median of ``--repeat``), so drift of a shared machine cancels
   hand-written torch loop over the same points when Captum is not installed);
 * ``unwrap``   — ours ``attribute(x, "unwrap")`` (the top class's row of W_x) ÷ torch autograd;
 * ``pathwise`` — ours full-depth ``explain`` ÷ the limit: onnxruntime's forward pass of the batch
-  times (1 + K) (DESIGN §6: 1 + K forward-equivalents; measured once per round on b rows and
+  times (1 + K) (docs/design.md §6: 1 + K forward-equivalents; measured once per round on b rows and
   scaled, since running 1,001 forwards of a ResNet-50 per round would dominate the run);
 * ``rss``      — peak RSS of ours and the reference for IG-32, each in its own subprocess;
 * ``cli``      — a warm ``python -m onnx_pathwise explain`` ÷ the same explanation through the API,

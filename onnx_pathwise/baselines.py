@@ -1,4 +1,4 @@
-"""Baseline attribution methods on the same engine (DESIGN §5), no autodiff framework.
+"""Baseline attribution methods on the same engine (docs/design.md §5), no autodiff framework.
 
 Every method takes ``(explainer, x, target)`` — a batch (N, *input shape), and one class per
 sample (an int, an int array, or None for the argmax of the scores) — and returns
@@ -6,9 +6,9 @@ attributions of the input's shape (N, *input shape):
 
 * :func:`gradient` — saliency ∂y_c/∂x (signed), the frozen network's gradient at x.
 * :func:`input_x_gradient` — x ⊙ ∂y_c/∂x.
-* :func:`unwrap` — the target row of the full local affine model W_x (DESIGN §3) ⊙ x; equal
+* :func:`unwrap` — the target row of the full local affine model W_x (docs/design.md §3) ⊙ x; equal
   to Input×Gradient, computed through :meth:`Explainer.unwrap`.
-* :func:`pathwise` — the pathwise attribution W_p ⊙ x (DESIGN §4, :meth:`Explainer.explain`).
+* :func:`pathwise` — the pathwise attribution W_p ⊙ x (docs/design.md §4, :meth:`Explainer.explain`).
 * :func:`integrated_gradients` — (x − x₀) ⊙ ∫₀¹ ∂y_c/∂x(x₀ + α(x − x₀)) dα (Sundararajan,
   Taly, Yan 2017), by the Riemann midpoint rule with gates re-recorded at every point, or
   exactly: along the segment the network is piecewise linear, so the integral is a finite sum
@@ -16,7 +16,7 @@ attributions of the input's shape (N, *input shape):
 * :func:`guided_backprop` — Springenberg et al. 2015: the backward sweep keeps only positive
   cotangents at every gate's input.
 
-``y_c`` is the explained score (the logit; terminal Softmax/Sigmoid are peeled, DESIGN §1).
+``y_c`` is the explained score (the logit; terminal Softmax/Sigmoid are peeled, docs/design.md §1).
 :meth:`Explainer.attribute` dispatches here by name.
 """
 
@@ -72,7 +72,7 @@ def _targets(explainer: Explainer, x: Array, target: Any, record: Record | None)
 
 def target_seeds(explainer: Explainer, target: Array) -> dict[str, Array]:
     """One seed per row: e_{target[i]} at the scores, shape (1, n, *score shape); for a single
-    score y, ±1 on y for class 1 / class 0 (the side's log-odds, DESIGN §4)."""
+    score y, ±1 on y for class 1 / class 0 (the side's log-odds, docs/design.md §4)."""
     n = len(target)
     K = explainer.num_classes
     seed = np.zeros((1, n, K), explainer.engine.dtype)
@@ -157,7 +157,7 @@ def pathwise(
     classes: int | str | None = None,
     record: Record | None = None,
 ) -> Array:
-    """Pathwise attribution W_p ⊙ x (DESIGN §4); see :meth:`Explainer.explain`."""
+    """Pathwise attribution W_p ⊙ x (docs/design.md §4); see :meth:`Explainer.explain`."""
     x = explainer.check_input(x)
     tgt, record = _targets(explainer, x, target, record)
     return explainer.explain(x, tgt, width=width, depth=depth, input_width=input_width, record=record,

@@ -164,13 +164,13 @@ class Explainer:
         return UnwrapResult(W, b.astype(W.dtype), rec.scores, delta)
 
     def certified_radius(self, x: Any, record: Record | None = None, max_input_size: int = 4096) -> RadiusResult:
-        """The largest L2 and L∞ balls around each x inside its activation region (DESIGN §3);
+        """The largest L2 and L∞ balls around each x inside its activation region (docs/design.md §3);
         see :func:`onnx_pathwise.radius.certified_radius`."""
         from .radius import certified_radius
 
         return certified_radius(self.sweep, x, record, max_input_size)
 
-    # ------------------------------------------------------------------ pathwise (DESIGN §4)
+    # ------------------------------------------------------------------ pathwise (docs/design.md §4)
 
     def _path_setup(self, width: Any, depth: int | None) -> tuple[list[Any], dict[str, int]]:
         from .pathwise import parse_width, path_layers
@@ -207,7 +207,7 @@ class Explainer:
         record: Record | None = None,
         classes: int | str | None = None,
     ) -> Explanation:
-        """Pathwise explanation of each sample (DESIGN §4), one backward sweep per batch chunk.
+        """Pathwise explanation of each sample (docs/design.md §4), one backward sweep per batch chunk.
 
         ``width``: units kept per path layer (int or ``"5%"``; default all that favour the
         target); ``depth``: how many of the last gate layers are path-constrained (default all;
@@ -216,7 +216,7 @@ class Explainer:
         score y: 0 or 1, the side explained, default 1 where y ≥ 0); ``classes``: the classes
         that compete in each unit's softmax, None or ``"all"`` (every class, exact) or N (the
         top N predicted classes plus the target). Memory stays within the budget at any number
-        of classes (DESIGN §4): samples, then classes, go in chunks.
+        of classes (docs/design.md §4): samples, then classes, go in chunks.
 
         >>> import numpy as np
         >>> from onnx_pathwise.samples import tiny_mlp
@@ -355,7 +355,7 @@ class Explainer:
             classes=ncls,
         )
 
-    # ------------------------------------------------------------------ baselines (DESIGN §5)
+    # ------------------------------------------------------------------ baselines (docs/design.md §5)
 
     def attribute(self, x: Any, method: str = "pathwise", target: Any = None, **options: Any) -> Attribution:
         """Attributions of each sample by one method, on the same engine (no autodiff framework).

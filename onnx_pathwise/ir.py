@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-#: Roles of nodes in the layer graph (DESIGN §1).
+#: Roles of nodes in the layer graph (docs/design.md §1).
 AFFINE, SHAPE, MERGE, GATE, ROUTING, TERMINAL = (
     "affine",
     "shape",

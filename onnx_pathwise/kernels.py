@@ -4,7 +4,7 @@ Imported on first use (by the pathwise selection, the max-pool rules and exact I
 Gradients): numba's import costs a second and the first compilation a few more; compiled code
 is cached on disk, next to this file or in the user's cache directory.
 
-``unit_excess`` scores the units of one path layer for one sample (DESIGN §4): the excess
+``unit_excess`` scores the units of one path layer for one sample (docs/design.md §4): the excess
 e = log(K·P) = C_c − log(mean_k exp C_k) of each unit, P = softmax_k(C)[c], C_k = h·J_k, in
 float64. A unit can be kept only when P > 1/K, i.e. e > 0; only those are returned.
 
@@ -113,7 +113,7 @@ def unit_excess(h, J, c, idx, out):  # type: ignore[no-untyped-def]  # pragma: n
 @_compiled()
 def lse_accumulate(h, J, rows, c, s, top, acc, jc):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
     """One chunk of a sample's competing rows, for a layer whose K cotangents are swept in
-    chunks (DESIGN §4, "Bounded memory at any K"): h (u,), J (m, u) any strides, of which the
+    chunks (docs/design.md §4, "Bounded memory at any K"): h (u,), J (m, u) any strides, of which the
     first ``rows`` compete (the rest is padding); ``c`` the target's row in the chunk, or -1.
 
     Updates per unit, in place and in float64: ``s`` += Σ_k J_k in row order (the sum

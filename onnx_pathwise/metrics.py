@@ -1,4 +1,4 @@
-"""Attribution metrics (DESIGN §5): RISE-style insertion/deletion AUC, completeness delta,
+"""Attribution metrics (docs/design.md §5): RISE-style insertion/deletion AUC, completeness delta,
 path faithfulness, sparsity, certified radius, and :func:`evaluate` over several methods.
 
 Insertion and deletion (Petsiuk, Das, Saenko 2018, "RISE"): pixels are ranked by the
@@ -218,7 +218,7 @@ def deletion(
 
 
 def completeness_delta(explainer: Explainer, x: Any) -> Array:
-    """max_k |W_x x + b_x − f(x)| per sample (DESIGN §3): float32 round-off on any supported model."""
+    """max_k |W_x x + b_x − f(x)| per sample (docs/design.md §3): float32 round-off on any supported model."""
     return explainer.unwrap(x).delta
 
 
@@ -239,7 +239,7 @@ def sparsity(
 
 
 def certified_radius(explainer: Explainer, x: Any, max_input_size: int = 4096) -> RadiusResult:
-    """L2 and L∞ certified radii of the activation region around each sample (DESIGN §3)."""
+    """L2 and L∞ certified radii of the activation region around each sample (docs/design.md §3)."""
     return explainer.certified_radius(x, max_input_size=max_input_size)
 
 
@@ -325,7 +325,7 @@ def evaluate(
                     runs.append((name, {"width": w, "depth": d}))
         else:
             runs.append((name, opts))
-    if classes is not None:  # the competing classes of every pathwise run (DESIGN §4)
+    if classes is not None:  # the competing classes of every pathwise run (docs/design.md §4)
         runs = [(name, {**opts, "classes": classes} if baselines.METHODS[name].path else opts) for name, opts in runs]
     result: dict[str, Any] = {
         "n": int(xb.shape[0]),

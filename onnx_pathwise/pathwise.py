@@ -1,6 +1,6 @@
 """Pathwise explanations (Lim, Jo, Lee, Choi, AISTATS 2024) on one backward sweep.
 
-The sweep carries the cotangents of all K scores (DESIGN §4). As it passes each path layer
+The sweep carries the cotangents of all K scores (docs/design.md §4). As it passes each path layer
 (the last ``depth`` gate layers), a hook scores every unit with P_i = softmax_k(h_i·J_ik)[c]
 in float64, keeps the first ``width`` units by P (ties to the lower index) whose P exceeds 1/K
 (or the first one if none does), and cuts the rest by masking the cotangents. Gates and argmax
@@ -201,7 +201,7 @@ class Explanation:
     path: list[list[PathLayer]] = field(repr=False)
     input_kept: np.ndarray | None = field(default=None, repr=False)  # (N, D) when input_width
     #: the competing classes of the selection: None for all of them (exact), or N for each
-    #: sample's top N predicted classes plus its target (DESIGN §4 variant, ``classes=N``)
+    #: sample's top N predicted classes plus its target (docs/design.md §4 variant, ``classes=N``)
     classes: int | None = None
 
     @property
@@ -231,7 +231,7 @@ def resolve_targets(target: Any, scores: np.ndarray) -> np.ndarray:
     scores, or each sample's predicted class when None.
 
     A single score y (K = 1, a binary classifier whose Sigmoid was peeled) has two classes,
-    the implicit class 0 with logit 0 and class 1 with logit y (DESIGN §4): targets are 0 or
+    the implicit class 0 with logit 0 and class 1 with logit y (docs/design.md §4): targets are 0 or
     1, by default the predicted side, 1 where y ≥ 0.
     """
     n, K = scores.shape
@@ -319,7 +319,7 @@ def competing_rows(classes: int | None, K: int) -> int:
 
 
 def competing_set(scores: np.ndarray, target: np.ndarray, classes: int | None) -> Competing:
-    """The competing rows of each sample (DESIGN §4): every class (``classes`` None), the
+    """The competing rows of each sample (docs/design.md §4): every class (``classes`` None), the
     two sides [0, y] of a single score, or the top ``classes`` predicted classes (ties to the
     lower index) plus the target, in class order."""
     n, K = scores.shape
@@ -343,7 +343,7 @@ def competing_set(scores: np.ndarray, target: np.ndarray, classes: int | None) -
 
 
 class UnitStats:
-    """Per-unit sums of one path layer over chunks of competing rows (DESIGN §4, "Bounded
+    """Per-unit sums of one path layer over chunks of competing rows (docs/design.md §4, "Bounded
     memory at any K"): what the selection needs of every class, never the n × K matrix."""
 
     def __init__(self, h: np.ndarray, competing: Competing) -> None:
@@ -405,7 +405,7 @@ class PathSweep:
 
     With ``chunk`` None, one sweep carries every competing row down to the lowest path layer
     and the target's row below it. With ``chunk`` rows, the rows go in chunks, layer by layer
-    from the output (DESIGN §4, "Bounded memory at any K"): each chunk is swept down to the
+    from the output (docs/design.md §4, "Bounded memory at any K"): each chunk is swept down to the
     layer with the masks chosen so far, from the nearest cut kept in memory (a checkpoint,
     stored when all its rows fit ``store_bytes``) or else from the scores, and feeds the
     layer's per-unit sums; then one sweep of the target's row gives W_p and b_p.

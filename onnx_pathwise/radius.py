@@ -29,7 +29,7 @@ class RadiusResult:
 
 
 def certified_radius(sweep: Sweep, x: Any, record: Record | None = None, max_input_size: int = 4096) -> RadiusResult:
-    """The largest L2 and L∞ balls around each x inside its activation region (DESIGN §3).
+    """The largest L2 and L∞ balls around each x inside its activation region (docs/design.md §3).
 
     min over gate units of |z_i − kink| / ‖∇z_i‖₂ (‖∇z_i‖₁ for L∞), and for max pools the
     margin between each window's recorded maximum and every other element of the window over

@@ -195,7 +195,7 @@ class Sweep:
 
     def _sweep_plan(self, rows: int, n: int) -> tuple[int, int | None, float]:
         """How a pathwise sweep of ``rows`` competing rows per sample runs within the memory
-        budget (DESIGN §4): (samples per sweep, rows per class chunk or None for all at once,
+        budget (docs/design.md §4): (samples per sweep, rows per class chunk or None for all at once,
         bytes left for checkpoints). All rows at once whenever one sample's fit the budget
         (the speed heuristic then sets the samples); otherwise one sample at a time in the
         largest class chunks that fit (at most MAX_SWEEP_ELEMENTS per chunk). Refused, with

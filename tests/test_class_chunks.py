@@ -1,4 +1,4 @@
-"""Bounded memory at any K (DESIGN §4): class-chunked and sample-chunked pathwise sweeps
+"""Bounded memory at any K (docs/design.md §4): class-chunked and sample-chunked pathwise sweeps
 equal the unchunked one on every model of the zoo, a many-class model stays under a small
 memory budget, and a batch's recorded forward pass serves every chunk."""
 

@@ -1,4 +1,4 @@
-"""``depth`` from 0 to (gate layers + 3) against a float64 re-implementation of DESIGN §4.
+"""``depth`` from 0 to (gate layers + 3) against a float64 re-implementation of docs/design.md §4.
 
 The reference sees each model as dense matrices: z_l = A_l h_{l-1} + c_l, h_l = relu(z_l),
 logits = A_{L+1} h_L + c_{L+1} (a CNN's convolutions written out as matrices from basis
@@ -108,7 +108,7 @@ def cnn(seed: int) -> tuple[onnx.ModelProto, Dense]:
 
 
 def _select(h: np.ndarray, J: np.ndarray, c: int, width: int) -> np.ndarray:
-    """DESIGN §4 steps 2–3 in float64: h (n,), J (K, n) → kept flat indices, ascending."""
+    """docs/design.md §4 steps 2–3 in float64: h (n,), J (K, n) → kept flat indices, ascending."""
     C = h[:, None] * J.T  # (n, K)
     top = C.max(axis=1, keepdims=True)
     log_p = C[:, c] - (top[:, 0] + np.log(np.exp(C - top).sum(axis=1)))
@@ -119,7 +119,7 @@ def _select(h: np.ndarray, J: np.ndarray, c: int, width: int) -> np.ndarray:
 
 
 def reference(net: Dense, x: np.ndarray, depth: int, width: int | None, input_width: int | None = None) -> dict[str, object]:
-    """DESIGN §4 for one sample x (flattened, float64)."""
+    """docs/design.md §4 for one sample x (flattened, float64)."""
     L = len(net.A) - 1
     z, h = [], []
     prev = x

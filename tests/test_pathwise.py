@@ -1,4 +1,4 @@
-"""Pathwise explanations against an independent PyTorch implementation of DESIGN §4.
+"""Pathwise explanations against an independent PyTorch implementation of docs/design.md §4.
 
 The oracle re-derives everything with autograd in float64: frozen gates and argmax from a
 recording pass, one full Jacobian per path layer (the published cost structure), the
@@ -168,7 +168,7 @@ class Branches(Gated):
 
 
 def oracle(model: Gated, x: np.ndarray, width: object, depth: int | None) -> dict[str, object]:
-    """DESIGN §4 written independently with autograd, in float64, one sample at a time."""
+    """docs/design.md §4 written independently with autograd, in float64, one sample at a time."""
     m = model.double().eval()
     xt = torch.tensor(x, dtype=torch.float64)[None]
     m.mode, m.order, m.masks, m.inject = "record", [], {}, {}

@@ -1,4 +1,4 @@
-"""A single score (K = 1, DESIGN §4): a binary classifier ending in one logit y (Sigmoid
+"""A single score (K = 1, docs/design.md §4): a binary classifier ending in one logit y (Sigmoid
 peeled) competes with an implicit class 0 whose logit is 0. Kept units, W_p and the masked
 score are checked against a float64 re-implementation of the rule written here."""
 
