@@ -107,3 +107,51 @@ def test_interrupt_in_process_runs_cleanup_and_exits_with_the_code(tmp_path: Pat
     assert result.stderr == "onnx-pathwise: error: terminated (SIGTERM); no output written\n"
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler does not outlive the command
+
+
+def test_a_library_broken_by_the_signal_still_ends_as_the_interrupt(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The signal can land inside a library's callback (numba compiles through ctypes callbacks),
+    which swallows the exception: the signal is delivered again once the callback returns, so the
+    command still ends as interrupted — one line, 143 — without running on, without the library's
+    own error and without Python's "Exception ignored" report."""
+    import ctypes
+
+    def broken_by_the_signal(self: Explainer, x: np.ndarray) -> None:
+        callback = ctypes.CFUNCTYPE(None)(lambda: os.kill(os.getpid(), signal.SIGTERM))
+        callback()  # the handler raises inside the callback; ctypes reports it as unraisable
+        raise RuntimeError("no compiled object yet")  # what numba did next; never reached now
+
+    monkeypatch.setattr(Explainer, "unwrap", broken_by_the_signal)
+    result = CliRunner().invoke(app, ["unwrap", str(SAMPLES / "tiny_mlp.onnx"), str(SAMPLES / "tiny_mlp_inputs.npy"),
+                                      "--out", str(tmp_path / "u.npz"), "--device", "cpu"])
+    assert result.exit_code == 143, result.output
+    assert result.stderr == "onnx-pathwise: error: terminated (SIGTERM); no output written\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_error_after_a_swallowed_signal_ends_as_the_interrupt(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the library fails on its own before the signal comes again, the failure after a
+    signal is reported as the signal (one line, 143), not as the library's traceback."""
+    from onnx_pathwise.cli import shell
+
+    def broken(self: Explainer, x: np.ndarray) -> None:
+        shell._received.append(signal.SIGTERM)  # the handler ran inside a callback that swallowed it
+        raise RuntimeError("no compiled object yet")
+
+    monkeypatch.setattr(Explainer, "unwrap", broken)
+    result = CliRunner().invoke(app, ["unwrap", str(SAMPLES / "tiny_mlp.onnx"), str(SAMPLES / "tiny_mlp_inputs.npy"),
+                                      "--out", str(tmp_path / "u.npz"), "--device", "cpu"])
+    assert result.exit_code == 143, result.output
+    assert result.stderr == "onnx-pathwise: error: terminated (SIGTERM); no output written\n"
+
+
+def test_an_error_without_a_signal_is_still_a_bug_with_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    def bug(self: Explainer, x: np.ndarray) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Explainer, "unwrap", bug)
+    result = CliRunner().invoke(app, ["unwrap", str(SAMPLES / "tiny_mlp.onnx"), str(SAMPLES / "tiny_mlp_inputs.npy"),
+                                      "--out", "/tmp/never-written.npz", "--device", "cpu"])
+    assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)

@@ -74,22 +74,61 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+#: Signals received while the current command ran. An interrupt raised inside a library's
+#: callback (numba's compiler calls back through ctypes) can surface as that library's own error,
+#: or be swallowed there: a command that fails after a signal reports the signal, not a traceback.
+_received: list[int] = []
+#: Signals sent again after a callback swallowed them; cancelled when the command ends.
+_redeliveries: list[threading.Timer] = []
+
+
 def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    _received.append(signum)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise Interrupted(signum)
 
 
+def _quiet_unraisable(unraisable: Any) -> None:
+    """An interrupt raised inside a callback (numba's compiler calls back through ctypes) is
+    swallowed there, and the command would run on: deliver the signal again, so that its handler
+    raises once control is back in ordinary code, and drop the "Exception ignored" report.
+    Anything else goes to Python's own hook."""
+    exc = unraisable.exc_value
+    if isinstance(exc, (Interrupted, KeyboardInterrupt)):
+        # not from here: the handler would run at once, inside the callback again
+        again = threading.Timer(0.01, os.kill, (os.getpid(), getattr(exc, "signum", signal.SIGINT)))
+        again.daemon = True
+        _redeliveries.append(again)
+        again.start()
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def _catch_signals() -> dict[int, Any]:
-    """Turn SIGTERM and SIGHUP into :class:`Interrupted` while a command runs (their default
-    action would kill Python without cleanup). Signals the caller ignores stay ignored."""
+    """Turn SIGTERM and SIGHUP into :class:`Interrupted` (and SIGINT into KeyboardInterrupt, as
+    Python does, noting it) while a command runs: their default action would kill Python without
+    cleanup. Signals the caller ignores stay ignored."""
+    _received.clear()
     if threading.current_thread() is not threading.main_thread():
         return {}
     previous: dict[int, Any] = {}
-    for name in ("SIGTERM", "SIGHUP"):
+    for name in ("SIGTERM", "SIGHUP", "SIGINT"):
         signum = getattr(signal, name, None)
-        if signum is None or signal.getsignal(signum) is signal.SIG_IGN:
+        if signum is None or signal.getsignal(signum) in (signal.SIG_IGN, None):
             continue
+        if name == "SIGINT" and signal.getsignal(signum) is not signal.default_int_handler:
+            continue  # a caller's own SIGINT handler stays
         previous[signum] = signal.signal(signum, _raise_interrupted)
     return previous
+
+
+def _interrupted_exit(signum: int) -> typer.Exit:
+    """The one line and the exit code (128 + signal) of a command stopped by a signal."""
+    name = signal.Signals(signum).name
+    what = "interrupted" if signum == signal.SIGINT else "terminated"
+    typer.echo(f"{PROG}: error: {what} ({name}); no output written", err=True)
+    return typer.Exit(128 + signum)
 
 
 def _usage_error(exc: Exception) -> typer.Exit:
@@ -131,6 +170,7 @@ class _Group(TyperGroup):
     def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
         _notices.clear()
         previous = _catch_signals()
+        hook, sys.unraisablehook = sys.unraisablehook, _quiet_unraisable
         try:
             return super().invoke(ctx)
         except _ClickException as exc:
@@ -146,14 +186,20 @@ class _Group(TyperGroup):
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             _notices.clear()
-            typer.echo(f"{PROG}: error: interrupted (SIGINT); no output written", err=True)
-            raise typer.Exit(128 + signal.SIGINT) from None
+            raise _interrupted_exit(signal.SIGINT) from None
         except Interrupted as exc:
             _notices.clear()
-            name = signal.Signals(exc.signum).name
-            typer.echo(f"{PROG}: error: terminated ({name}); no output written", err=True)
-            raise typer.Exit(128 + exc.signum) from None
+            raise _interrupted_exit(exc.signum) from None
+        except Exception as exc:
+            if not _received or isinstance(exc, typer.Exit):
+                raise  # a bug (its traceback), or the command's own exit
+            _notices.clear()  # a library broken by the interrupt inside a callback
+            raise _interrupted_exit(_received[0]) from None
         finally:
+            for timer in _redeliveries:
+                timer.cancel()
+            _redeliveries.clear()
+            sys.unraisablehook = hook
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             if ctx.meta.pop(_BUDGET_SET, False):
