@@ -29,7 +29,7 @@ import onnx
 from . import graph as graph_mod
 from . import limits, runtime, serde
 from .engine import Engine, Record
-from .errors import InputError, PathwiseError
+from .errors import InputError, ModelError, PathwiseError
 from .ir import ModelIR
 from .passes import run_passes
 from .pathwise import Explanation
@@ -204,6 +204,12 @@ class Explainer:
         """
         x = self.check_input(x)
         values = self._recorder_for(preactivations).run(x)
+        for name, value in values.items():  # finite weights and inputs can still overflow
+            v = np.asarray(value)
+            if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
+                row = int(np.argwhere(~np.isfinite(v))[0][0]) if v.ndim else 0
+                raise ModelError(f"tensor {name!r} is NaN or infinite on sample {row}: the model's values "
+                                 "overflow on this input (finite weights and inputs, too large a product)")
         states, pre = self.engine.states_from(values)
         scores = np.asarray(values[self.ir.output_name]).reshape(x.shape[0], -1)
         return Record(x=x, scores=scores, states=states, preactivations=pre)
@@ -292,14 +298,20 @@ class Explainer:
         n, K = rec.scores.shape
         ws, bs = [], []
         step = self._class_chunk(n)
-        for start in range(0, K, step):
-            classes = np.arange(start, min(K, start + step))
-            w, b = self.engine.backward(self._score_seeds(classes, n), rec)
-            ws.append(w)
-            bs.append(b)
-        W = np.concatenate(ws).swapaxes(0, 1)  # (n, K, *in)
-        b = np.concatenate(bs).T.astype(np.float64)
-        fx = np.einsum("nkd,nd->nk", W.reshape(n, K, -1).astype(np.float64), rec.x.reshape(n, -1).astype(np.float64)) + b
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, not warned
+            for start in range(0, K, step):
+                classes = np.arange(start, min(K, start + step))
+                w, b = self.engine.backward(self._score_seeds(classes, n), rec)
+                ws.append(w)
+                bs.append(b)
+            W = np.concatenate(ws).swapaxes(0, 1)  # (n, K, *in)
+            b = np.concatenate(bs).T.astype(np.float64)
+            fx = np.einsum("nkd,nd->nk", W.reshape(n, K, -1).astype(np.float64),
+                           rec.x.reshape(n, -1).astype(np.float64)) + b
+        if not (np.all(np.isfinite(W)) and np.all(np.isfinite(fx))):
+            bad = int(np.argwhere(~np.isfinite(W.reshape(n, -1)).all(axis=1) | ~np.isfinite(fx).all(axis=1))[0][0])
+            raise ModelError(f"the local affine model of sample {bad} overflows {W.dtype} (a weight or "
+                             "product of weights is too large)")
         delta = np.abs(fx - rec.scores).max(axis=1)
         return UnwrapResult(W, b.astype(W.dtype), rec.scores, delta)
 
