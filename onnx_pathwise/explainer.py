@@ -208,8 +208,8 @@ class Explainer:
             v = np.asarray(value)
             if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
                 row = int(np.argwhere(~np.isfinite(v))[0][0]) if v.ndim else 0
-                raise ModelError(f"tensor {name!r} is NaN or infinite on sample {row}: the model's values "
-                                 "overflow on this input (finite weights and inputs, too large a product)")
+                raise ModelError(f"tensor {name!r} is NaN or infinite on sample {row}: the model does not "
+                                 "compute finite values on this input (a float overflow, or a NaN attribute)")
         states, pre = self.engine.states_from(values)
         scores = np.asarray(values[self.ir.output_name]).reshape(x.shape[0], -1)
         return Record(x=x, scores=scores, states=states, preactivations=pre)
@@ -511,17 +511,23 @@ class Explainer:
                 for s in range(0, xb.shape[0], step)
             ])
         rec = record if record is not None else self.record(xb)
-        layers, sweep, weight, bias = self._path_sweep(rec, target, width, depth, input_width, classes=ncls)
-        tgt = sweep.target
-        n = rec.n
-        xf = rec.x.astype(np.float64)
-        masked = (weight.reshape(n, -1).astype(np.float64) * xf.reshape(n, -1)).sum(axis=1) + bias
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, not warned
+            layers, sweep, weight, bias = self._path_sweep(rec, target, width, depth, input_width, classes=ncls)
+            tgt = sweep.target
+            n = rec.n
+            xf = rec.x.astype(np.float64)
+            masked = (weight.reshape(n, -1).astype(np.float64) * xf.reshape(n, -1)).sum(axis=1) + bias
+            attribution = (weight * rec.x).astype(weight.dtype)
+        if not (np.all(np.isfinite(attribution)) and np.all(np.isfinite(masked))):
+            bad = int(np.argwhere(~np.isfinite(attribution.reshape(n, -1)).all(axis=1) | ~np.isfinite(masked))[0][0])
+            raise ModelError(f"the pathwise explanation of sample {bad} overflows {weight.dtype} (a weight or "
+                             "product of weights is too large)")
         paths = [
             [PathLayer(layer.name, np.flatnonzero(sweep.masks[layer.name][i]), layer.units) for layer in layers]
             for i in range(n)
         ]
         return Explanation(
-            attribution=(weight * rec.x).astype(weight.dtype),
+            attribution=attribution,
             weight=weight,
             bias=bias,
             output=rec.scores,

@@ -121,6 +121,15 @@ def check_names(model: onnx.ModelProto) -> None:
                         index = f"[{i}]" if field.is_repeated else ""
                         raise ModelError(f"{where}.{field.name}{index} is not valid UTF-8 "
                                          f"({bytes(text)!r}); the file is corrupt")
+            elif field.name in ("s", "strings") and isinstance(message, onnx.AttributeProto):
+                # bytes in protobuf, "UTF-8 string" in onnx.proto: an attribute's string value
+                for i, raw in enumerate(value if field.is_repeated else [value]):
+                    try:
+                        raw.decode()
+                    except UnicodeDecodeError:
+                        index = f"[{i}]" if field.is_repeated else ""
+                        raise ModelError(f"{where}.{field.name}{index} is not valid UTF-8 "
+                                         f"({bytes(raw)!r}); the file is corrupt") from None
 
 
 # --------------------------------------------------------------------------- resource limits
@@ -1460,8 +1469,11 @@ def randomize_initializer(model: onnx.ModelProto, name: str, seed: int = 0) -> o
         if t.name == name:
             w = numpy_helper.to_array(t)
             rng = np.random.default_rng(seed)
-            std = float(w.std()) or 1.0
-            new = rng.normal(float(w.mean()), std, size=w.shape).astype(w.dtype)
+            w64 = w.astype(np.float64)  # float32 statistics of a 1e38 weight overflow
+            std = float(w64.std()) or 1.0
+            new = np.clip(rng.normal(float(w64.mean()), std, size=w.shape),
+                          *((np.finfo(w.dtype).min, np.finfo(w.dtype).max) if w.dtype.kind == "f" else (None, None)))
+            new = new.astype(w.dtype)
             out.graph.initializer[i].CopyFrom(numpy_helper.from_array(new, name))
             return out
     raise KeyError(name)
