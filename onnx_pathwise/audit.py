@@ -209,8 +209,8 @@ def audit(
 
 
 def _correlation(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.astype(np.float64) - a.mean()
-    b = b.astype(np.float64) - b.mean()
+    a, b = a.astype(np.float64), b.astype(np.float64)  # the means too: a float32 sum can overflow
+    a, b = a - a.mean(), b - b.mean()
     den = np.sqrt((a * a).sum() * (b * b).sum())
     return float((a * b).sum() / den) if den > 0 else float("nan")
 

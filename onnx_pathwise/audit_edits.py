@@ -30,8 +30,12 @@ def randomize_initializer(model: onnx.ModelProto, name: str, seed: int = 0) -> o
         if t.name == name:
             w = numpy_helper.to_array(t)
             rng = np.random.default_rng(seed)
-            std = float(w.std()) or 1.0
-            new = rng.normal(float(w.mean()), std, size=w.shape).astype(w.dtype)
+            w64 = w.astype(np.float64)  # float32 statistics of a 1e38 weight overflow
+            std = float(w64.std()) or 1.0
+            new = rng.normal(float(w64.mean()), std, size=w.shape)
+            if w.dtype.kind == "f":  # a draw beyond float32's range would cast to inf
+                new = np.clip(new, np.finfo(w.dtype).min, np.finfo(w.dtype).max)
+            new = new.astype(w.dtype)
             out.graph.initializer[i].CopyFrom(numpy_helper.from_array(new, name))
             return out
     raise KeyError(name)

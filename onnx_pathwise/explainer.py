@@ -26,7 +26,7 @@ import numpy as np
 from . import frontend, runtime
 from . import graph as graph_mod
 from .engine import Engine, Record
-from .errors import PathwiseError
+from .errors import ModelError, PathwiseError
 from .ir import ModelIR
 from .passes import run_passes
 from .pathwise import Explanation
@@ -152,14 +152,20 @@ class Explainer:
         n, K = rec.scores.shape
         ws, bs = [], []
         step = self._class_chunk(n)
-        for start in range(0, K, step):
-            classes = np.arange(start, min(K, start + step))
-            w, b = self.engine.backward(self._score_seeds(classes, n), rec)
-            ws.append(w)
-            bs.append(b)
-        W = np.concatenate(ws).swapaxes(0, 1)  # (n, K, *in)
-        b = np.concatenate(bs).T.astype(np.float64)
-        fx = np.einsum("nkd,nd->nk", W.reshape(n, K, -1).astype(np.float64), rec.x.reshape(n, -1).astype(np.float64)) + b
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, not warned
+            for start in range(0, K, step):
+                classes = np.arange(start, min(K, start + step))
+                w, b = self.engine.backward(self._score_seeds(classes, n), rec)
+                ws.append(w)
+                bs.append(b)
+            W = np.concatenate(ws).swapaxes(0, 1)  # (n, K, *in)
+            b = np.concatenate(bs).T.astype(np.float64)
+            fx = np.einsum("nkd,nd->nk", W.reshape(n, K, -1).astype(np.float64),
+                           rec.x.reshape(n, -1).astype(np.float64)) + b
+        if not (np.all(np.isfinite(W)) and np.all(np.isfinite(fx))):
+            bad = int(np.argwhere(~np.isfinite(W.reshape(n, -1)).all(axis=1) | ~np.isfinite(fx).all(axis=1))[0][0])
+            raise ModelError(f"the local affine model of sample {bad} overflows {W.dtype} (a weight or "
+                             "product of weights is too large)")
         delta = np.abs(fx - rec.scores).max(axis=1)
         return UnwrapResult(W, b.astype(W.dtype), rec.scores, delta)
 
@@ -240,17 +246,23 @@ class Explainer:
                 for s in range(0, xb.shape[0], step)
             ])
         rec = record if record is not None else self.record(xb)
-        layers, sweep, weight, bias = self._path_sweep(rec, target, width, depth, input_width, classes=ncls)
-        tgt = sweep.target
-        n = rec.n
-        xf = rec.x.astype(np.float64)
-        masked = (weight.reshape(n, -1).astype(np.float64) * xf.reshape(n, -1)).sum(axis=1) + bias
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, not warned
+            layers, sweep, weight, bias = self._path_sweep(rec, target, width, depth, input_width, classes=ncls)
+            tgt = sweep.target
+            n = rec.n
+            xf = rec.x.astype(np.float64)
+            masked = (weight.reshape(n, -1).astype(np.float64) * xf.reshape(n, -1)).sum(axis=1) + bias
+            attribution = (weight * rec.x).astype(weight.dtype)
+        if not (np.all(np.isfinite(attribution)) and np.all(np.isfinite(masked))):
+            bad = int(np.argwhere(~np.isfinite(attribution.reshape(n, -1)).all(axis=1) | ~np.isfinite(masked))[0][0])
+            raise ModelError(f"the pathwise explanation of sample {bad} overflows {weight.dtype} (a weight or "
+                             "product of weights is too large)")
         paths = [
             [PathLayer(layer.name, np.flatnonzero(sweep.masks[layer.name][i]), layer.units) for layer in layers]
             for i in range(n)
         ]
         return Explanation(
-            attribution=(weight * rec.x).astype(weight.dtype),
+            attribution=attribution,
             weight=weight,
             bias=bias,
             output=rec.scores,

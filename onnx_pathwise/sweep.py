@@ -21,7 +21,7 @@ import numpy as np
 from . import graph as graph_mod
 from . import limits, runtime
 from .engine import Engine, Record
-from .errors import InputError
+from .errors import InputError, ModelError
 from .ir import ModelIR
 
 if TYPE_CHECKING:
@@ -78,6 +78,12 @@ def record_rows(explainer: Any, x: np.ndarray, preactivations: bool = False) -> 
     """One onnxruntime forward pass over rows x (already checked): the record and the raw
     recorded values (gate outputs, or inputs with ``preactivations``; max-pool inputs; scores)."""
     values = explainer._recorder_for(preactivations).run(x)
+    for name, value in values.items():  # finite weights and inputs can still overflow
+        v = np.asarray(value)
+        if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
+            row = int(np.argwhere(~np.isfinite(v))[0][0]) if v.ndim else 0
+            raise ModelError(f"tensor {name!r} is NaN or infinite on sample {row}: the model does not "
+                             "compute finite values on this input (a float overflow, or a NaN attribute)")
     states, pre = explainer.engine.states_from(values)
     scores = np.asarray(values[explainer.ir.output_name]).reshape(x.shape[0], -1)
     return Record(x=x, scores=scores, states=states, preactivations=pre), values
@@ -154,11 +160,7 @@ class Sweep:
         needed by the certified radius); otherwise the gates' outputs suffice and onnxruntime
         may fuse each layer with its activation.
         """
-        x = self.check_input(x)
-        values = self._recorder_for(preactivations).run(x)
-        states, pre = self.engine.states_from(values)
-        scores = np.asarray(values[self.ir.output_name]).reshape(x.shape[0], -1)
-        return Record(x=x, scores=scores, states=states, preactivations=pre)
+        return record_rows(self, self.check_input(x), preactivations)[0]
 
     @cached_property
     def _biggest(self) -> int:

@@ -101,3 +101,12 @@ def check_names(model: onnx.ModelProto) -> None:
                         index = f"[{i}]" if field.is_repeated else ""
                         raise ModelError(f"{where}.{field.name}{index} is not valid UTF-8 "
                                          f"({bytes(text)!r}); the file is corrupt")
+            elif field.name in ("s", "strings") and isinstance(message, onnx.AttributeProto):
+                # bytes in protobuf, "UTF-8 string" in onnx.proto: an attribute's string value
+                for i, raw in enumerate(value if field.is_repeated else [value]):
+                    try:
+                        raw.decode()
+                    except UnicodeDecodeError:
+                        index = f"[{i}]" if field.is_repeated else ""
+                        raise ModelError(f"{where}.{field.name}{index} is not valid UTF-8 "
+                                         f"({bytes(raw)!r}); the file is corrupt") from None
