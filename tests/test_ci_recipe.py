@@ -18,9 +18,9 @@ import numpy as np
 import onnx
 import pytest
 import yaml
+from helpers import ROOT
 from onnx import numpy_helper
 
-ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "ci.md"
 MLP, MLP_X = ROOT / "samples" / "mlp.onnx", ROOT / "samples" / "mlp_inputs.npy"
 MODEL, INPUTS = "models/classifier.onnx", "models/audit_inputs.npy"  # where the examples expect them

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-from typer.testing import CliRunner
+from helpers import ROOT, SAMPLES, invoke, make_model, one_error_line, run_module, vi
+from onnx import helper, numpy_helper
 
 import onnx_pathwise
 from onnx_pathwise import Explainer, InputError, runtime
-from onnx_pathwise.cli import EXIT_CODES, app
+from onnx_pathwise.cli import EXIT_CODES
 from onnx_pathwise.errors import (
     DeviceError,
     ModelError,
@@ -26,24 +23,6 @@ from onnx_pathwise.errors import (
     PathwiseError,
     UnsupportedModelError,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "samples"
-runner = CliRunner()
-
-
-def invoke(*args: str | Path):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_error_line(result, code: int) -> str:
-    """The result failed with ``code`` and exactly one ``onnx-pathwise: error:`` line on stderr."""
-    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("onnx-pathwise: error: ")
-    assert result.stdout == ""
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +37,7 @@ def unsupported_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ]
     shapes = {"w1": (4, 2), "b1": (4,), "w2": (4, 4), "b2": (4,), "w3": (2, 4), "b3": (2,)}
     inits = [numpy_helper.from_array(np.ones(s, np.float32), k) for k, s in shapes.items()]
-    graph = helper.make_graph(nodes, "blocked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
-    model.ir_version = 9
+    model = make_model(nodes, inits, name="blocked", outputs=[vi("logits")], opset=20)
     path = tmp_path_factory.mktemp("models") / "blocked.onnx"
     onnx.save(model, str(path))
     return path
@@ -260,11 +236,10 @@ def test_help_and_version() -> None:
 
 
 def test_python_m_entry_point(tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     out = tmp_path / "u.npz"
-    base = [sys.executable, "-m", "onnx_pathwise", "unwrap", str(SAMPLES / "mlp.onnx")]
-    ok = subprocess.run([*base, str(SAMPLES / "mlp_inputs.npy"), "--out", str(out), "--device", "cpu"],
-                        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    base = ["unwrap", str(SAMPLES / "mlp.onnx")]
+    ok = run_module(*base, str(SAMPLES / "mlp_inputs.npy"), "--out", str(out), "--device", "cpu",
+                    cwd=tmp_path, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith(f"wrote {out}: 16 sample(s) × 3 scores")
     with np.load(out) as data:
@@ -272,8 +247,8 @@ def test_python_m_entry_point(tmp_path: Path) -> None:
 
     bad = tmp_path / "bad.npy"
     bad.write_bytes(b"\x93NUMPY garbage")
-    failed = subprocess.run([*base, str(bad), "--out", str(tmp_path / "v.npz"), "--device", "cpu"],
-                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    failed = run_module(*base, str(bad), "--out", str(tmp_path / "v.npz"), "--device", "cpu",
+                        cwd=tmp_path, timeout=120)
     assert failed.returncode == InputError.exit_code
     assert failed.stderr.strip().splitlines() == [failed.stderr.strip()]
     assert failed.stderr.startswith("onnx-pathwise: error: ") and "Traceback" not in failed.stderr

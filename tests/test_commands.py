@@ -14,15 +14,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-from typer.testing import CliRunner
+from helpers import ROOT, SAMPLES, make_model, run
+from onnx import helper, numpy_helper
 
 from onnx_pathwise import Explainer
 from onnx_pathwise.audit_edits import last_weight, randomize_initializer
 from onnx_pathwise.cli import app
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "samples"
 CNN, CNN_X = SAMPLES / "cnn.onnx", SAMPLES / "cnn_inputs.npy"  # 8 images 1×16×16, 4 classes
 MLP, MLP_X = SAMPLES / "mlp.onnx", SAMPLES / "mlp_inputs.npy"  # 16 rows of 8 features, 3 classes
 CNN_LAST_GATE = "/features/features.6/Relu"  # 16 channels × 8 × 8 = 1024 units
@@ -30,15 +28,6 @@ MLP_GATES = ["/net/net.1/Relu", "/net/net.3/Relu"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 AUDIT_CHECKS = ["analysable", "onnxruntime loads", "completeness", "batch equals per-sample", "deterministic",
                 "cpu vs cuda", "randomised weights change explanations"]
-
-runner = CliRunner()
-
-
-def run(*args: str | Path, code: int = 0):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
-    return result
-
 
 def pngs(folder: Path) -> list[str]:
     names = sorted(p.name for p in folder.glob("*.png"))
@@ -229,11 +218,7 @@ def blocked(tmp_path_factory: pytest.TempPathFactory) -> Path:
              helper.make_node("Gemm", ["b", "w"], ["c"], name="fc2"),
              helper.make_node("Erf", ["c"], ["d"], name="erf2"),
              helper.make_node("Gemm", ["d", "w"], ["y"], name="fc3")]
-    graph = helper.make_graph(nodes, "blocked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              initializer=[numpy_helper.from_array(np.eye(2, dtype=np.float32), "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
+    model = make_model(nodes, [numpy_helper.from_array(np.eye(2, dtype=np.float32), "w")], name="blocked")
     path = tmp_path_factory.mktemp("models") / "blocked.onnx"
     onnx.save(model, str(path))
     return path

@@ -4,15 +4,13 @@ Skipped cleanly where onnxruntime cannot create a CUDA session."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from helpers import SAMPLES
 
 from onnx_pathwise import DeviceError, Explainer
 from onnx_pathwise.runtime import cuda_available
 
-SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 needs_cuda = pytest.mark.skipif(not cuda_available(), reason="no usable CUDA GPU")
 
 

@@ -9,15 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from data_helpers import conv_model, feature_metadata, mlp_model, photo_folder, write_csv
-from typer.testing import CliRunner
+from helpers import SAMPLES, runner
 
 from onnx_pathwise import Explainer
 from onnx_pathwise.cli import app
 from onnx_pathwise.data import Sample, load_labels, open_inputs
 from onnx_pathwise.errors import InputError, PathwiseError
 
-runner = CliRunner()
-SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 NAMES = ["age", "income", "height", "weight"]
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import SAMPLES
 
 from onnx_pathwise import Explainer
 
-SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 FILES = ("digits_cnn.onnx", "digits_inputs.npy", "digits_labels.npy")
 
 

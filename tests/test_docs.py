@@ -9,8 +9,8 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "onnx_pathwise"
 README = ROOT / "README.md"
 DESIGN = ROOT / "docs" / "design.md"

@@ -10,8 +10,6 @@ model's folder, local functions that expand enormously, tensors that would take 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import SAMPLES, make_model, run_module, runner
 from numpy.lib import format as npy_format
 from onnx import TensorProto, helper, numpy_helper
-from typer.testing import CliRunner
 
 from onnx_pathwise import runtime
 from onnx_pathwise.cli import app
@@ -35,15 +33,10 @@ from onnx_pathwise.errors import (
     UnsupportedModelError,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "samples"
 MLP, MLP_X = SAMPLES / "mlp.onnx", SAMPLES / "mlp_inputs.npy"
 USAGE, MODEL, UNSUPPORTED = PathwiseError.exit_code, ModelError.exit_code, UnsupportedModelError.exit_code
 INPUT, DEVICE = InputError.exit_code, DeviceError.exit_code
 assert OutputError.exit_code == USAGE
-
-runner = CliRunner()
-
 
 # --------------------------------------------------------------------------- bad files
 
@@ -51,12 +44,7 @@ runner = CliRunner()
 def _model(nodes: list[onnx.NodeProto], inits: list[TensorProto], *, opset: int = 17,
            functions: list[onnx.FunctionProto] | None = None, extra_opsets: tuple[str, ...] = ()) -> onnx.ModelProto:
     """x (N, 2) → ... → y, built from ``nodes``."""
-    graph = helper.make_graph(nodes, "hostile", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
-    opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, 1) for d in extra_opsets]
-    model = helper.make_model(graph, opset_imports=opsets, functions=functions or [])
-    model.ir_version = 9
-    return model
+    return make_model(nodes, inits, name="hostile", opset=opset, functions=functions, extra_opsets=extra_opsets)
 
 
 def _relu_net(w: TensorProto | None = None) -> onnx.ModelProto:
@@ -375,9 +363,7 @@ def no_onnxruntime(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def _run(case: Case, tmp: Path) -> tuple[int, str, str, BaseException | None]:
     argv = _argv(case, tmp)
     if case.real:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-        done = subprocess.run([sys.executable, "-m", "onnx_pathwise", *argv], capture_output=True, text=True,
-                              cwd=tmp, env=env, timeout=120)
+        done = run_module(*argv, cwd=tmp, timeout=120)
         return done.returncode, done.stdout, done.stderr, None
     result = runner.invoke(app, argv)
     exc = result.exception if not isinstance(result.exception, SystemExit) else None
@@ -416,9 +402,7 @@ def test_debug_shows_the_traceback(name: str, tmp_path: Path) -> None:
 
 
 def test_debug_traceback_in_a_real_process(tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-m", "onnx_pathwise", "--debug", "inspect", str(tmp_path / "no.onnx")],
-                          capture_output=True, text=True, env=env, timeout=120)
+    done = run_module("--debug", "inspect", str(tmp_path / "no.onnx"), timeout=120)
     assert done.returncode != 0 and "Traceback" in done.stderr and "ModelError" in done.stderr
 
 

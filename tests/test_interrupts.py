@@ -3,7 +3,6 @@ documented exit code (128 + signal) and one line on stderr. Real processes, real
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,13 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import SAMPLES, subprocess_env
 from typer.testing import CliRunner
 
 from onnx_pathwise import Explainer
 from onnx_pathwise.cli import EXIT_CODES, Interrupted, app
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "samples"
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists() or sys.platform != "linux",
                                 reason="needs Linux /proc to see when the command has started")
 
@@ -42,8 +40,7 @@ def _files(folder: Path) -> list[str]:
 def _interrupt(tmp_path: Path, signum: int, args: list[str]) -> subprocess.CompletedProcess[str]:
     """Start ``python -m onnx_pathwise *args``, wait until the command runs (its SIGTERM handler
     is installed when the command starts) and a little longer, send ``signum``, collect it."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, "-m", "onnx_pathwise", *args], cwd=tmp_path, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "onnx_pathwise", *args], cwd=tmp_path, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             # a test runner started in the background may ignore SIGINT; the tool must not
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

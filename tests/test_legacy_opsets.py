@@ -14,14 +14,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import SAMPLES as ROOT_SAMPLES
+from helpers import runner
 from onnx import TensorProto, helper, numpy_helper, version_converter
-from typer.testing import CliRunner
 
 from onnx_pathwise import Explainer, load, runtime
 from onnx_pathwise.cli import app
 from onnx_pathwise.errors import ModelError
-
-ROOT_SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
 
 def legacy_broadcast(a: np.ndarray, b: np.ndarray, axis: int | None) -> np.ndarray:
@@ -156,12 +155,10 @@ def test_broadcast_that_does_not_fit_is_refused() -> None:
         Explainer(model, device="cpu")
 
 
-def test_broadcast_that_does_not_fit_exits_3(tmp_path: Path) -> None:
+def test_broadcast_that_does_not_fit_exits_3(tmp_path: Path, model_files: Callable[..., tuple[Path, Path]]) -> None:
     model, _ = _broadcast_model("Add", (4,), 1)
-    onnx.save(model, str(tmp_path / "m.onnx"))
-    np.save(tmp_path / "x.npy", np.zeros((1, 3, 4, 5), np.float32))
-    result = CliRunner().invoke(app, ["unwrap", str(tmp_path / "m.onnx"), str(tmp_path / "x.npy"),
-                                      "--out", str(tmp_path / "u.npz"), "--device", "cpu"])
+    path, inputs = model_files(model, np.zeros((1, 3, 4, 5), np.float32))
+    result = runner.invoke(app, ["unwrap", str(path), str(inputs), "--out", str(tmp_path / "u.npz"), "--device", "cpu"])
     assert result.exit_code == ModelError.exit_code
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("onnx-pathwise: error: ")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import export_torch
 from torch import nn
 
 from onnx_pathwise import Explainer, PathwiseError
@@ -233,8 +234,7 @@ def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     model = request.param().eval()
     shape = {"MLP": (6,), "Activations": (6,), "CNN": (2, 8, 8), "Residual": (2, 6, 6), "Branches": (1, 4, 4)}[request.param.__name__]
     path = tmp_path_factory.mktemp("pw") / f"{request.param.__name__}.onnx"
-    torch.onnx.export(model, (torch.randn(1, *shape),), str(path), dynamo=False, input_names=["x"],
-                      output_names=["logits"], dynamic_axes={"x": {0: "N"}}, opset_version=17)
+    export_torch(model, (torch.randn(1, *shape),), path)
     x = np.random.default_rng(3).normal(size=(3,) + shape).astype(np.float32)
     return model, Explainer(path, device="cpu"), x
 

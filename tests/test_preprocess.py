@@ -9,8 +9,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from data_helpers import add_bad_files, conv_model, photo_folder
+from helpers import runner
 from PIL import Image, ImageOps
-from typer.testing import CliRunner
 
 from onnx_pathwise import Explainer
 from onnx_pathwise.cli import app
@@ -19,7 +19,6 @@ from onnx_pathwise.errors import InputError, PathwiseError
 from onnx_pathwise.preprocess import preset
 from onnx_pathwise.stream import read_shards
 
-runner = CliRunner()
 PRESETS = ["imagenet", "caffe", "tf", "unit", "none"]
 
 

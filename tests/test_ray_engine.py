@@ -10,13 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from data_helpers import conv_model, photo_folder
-from typer.testing import CliRunner
+from helpers import runner
 
 from onnx_pathwise.cli import app
 from onnx_pathwise.errors import PathwiseError
 from onnx_pathwise.stream import read_shards
-
-runner = CliRunner()
 
 
 def _ray_missing() -> str | None:

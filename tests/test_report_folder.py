@@ -11,7 +11,14 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
-from test_report_html import assert_clean, assert_self_contained, browser, open_offline, resnet_like, run
+from test_report_html import (
+    assert_clean,
+    assert_self_contained,
+    browser,
+    export_resnet_like,
+    open_offline,
+    run,
+)
 
 __all__ = ["browser"]  # the fixture, shared with test_report_html
 
@@ -20,13 +27,10 @@ LABELS = ["pagoda", "flower", "tabby cat", "goldfish", "bus", "lighthouse", "tea
 
 @pytest.fixture(scope="module")
 def folder_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    torch = pytest.importorskip("torch")
+    tmp = tmp_path_factory.mktemp("folder")
+    model = export_resnet_like(tmp)
     from sklearn.datasets import load_sample_images
 
-    tmp = tmp_path_factory.mktemp("folder")
-    model = tmp / "resnet_like.onnx"
-    torch.onnx.export(resnet_like(), (torch.zeros(1, 3, 224, 224),), str(model), dynamo=False, input_names=["x"],
-                      output_names=["logits"], dynamic_axes={"x": {0: "N"}}, opset_version=17)
     photos = tmp / "photos"
     photos.mkdir()
     for name, image in zip(("china.jpg", "flower.jpg"), load_sample_images().images):

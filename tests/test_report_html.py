@@ -22,17 +22,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import ROOT, SAMPLES, export_torch, run
 from PIL import Image
-from typer.testing import CliRunner
 
 from onnx_pathwise import Explainer
 from onnx_pathwise.audit import AuditReport, Check, DiffReport
-from onnx_pathwise.cli import app
 from onnx_pathwise.render import describe
 from onnx_pathwise.report import audit_page, diff_page, explain_page, write_page
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "samples"
 CNN, CNN_X = SAMPLES / "cnn.onnx", SAMPLES / "cnn_inputs.npy"  # 8 images 1×16×16
 MLP, MLP_X = SAMPLES / "mlp.onnx", SAMPLES / "mlp_inputs.npy"  # 16 rows of 8 features
 CHROMIUM = "/usr/bin/chromium"
@@ -40,15 +37,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SCREENSHOT = ROOT / "docs" / "report-screenshot.png"
 DATA_PNG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
-
-runner = CliRunner()
-
-
-def run(*args: str | Path, code: int = 0) -> Any:
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
-    return result
-
 
 def assert_self_contained(page: str) -> list[bytes]:
     """No script, no external reference; every image an embedded PNG that decodes. Returns them."""
@@ -312,15 +300,18 @@ def imagenet(photo: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float, 
     return np.ascontiguousarray(a.transpose(2, 0, 1)), (left / s, top / s, (left + 224) / s, (top + 224) / s)
 
 
+def export_resnet_like(folder: Path) -> Path:
+    """The seeded :func:`resnet_like` exported to ``folder/resnet_like.onnx`` (skips the test without torch)."""
+    torch = pytest.importorskip("torch")
+    return export_torch(resnet_like(), (torch.zeros(1, 3, 224, 224),), folder / "resnet_like.onnx")
+
+
 @pytest.fixture(scope="module")
 def photos_explained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    torch = pytest.importorskip("torch")
+    tmp = tmp_path_factory.mktemp("cnn224")
+    model = export_resnet_like(tmp)
     from sklearn.datasets import load_sample_images
 
-    tmp = tmp_path_factory.mktemp("cnn224")
-    model = tmp / "resnet_like.onnx"
-    torch.onnx.export(resnet_like(), (torch.zeros(1, 3, 224, 224),), str(model), dynamo=False, input_names=["x"],
-                      output_names=["logits"], dynamic_axes={"x": {0: "N"}}, opset_version=17)
     photos = [np.asarray(p) for p in load_sample_images().images]  # china.jpg, flower.jpg: 427×640 RGB
     tensors, regions = zip(*(imagenet(p) for p in photos))
     x = np.stack(tensors)

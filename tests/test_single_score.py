@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from helpers import make_model, vi
+from onnx import helper, numpy_helper
 
 from onnx_pathwise import Explainer, PathwiseError
 from onnx_pathwise.pathwise import parse_width
@@ -35,9 +36,8 @@ def sigmoid_mlp(path: Path) -> Path:
         helper.make_node("Gemm", ["h2", "w3", "b3"], ["y"], transB=1, name="fc3"),
         helper.make_node("Sigmoid", ["y"], ["p"], name="prob"),
     ]
-    graph = helper.make_graph(nodes, "binary", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-                              [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 1])], inits)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    onnx.save(make_model(nodes, inits, name="binary", inputs=[vi("x", ["N", 4])], outputs=[vi("p", ["N", 1])],
+                         ir_version=8), str(path))
     return path
 
 

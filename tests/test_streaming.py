@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from data_helpers import feature_metadata, mlp_model, photo_folder, write_csv
-from typer.testing import CliRunner
+from helpers import ROOT, runner
 
 from onnx_pathwise import Explainer
 from onnx_pathwise.cli import app
@@ -24,9 +24,7 @@ from onnx_pathwise.data import open_inputs
 from onnx_pathwise.stream import read_shards
 from onnx_pathwise.stream import run as run_stream
 
-ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["a", "b", "c", "d"]
-runner = CliRunner()
 
 
 def invoke(*args: object):

@@ -15,7 +15,6 @@ import os
 import re
 import stat
 import subprocess
-import sys
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -24,21 +23,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import PREFIX, ROOT, SAMPLES, run_module, runner
 from onnx import TensorProto, helper, numpy_helper
-from typer.testing import CliRunner
 
 from onnx_pathwise import Explainer, io, limits, text
 from onnx_pathwise.cli import EXIT_CODES, app
 from onnx_pathwise.errors import OutputError, PathwiseError, UnsupportedModelError
 
-ROOT = Path(__file__).resolve().parents[2]
-SAMPLES = ROOT / "samples"
 MLP, MLP_X = SAMPLES / "mlp.onnx", SAMPLES / "mlp_inputs.npy"
 CNN, CNN_X = SAMPLES / "cnn.onnx", SAMPLES / "cnn_inputs.npy"
 USAGE = PathwiseError.exit_code
-PREFIX = "onnx-pathwise: error: "
-
-runner = CliRunner()
 
 
 def invoke(*args: object, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
@@ -78,9 +72,7 @@ def snapshot(folder: Path) -> dict[str, tuple[str, bytes | str | None, int]]:
 def real_run(*args: object, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """``python -m onnx_pathwise ...`` in a real process, with a timeout so a blocked write
     fails the test instead of hanging it."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-m", "onnx_pathwise", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=timeout)
+    return run_module(*args, cwd=cwd, timeout=timeout)
 
 
 def real_one_line(done: subprocess.CompletedProcess[str], code: int, *fragments: str) -> str:

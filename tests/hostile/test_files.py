@@ -14,8 +14,6 @@ import hashlib
 import os
 import socket
 import stat
-import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,23 +23,20 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from helpers import run_module, runner
 from onnx import TensorProto, helper, numpy_helper
-from typer.testing import CliRunner
 
 from onnx_pathwise import Explainer, frontend, io, load, runtime
 from onnx_pathwise.cli import app
 from onnx_pathwise.errors import InputError, ModelError
 from onnx_pathwise.load import external
 
-ROOT = Path(__file__).resolve().parents[2]
 MODEL_EXIT, INPUT_EXIT = ModelError.exit_code, InputError.exit_code
 #: The weight every hostile model would read: hand-checkable, 16 bytes.
 W = np.array([[1.25, -0.5], [0.75, 1.5]], np.float32)
 #: The planted secret: 16 bytes that would make a plausible weight matrix too.
 SECRET = np.array([[1.0137, 1.7243], [1.3391, 1.8867]], np.float32)
 X = np.array([[1.0, 2.0], [0.5, 0.25]], np.float32)
-
-runner = CliRunner()
 
 
 # --------------------------------------------------------------------------- the site
@@ -149,9 +144,7 @@ def _within(seconds: float, fn: Callable[[], Any]) -> Any:
 
 def _cli(site: Site, *argv: str) -> tuple[int, str, str]:
     """Run ``python -m onnx_pathwise`` in a real process, in the job's working directory."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-m", "onnx_pathwise", *argv], capture_output=True, text=True,
-                          cwd=site.cwd, env=env, timeout=30)
+    done = run_module(*argv, cwd=site.cwd, timeout=30)
     return done.returncode, done.stdout, done.stderr
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from helpers import export_torch
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_pathwise import Explainer, UnsupportedModelError, runtime
@@ -48,8 +49,7 @@ class CNN(nn.Module):
 def _export(module: Any, shape: tuple[int, ...], batch: int, path: Path) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (torch.randn(batch, *shape),), str(path), dynamo=False, input_names=["x"],
-                          output_names=["logits"], opset_version=17, do_constant_folding=False)
+        export_torch(module, (torch.randn(batch, *shape),), path, dynamic_axes=None, do_constant_folding=False)
     return path
 
 

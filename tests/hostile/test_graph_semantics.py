@@ -21,30 +21,24 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import make_model, runner, write_model_files
+from helpers import vi as _vi
 from onnx import TensorProto, helper, numpy_helper
-from typer.testing import CliRunner
 
 from onnx_pathwise import Explainer, runtime
 from onnx_pathwise.cli import app
 from onnx_pathwise.errors import ModelError, UnsupportedModelError
 
-runner = CliRunner()
 X = np.array([[1.0, -0.5], [0.3, 2.0], [-1.2, 0.7]], np.float32)
 W = numpy_helper.from_array(np.array([[1.0, 2.0], [3.0, -1.0]], np.float32), "w")
 TRUE = numpy_helper.from_array(np.array(True), "c")
 
 
-def _vi(name: str, shape: list[int | str] | None = None) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
-
-
 def _model(nodes: list[onnx.NodeProto], inits: list[TensorProto], *, opset: int = 17,
            inputs: list[onnx.ValueInfoProto] | None = None, out: str = "y",
            in_shape: list[int | str] | None = None) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, "g", inputs or [_vi("x", in_shape or ["N", 2])], [_vi(out)], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    return model
+    return make_model(nodes, inits, name="g", inputs=inputs or [_vi("x", in_shape or ["N", 2])], outputs=[_vi(out)],
+                      opset=opset, ir_version=8)
 
 
 def _branch(name: str, nodes: list[onnx.NodeProto], out: str) -> onnx.GraphProto:
@@ -79,9 +73,7 @@ def _assert_exact(model: onnx.ModelProto, x: np.ndarray = X) -> Explainer:
 
 
 def _cli(model: onnx.ModelProto, tmp: Path) -> tuple[int, str]:
-    path, inputs = tmp / "m.onnx", tmp / "x.npy"
-    onnx.save(model, str(path))
-    np.save(inputs, X)
+    path, inputs = write_model_files(tmp, model, X)
     result = runner.invoke(app, ["unwrap", str(path), str(inputs), "--out", str(tmp / "new" / "u.npz"),
                                  "--device", "cpu"])
     assert not (tmp / "new").exists()
