@@ -113,6 +113,7 @@ def test_a_library_broken_by_the_signal_still_ends_as_the_interrupt(tmp_path: Pa
     command still ends as interrupted — one line, 143 — without running on, without the library's
     own error and without Python's "Exception ignored" report."""
     import ctypes
+    import os
 
     def broken_by_the_signal(self: Explainer, x: np.ndarray) -> None:
         callback = ctypes.CFUNCTYPE(None)(lambda: os.kill(os.getpid(), signal.SIGTERM))
