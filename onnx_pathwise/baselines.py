@@ -17,7 +17,8 @@ attributions of the input's shape (N, *input shape):
   cotangents at every gate's input.
 
 ``y_c`` is the explained score (the logit; terminal Softmax/Sigmoid are peeled, docs/design.md §1).
-:meth:`Explainer.attribute` dispatches here by name.
+:meth:`Explainer.attribute` dispatches here by name (:func:`attribute`, which builds the
+:class:`Attribution`).
 """
 
 from __future__ import annotations
@@ -470,6 +471,28 @@ def get_method(method: str) -> Method:
 
 def check_options(method: str, options: Mapping[str, Any]) -> None:
     get_method(method).check(options)
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Attributions of a batch by one method (:meth:`Explainer.attribute`)."""
+
+    attribution: np.ndarray  # (N, *input shape)
+    output: np.ndarray  # (N, K) onnxruntime's scores at x
+    target: np.ndarray  # (N,)
+    method: str
+    options: dict[str, Any]
+
+
+def attribute(explainer: Explainer, x: Any, method: str, target: Any = None, /, **options: Any) -> Attribution:
+    """Attributions of each sample by the registered ``method`` with its keyword ``options``
+    (anything else is refused), on one forward record (:meth:`Explainer.attribute`)."""
+    spec = get_method(method)
+    spec.check(options)
+    rec = explainer.record(x)
+    tgt = resolve_targets(target, rec.scores)
+    attribution = spec.fn(explainer, rec.x, tgt, record=rec, **options)
+    return Attribution(attribution, rec.scores, tgt, method, dict(options))
 
 
 def methods_table() -> str:

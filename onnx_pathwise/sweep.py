@@ -5,8 +5,9 @@ the onnxruntime recorders and op kernels, and the device; it checks inputs, runs
 record (``runtime.Recorder`` → ``engine.Record``) and plans how a backward sweep is chunked
 within :func:`onnx_pathwise.limits.memory_budget` (samples, then classes). ``slice_record``,
 ``concat_batches`` and ``record_rows`` are the plumbing the methods share. The API
-(:class:`onnx_pathwise.explainer.Explainer`) and the methods (``pathwise``, ``baselines``,
-``metrics``) import this module; it imports nothing above the engine.
+(:class:`onnx_pathwise.explainer.Explainer`) and the methods (``unwrap``, ``pathwise``,
+``explain``, ``decompose``, ``radius``, ``baselines``, ``metrics``) import this module; it
+imports nothing above the engine.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .errors import InputError, ModelError
 from .ir import ModelIR
 
 if TYPE_CHECKING:
+    import networkx as nx
     import onnx
 
 #: Rows (cotangents × samples × largest tensor) handled at once in a sweep: 4M float32
@@ -104,6 +106,11 @@ class Sweep:
     @cached_property
     def gate_layers(self) -> list[graph_mod.GateLayer]:
         return graph_mod.gate_layers(self.ir)
+
+    @cached_property
+    def layer_graph(self) -> nx.DiGraph:
+        """networkx.DiGraph of the analysed cone (after folding)."""
+        return graph_mod.layer_graph(self.ir)
 
     @property
     def input_name(self) -> str:

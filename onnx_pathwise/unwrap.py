@@ -1,0 +1,71 @@
+"""The local affine model (docs/design.md §3): W_x, b_x of every sample on its activation region,
+from one backward sweep of the score seeds on the shared sweep (:class:`onnx_pathwise.sweep.Sweep`),
+checked against onnxruntime's scores. :meth:`onnx_pathwise.Explainer.unwrap` calls :func:`unwrap`.
+
+>>> import numpy as np
+>>> from onnx_pathwise import Explainer
+>>> from onnx_pathwise.samples import tiny_mlp
+>>> res = unwrap(Explainer(tiny_mlp(), device="cpu").sweep, np.array([[1.0, 2.0]], np.float32))
+>>> res.weight.shape, res.bias.shape
+((1, 2, 2), (1, 2))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .engine import Record
+from .errors import ModelError
+from .sweep import Sweep, concat_batches, slice_record
+
+
+@dataclass(frozen=True)
+class UnwrapResult:
+    """The local affine model f(x') = W x' + b on the activation region of each sample."""
+
+    weight: np.ndarray  # (N, K, *input shape)
+    bias: np.ndarray  # (N, K)
+    output: np.ndarray  # (N, K) onnxruntime's explained scores
+    delta: np.ndarray  # (N,) max |W x + b − output|
+
+    def __repr__(self) -> str:
+        return (f"UnwrapResult(weight={self.weight.shape}, bias={self.bias.shape}, "
+                f"max delta={float(self.delta.max(initial=0)):.3g})")
+
+
+def unwrap(sweep: Sweep, x: Any, record: Record | None = None) -> UnwrapResult:
+    """The local affine model W_x, b_x of every sample, checked against onnxruntime (samples,
+    then classes, in chunks of at most ``MAX_SWEEP_ELEMENTS`` rows; ``record`` reuses a
+    recorded forward pass)."""
+    step = sweep._sample_chunk(1)
+    if record is None:
+        xb = sweep.check_input(x)
+        if xb.shape[0] > step:  # bounded memory: one sample chunk at a time
+            return concat_batches(  # type: ignore[no-any-return]
+                [unwrap(sweep, xb[s : s + step]) for s in range(0, xb.shape[0], step)])
+    elif record.n > step:  # the same, reusing the recorded forward pass
+        return concat_batches(  # type: ignore[no-any-return]
+            [unwrap(sweep, None, record=slice_record(record, s, s + step)) for s in range(0, record.n, step)])
+    rec = record if record is not None else sweep.record(x)
+    n, K = rec.scores.shape
+    ws, bs = [], []
+    step = sweep._class_chunk(n)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, not warned
+        for start in range(0, K, step):
+            classes = np.arange(start, min(K, start + step))
+            w, b = sweep.engine.backward(sweep._score_seeds(classes, n), rec)
+            ws.append(w)
+            bs.append(b)
+        W = np.concatenate(ws).swapaxes(0, 1)  # (n, K, *in)
+        b = np.concatenate(bs).T.astype(np.float64)
+        fx = np.einsum("nkd,nd->nk", W.reshape(n, K, -1).astype(np.float64),
+                       rec.x.reshape(n, -1).astype(np.float64)) + b
+    if not (np.all(np.isfinite(W)) and np.all(np.isfinite(fx))):
+        bad = int(np.argwhere(~np.isfinite(W.reshape(n, -1)).all(axis=1) | ~np.isfinite(fx).all(axis=1))[0][0])
+        raise ModelError(f"the local affine model of sample {bad} overflows {W.dtype} (a weight or "
+                         "product of weights is too large)")
+    delta = np.abs(fx - rec.scores).max(axis=1)
+    return UnwrapResult(W, b.astype(W.dtype), rec.scores, delta)
