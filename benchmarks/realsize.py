@@ -102,7 +102,10 @@ def child(kind: str, model_path: str, torch_spec: str, batch: int) -> None:
         xt = torch.from_numpy(x)
         target = model(xt).argmax(1)
         _captum_ig(model, xt, target)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    # VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's size at fork
+    with open("/proc/self/status", encoding="ascii") as f:
+        hwm = next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+    print(hwm / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def cli_overhead(model_path: str, x_path: str, out: Path, repeat: int) -> dict[str, float]:
