@@ -144,3 +144,35 @@ def test_class_chunks_and_baselines_follow_the_side(ex: Explainer, monkeypatch: 
 def test_targets_are_the_two_sides(ex: Explainer) -> None:
     with pytest.raises(PathwiseError, match="0 or 1"):
         ex.explain(np.zeros(4, np.float32), target=2)
+
+
+def test_a_scikit_learn_binary_classifier_peels_to_its_one_logit(tmp_path: Path) -> None:
+    """skl2onnx writes a binary MLPClassifier's head as Concat(1 − σ(z), σ(z)): it is peeled to
+    the one logit z, which equals log(p / (1 − p)) of scikit-learn's own probabilities; the
+    single-score rule explains the predicted side, exactly (W x + b = ±z)."""
+    skl2onnx = pytest.importorskip("skl2onnx")
+    from sklearn.neural_network import MLPClassifier
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 4)).astype(np.float32)
+    y = (X[:, 0] + X[:, 1] - 0.5 * X[:, 2] > 0).astype(int)
+    clf = MLPClassifier((8, 6), max_iter=500, random_state=0).fit(X, y)
+    path = tmp_path / "binary.onnx"
+    onnx.save(skl2onnx.to_onnx(clf, X[:1], options={"zipmap": False}), path)
+    ex = Explainer(path, device="cpu")
+    assert ex.num_classes == 1 and "Sigmoid" in ex.ir.peeled and "Concat(1 - p, p)" in ex.ir.peeled
+    x = X[:16]
+    h = x.astype(np.float64)
+    for W, b in zip(clf.coefs_[:-1], clf.intercepts_[:-1]):
+        h = np.maximum(h @ W + b, 0)
+    z = (h @ clf.coefs_[-1] + clf.intercepts_[-1])[:, 0]  # the logit, from scikit-learn's weights
+    np.testing.assert_allclose(1 / (1 + np.exp(-z)), clf.predict_proba(x)[:, 1], rtol=1e-6)
+    u = ex.unwrap(x)
+    np.testing.assert_allclose(u.output[:, 0], z, rtol=1e-5, atol=1e-5)
+    assert float(u.delta.max()) < 1e-4
+    e = ex.explain(x)
+    np.testing.assert_array_equal(e.target, clf.predict(x))  # the predicted side
+    side = np.where(e.target == 1, 1.0, -1.0)
+    np.testing.assert_allclose(e.score, side * u.output[:, 0], rtol=1e-6)
+    full = ex.explain(x, width=None, depth=0)  # depth 0: Input×Gradient of ±z
+    np.testing.assert_allclose(full.attribution, side[:, None] * u.weight[:, 0] * x, rtol=1e-5, atol=1e-6)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from ..errors import ModelError
 from ..rules import terminal_ops
@@ -88,6 +90,12 @@ def explained_output(
             p = producer.get(below)
             if p is None:
                 break
+            sigmoid_output = _binary_probabilities(p, graph, kind, producer)
+            if sigmoid_output is not None:  # skl2onnx: probabilities = Concat(1 − σ(z), σ(z))
+                peeled.append("Concat(1 - p, p)")
+                chain.append(p)
+                t = sigmoid_output
+                continue
             data_ins = [i for i in p.input if i and kind.get(i) == DATA]
             terminal = p.op_type in TERMINAL_OPS or p.domain == ML_DOMAIN
             if not terminal or len(data_ins) != 1:
@@ -135,6 +143,43 @@ def explained_output(
     heads = [p for p in chains[source_output]
              if p.op_type in ("Softmax", "LogSoftmax") and p.domain in ("", "ai.onnx")]
     return explained, source_output, peeled, heads
+
+
+def _binary_probabilities(node: onnx.NodeProto, graph: onnx.GraphProto, kind: Mapping[str, int],
+                          producer: Mapping[str, onnx.NodeProto]) -> str | None:
+    """The σ(z) a binary classifier's head ``Concat([1 − σ(z), σ(z)], axis=1)`` is built from
+    (scikit-learn's through skl2onnx), else None. Peeling it leaves one score, σ's input: the
+    single-score rule of docs/design.md §4 then explains the two classes exactly."""
+    if node.op_type != "Concat" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+        return None
+    axis = next((int(a.i) for a in node.attribute if a.name == "axis"), None)
+    if axis not in (1, -1) or any(kind.get(i) != DATA for i in node.input):
+        return None
+    sub = producer.get(node.input[0])
+    p = node.input[1]
+    if sub is None or sub.op_type != "Sub" or len(sub.input) != 2 or sub.input[1] != p:
+        return None
+    if not _is_one(sub.input[0], graph, kind, producer):
+        return None
+    sig = producer.get(p)
+    return p if sig is not None and sig.op_type == "Sigmoid" and sig.domain in ("", "ai.onnx") else None
+
+
+def _is_one(name: str, graph: onnx.GraphProto, kind: Mapping[str, int], producer: Mapping[str, onnx.NodeProto]) -> bool:
+    """Whether ``name`` is a stored constant whose every element is 1 (an initializer or a
+    Constant node's ``value``)."""
+    if kind.get(name) == DATA:
+        return False
+    tensor = next((t for t in graph.initializer if t.name == name), None)
+    if tensor is None and name in producer and producer[name].op_type == "Constant":
+        tensor = next((a.t for a in producer[name].attribute if a.name == "value"), None)
+    if tensor is None or tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return False
+    try:
+        value = numpy_helper.to_array(tensor)
+    except Exception:  # a malformed tensor is reported by the resource checks, not here
+        return False
+    return value.size >= 1 and value.size <= 1 << 20 and bool(np.all(value == 1))
 
 
 def normaliser_problem(node: onnx.NodeProto, opset: int, shape: tuple[int, ...]) -> str:
