@@ -356,3 +356,24 @@ def test_progress_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert capfd.readouterr().err == ""
     ex.progress = True
     same(ex.explain(x), quiet, "with a progress bar")
+
+
+def test_the_command_line_shows_the_class_chunk_progress_at_a_terminal(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI switches the class-chunk progress bar on when stderr is a terminal, off otherwise
+    (pipes, CI logs), where the API leaves it off unless asked."""
+    import io
+
+    from onnx_pathwise.cli import plumbing
+
+    path = mlp_many(tmp_path / "many.onnx", 20)
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert plumbing._open_explainer(path, "cpu").progress is True
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert plumbing._open_explainer(path, "cpu").progress is False
+    assert Explainer(path, device="cpu").progress is False

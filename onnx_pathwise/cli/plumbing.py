@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import io
 import os
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,12 @@ def _resolve_device(device: Device | str) -> str:
 
 def _open_explainer(model: Path, device: Device | str = Device.auto, input_name: str | None = None,
                     output_name: str | None = None) -> Explainer:
-    """Read, validate and analyse the model (ModelError / UnsupportedModelError / DeviceError)."""
-    return Explainer(model, device=_resolve_device(device), input_name=input_name, output_name=output_name)
+    """Read, validate and analyse the model (ModelError / UnsupportedModelError / DeviceError).
+    At a terminal, a pathwise sweep that goes in class chunks (many classes, docs/design.md §4)
+    shows its progress bar on stderr."""
+    ex = Explainer(model, device=_resolve_device(device), input_name=input_name, output_name=output_name)
+    ex.progress = sys.stderr.isatty()
+    return ex
 
 
 @dataclasses.dataclass(frozen=True)
