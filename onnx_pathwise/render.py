@@ -90,7 +90,8 @@ def _describe_text(info: Mapping[str, Any]) -> str:
                      f"before the final {peeled} (explanations target these logits)")
     else:
         lines.append(f"Output    {out['name']!r}; explained scores: {out['explained']!r}")
-    lines.append(f"Classes   {out['classes']} scores per sample")
+    lines.append(f"Classes   {out['classes']} scores per sample" if out["classes"] != 1 else
+                 "Classes   1 score per sample (a single logit: classes 0 and 1 are its two sides)")
     lines.append("")
     gates = info["gate_layers"]
     lines.append(f"Gate layers: {len(gates)} (the hidden layers; a unit is one element of a gate's output)")

@@ -176,3 +176,10 @@ def test_a_scikit_learn_binary_classifier_peels_to_its_one_logit(tmp_path: Path)
     np.testing.assert_allclose(e.score, side * u.output[:, 0], rtol=1e-6)
     full = ex.explain(x, width=None, depth=0)  # depth 0: Input×Gradient of ±z
     np.testing.assert_allclose(full.attribution, side[:, None] * u.weight[:, 0] * x, rtol=1e-5, atol=1e-6)
+
+
+def test_inspect_says_one_score(ex: Explainer) -> None:
+    from onnx_pathwise.render import _describe_text, describe
+
+    text = _describe_text(describe(ex, "m.onnx"))
+    assert "1 score per sample (a single logit: classes 0 and 1 are its two sides)" in text
