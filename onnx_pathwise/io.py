@@ -473,6 +473,19 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def to_json_line(obj: Any) -> str:
+    """``obj`` as one line of strict JSON, with the same escapes as :func:`to_json` (a row of a
+    streamed index)."""
+    return json_escape(json.dumps(_jsonable(obj), allow_nan=False, ensure_ascii=False, default=_expand))
+
+
+def _expand(o: Any) -> Any:
+    """A :class:`_Compact` array back as a list (one-line JSON needs no placement trick)."""
+    if isinstance(o, _Compact):
+        return json.loads(o.text)
+    raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
+
+
 def to_json(obj: Any) -> str:
     """Strict JSON text (indent 2): numpy scalars and arrays become numbers and lists,
     paths and dtypes strings; non-finite floats (not representable in JSON) become ``null``.

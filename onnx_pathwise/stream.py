@@ -38,7 +38,7 @@ import numpy as np
 
 from .data import InputSource, Sample
 from .errors import InputError, PathwiseError
-from .io import _atomic_write, _jsonable, save_npz, to_json, write_bytes, write_json
+from .io import _atomic_write, _jsonable, save_npz, to_json, to_json_line, write_bytes, write_json
 from .pathwise import target_scores
 
 SHARD = "explanation-{:05d}.npz"
@@ -326,7 +326,7 @@ def _write_index(out: Path, meta: dict[str, Any], shards: int) -> float | None:
     def write(f: IO[bytes]) -> None:
         f.write(head[:-1].rstrip().encode("utf-8") + b',\n  "rows": [')
         for i, row in enumerate(_rows(out, shards)):
-            text = json.dumps(_jsonable(row), allow_nan=False, ensure_ascii=False)
+            text = to_json_line(row)
             f.write((",\n    " if i else "\n    ").encode("utf-8") + text.encode("utf-8"))
         f.write(b"\n  ]\n}\n")
 

@@ -212,3 +212,23 @@ def test_progress_bar_with_rate_and_eta_on_a_terminal() -> None:
     assert proc.wait(timeout=120) == 0
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode("utf-8", "replace"))
     assert "explaining" in text and "10/10" in text and "samples/s" in text and "0:00:0" in text
+
+
+def test_index_rows_escape_text_from_file_names(tmp_path: Path) -> None:
+    """A photo whose file name holds a terminal escape and a bidi override: index.json carries
+    them as \\u escapes (reading back as the name), like every other JSON the tool writes."""
+    folder = tmp_path / "p"
+    paths = photo_folder(folder)
+    odd = folder / "evil\x1b[31m\u202e.png"
+    paths["flower"].rename(odd)
+    model = tmp_path / "m.onnx"
+    from data_helpers import conv_model
+
+    conv_model(model, size=16)
+    out = tmp_path / "out"
+    result = invoke("explain", model, folder, "--preprocess", "unit", "--out", out, "--device", "cpu", "--no-png")
+    assert result.exit_code == 0, result.output
+    text = (out / "index.json").read_text(encoding="utf-8")
+    assert "\x1b" not in text and "\u202e" not in text
+    rows = json.loads(text)["rows"]
+    assert any(Path(r["source"]).name == odd.name for r in rows)
