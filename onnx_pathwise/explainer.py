@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import networkx as nx
 import numpy as np
 
-from . import baselines, frontend, runtime
+from . import baselines, frontend, limits, runtime
 from . import decompose as decompose_mod
 from . import explain as explain_mod
 from . import graph as graph_mod
@@ -105,6 +105,7 @@ class Explainer:
         """Validate and batch an input (:meth:`onnx_pathwise.sweep.Sweep.check_input`)."""
         return self.sweep.check_input(x, name)
 
+    @limits.reused_heap()
     def record(self, x: Any, preactivations: bool = False) -> Record:
         """One onnxruntime forward pass (:meth:`onnx_pathwise.sweep.Sweep.record`)."""
         return self.sweep.record(x, preactivations)
@@ -131,11 +132,13 @@ class Explainer:
     def _score_seeds(self, classes: np.ndarray, n: int) -> dict[str, np.ndarray]:
         return self.sweep._score_seeds(classes, n)
 
+    @limits.reused_heap()
     def unwrap(self, x: Any, record: Record | None = None) -> UnwrapResult:
         """The local affine model W_x, b_x of every sample, checked against onnxruntime
         (:func:`onnx_pathwise.unwrap.unwrap`)."""
         return unwrap_mod.unwrap(self.sweep, x, record)
 
+    @limits.reused_heap()
     def certified_radius(self, x: Any, record: Record | None = None, max_input_size: int = 4096) -> RadiusResult:
         """The largest L2 and L∞ balls around each x inside its activation region (docs/design.md §3);
         see :func:`onnx_pathwise.radius.certified_radius`."""
@@ -143,6 +146,7 @@ class Explainer:
 
     # ------------------------------------------------------------------ pathwise (docs/design.md §4)
 
+    @limits.reused_heap()
     def explain(
         self,
         x: Any,
@@ -176,6 +180,7 @@ class Explainer:
         return explain_mod.explain(self.sweep, x, target, width, depth, input_width, record, classes,
                                    progress=self.progress)
 
+    @limits.reused_heap()
     def decompose(
         self,
         x: Any,
@@ -209,6 +214,7 @@ class Explainer:
 
     # ------------------------------------------------------------------ baselines (docs/design.md §5)
 
+    @limits.reused_heap()
     def attribute(self, x: Any, method: str = "pathwise", target: Any = None, **options: Any) -> Attribution:
         """Attributions of each sample by one method, on the same engine (no autodiff framework).
 

@@ -29,7 +29,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from numba import njit
+from llvmlite import ir as llvm_ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 _SERIES_LIMIT = 2.0**-10
 
@@ -110,34 +112,79 @@ def unit_excess(h, J, c, idx, out):  # type: ignore[no-untyped-def]  # pragma: n
     return n
 
 
-@_compiled()
-def lse_accumulate(h, J, rows, c, s, top, acc, jc):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
-    """One chunk of a sample's competing rows, for a layer whose K cotangents are swept in
-    chunks (docs/design.md §4, "Bounded memory at any K"): h (u,), J (m, u) any strides, of which the
-    first ``rows`` compete (the rest is padding); ``c`` the target's row in the chunk, or -1.
+@intrinsic
+def _float_from_bits(typingctx, bits):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """The float64 whose IEEE bits are the int64 ``bits`` (a bit cast, as C's memcpy)."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(args[0], llvm_ir.DoubleType())
+
+    return types.float64(types.int64), codegen
+
+
+_LOG2E = 1.4426950408889634
+_LN2_HI = 6.93147180369123816490e-01  # fdlibm's split of log 2: k·_LN2_HI is exact for |k| < 2¹¹
+_LN2_LO = 1.90821492927058770002e-10
+_ROUND = 6755399441055744.0  # 1.5·2⁵²: (y + _ROUND) − _ROUND rounds y to the nearest integer
+
+
+@_compiled(inline="always", fastmath={"contract"})
+def exp_nonpositive(x):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """exp(x) for x ≤ 0 in float64 to within 1 ulp; x below −708 counts as −708 (exp = 3.3e-308,
+    nothing beside the 1 that a log-sum-exp's maximum contributes). Branch-free so that loops calling it vectorise (libm's exp is a call LLVM cannot):
+    x = k·log 2 + r with |r| ≤ log(2)/2, exp r by its Taylor polynomial to r¹³ (the next term
+    is below 4e-18 relative), times 2ᵏ built from its exponent bits."""
+    x = max(x, -708.0)
+    k = (x * _LOG2E + _ROUND) - _ROUND
+    r = (x - k * _LN2_HI) - k * _LN2_LO
+    p = 1.0 / 6227020800.0
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    return p * _float_from_bits((np.int64(k) + 1023) << 52)
+
+
+@_compiled(fastmath={"contract"}, error_model="numpy")
+def lse_accumulate(h, g, i, rows, c, s, top, acc, jc, mx):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """One chunk of sample ``i``'s competing rows, for a layer whose K cotangents are swept in
+    chunks (docs/design.md §4, "Bounded memory at any K"): h (u,), g (m, n, u) C-contiguous, of
+    which the first ``rows`` rows compete (the rest is padding); ``c`` the target's row in the
+    chunk, or -1.
 
     Updates per unit, in place and in float64: ``s`` += Σ_k J_k in row order (the sum
-    :func:`unit_excess` takes, so its necessary test is the same), the running log-sum-exp of
-    C_k = h·J_k as ``top`` (the maximum so far, -inf at first) and ``acc`` = Σ exp(C_k − top)
-    (rescaled when the maximum grows: lse(a ∪ b) = logaddexp(lse a, lse b)), and ``jc`` = J_c.
+    :func:`unit_excess` takes, so its necessary test is the same), the log-sum-exp of
+    C_k = h·J_k as ``top + log(acc)``: ``top`` the maximum so far (start at 0) and ``acc`` =
+    Σ exp(C_k − top) (start at 0; rescaled when the maximum grows: lse(a ∪ b) =
+    logaddexp(lse a, lse b)), and ``jc`` = J_c. ``mx`` (u,) is scratch. Each pass is a plain
+    loop over the units, which LLVM vectorises (with :func:`exp_nonpositive`).
     """
-    u = J.shape[1]
+    u = g.shape[2]
+    for j in range(u):
+        mx[j] = top[j]
     for k in range(rows):
-        row = J[k]
         for j in range(u):
-            v = np.float64(row[j])
+            v = np.float64(g[k, i, j])
             s[j] += v
-            C = np.float64(h[j]) * v  # exact in float64
-            t = top[j]
-            if C > t:
-                acc[j] = acc[j] * math.exp(t - C) + 1.0
-                top[j] = C
-            else:
-                acc[j] += math.exp(C - t)
-    if c >= 0:
-        row = J[c]
+            mx[j] = max(mx[j], np.float64(h[j]) * v)  # h·J is exact in float64
+    for j in range(u):
+        acc[j] = acc[j] * exp_nonpositive(top[j] - mx[j])
+        top[j] = mx[j]
+    for k in range(rows):
         for j in range(u):
-            jc[j] = row[j]
+            acc[j] += exp_nonpositive(np.float64(h[j]) * np.float64(g[k, i, j]) - top[j])
+    if c >= 0:
+        for j in range(u):
+            jc[j] = g[c, i, j]
 
 
 @_compiled()

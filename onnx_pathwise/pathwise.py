@@ -350,21 +350,23 @@ class UnitStats:
         n, u = h.shape
         self.h, self.competing = h, competing
         self.s = np.zeros((n, u))
-        self.top = np.full((n, u), -np.inf)
+        self.top = np.zeros((n, u))  # log-sum-exp = top + log(acc), any top (kernels.lse_accumulate)
         self.acc = np.zeros((n, u))
         self.jc = np.zeros((n, u))
+        self._scratch = np.empty(u)
 
     def add(self, start: int, g: np.ndarray) -> None:
         """Cotangents g (m, n, u) of rows start … start + m − 1."""
         from . import kernels
 
         m, n = g.shape[:2]
+        g = np.ascontiguousarray(g)
         comp = self.competing
         for i in range(n):
             rows = int(min(max(int(comp.count[i]) - start, 0), m))
             c = int(comp.target_row[i]) - start
-            kernels.lse_accumulate(self.h[i], g[:, i], rows, c if 0 <= c < m else -1,
-                                   self.s[i], self.top[i], self.acc[i], self.jc[i])
+            kernels.lse_accumulate(self.h[i], g, i, rows, c if 0 <= c < m else -1,
+                                   self.s[i], self.top[i], self.acc[i], self.jc[i], self._scratch)
 
     def select(self, width: int) -> np.ndarray:
         """The kept-unit mask (n, u), by the rule of :func:`select_units`."""
@@ -523,7 +525,7 @@ class PathSweep:
         assert self.chunk is not None
         M, R, n = comp.rows, self.chunk, rec.n
         by_name = {node.name: node for node in eng.nodes}
-        store: dict[str, np.ndarray] | None = None  # the nearest cut kept in memory, all M rows
+        store: list[dict[str, np.ndarray]] | None = None  # the nearest cut kept in memory, chunk by chunk
         for pos, name in enumerate(order + ([None] if self.input_width else [])):  # type: ignore[list-item]
             if name is None:
                 h = rec.x.reshape(n, -1)
@@ -532,10 +534,10 @@ class PathSweep:
             stats = UnitStats(h, comp)
             last = pos == len(order) - (0 if self.input_width else 1)
             hooks = {k: self._apply for k in self.masks}
-            new_store: dict[str, np.ndarray] | None = None
+            new_store: list[dict[str, np.ndarray]] | None = None
             for a in range(0, M, R):
                 b = min(M, a + R)
-                seeds = ({t: v[a:b] for t, v in store.items()} if store is not None else self._score_seeds(a, b))
+                seeds = store[a // R] if store is not None else self._score_seeds(a, b)
                 self.sweeps += 1
                 if name is None:
                     w, _ = eng.backward(seeds, rec, hooks=hooks)
@@ -546,12 +548,11 @@ class PathSweep:
                     g = cut[node.outputs[0]].reshape(b - a, n, -1)
                     if a == 0 and not last:
                         need = sum(v.size // (b - a) for v in cut.values()) * M * eng.dtype.itemsize
-                        held = sum(v.nbytes for v in store.values()) if store is not None else 0
+                        held = sum(v.nbytes for part in store for v in part.values()) if store is not None else 0
                         if need + held <= self.store_bytes:
-                            new_store = {t: np.empty((M,) + v.shape[1:], v.dtype) for t, v in cut.items()}
+                            new_store = []
                     if new_store is not None:
-                        for t, v in cut.items():
-                            new_store[t][a:b] = v
+                        new_store.append(cut)  # the chunk's own arrays: no copy
                 stats.add(a, g)
                 advance()
             if name is None:

@@ -377,3 +377,39 @@ def test_the_command_line_shows_the_class_chunk_progress_at_a_terminal(tmp_path:
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     assert plumbing._open_explainer(path, "cpu").progress is False
     assert Explainer(path, device="cpu").progress is False
+
+
+def test_the_vectorised_exponential_is_libm_to_an_ulp() -> None:
+    from onnx_pathwise import kernels
+
+    rng = np.random.default_rng(0)
+    x = -np.concatenate([rng.exponential(1.0, 20000), rng.uniform(0.0, 760.0, 20000), rng.exponential(1e-6, 2000),
+                         [0.0, 5e-324, 1e-300, 1e-17, np.log(2) / 2, 700.0, 707.9, 708.0, 709.0, 745.2, np.inf]])
+    got = np.array([kernels.exp_nonpositive(v) for v in x])
+    want = np.exp(x)
+    normal = x >= -708.0
+    assert np.all(np.abs(got[normal] - want[normal]) <= 2.3e-16 * want[normal])
+    assert np.all(got[~normal] <= 3.4e-308) and np.all(got >= 0.0)
+    assert got[x == 0.0][0] == 1.0
+
+
+def test_chunked_log_sum_exp_equals_numpy_over_all_rows() -> None:
+    """kernels.lse_accumulate fed K rows in uneven chunks (some padded) against logsumexp of the
+    whole (K, u) matrix in float64, including units with h = 0 and rows far apart."""
+    from onnx_pathwise import kernels
+
+    rng = np.random.default_rng(3)
+    K, n, u = 37, 2, 1001
+    J = (rng.normal(size=(K, n, u)) * np.where(rng.random((K, 1, u)) < 0.1, 50.0, 1e-3)).astype(np.float32)
+    h = np.maximum(rng.normal(size=(n, u)), 0.0).astype(np.float32)
+    i, c = 1, 11
+    s, top, acc, jc, scratch = np.zeros(u), np.zeros(u), np.zeros(u), np.zeros(u), np.empty(u)
+    for a, b, pad in ((0, 5, 2), (5, 6, 0), (6, 30, 3), (30, 37, 1)):
+        g = np.concatenate([J[a:b], np.full((pad, n, u), 7.0, np.float32)])  # padding never counts
+        kernels.lse_accumulate(h[i], g, i, b - a, c - a if a <= c < b else -1, s, top, acc, jc, scratch)
+    C = h[i].astype(np.float64) * J[:, i].astype(np.float64)
+    m = C.max(0)
+    want = m + np.log(np.exp(C - m).sum(0))
+    np.testing.assert_allclose(top + np.log(acc), want, rtol=0, atol=1e-13 * max(1.0, float(np.abs(want).max())))
+    assert np.array_equal(s, np.cumsum(J[:, i].astype(np.float64), axis=0)[-1])
+    assert np.array_equal(jc, J[c, i].astype(np.float64))
