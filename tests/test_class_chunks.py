@@ -413,3 +413,26 @@ def test_chunked_log_sum_exp_equals_numpy_over_all_rows() -> None:
     np.testing.assert_allclose(top + np.log(acc), want, rtol=0, atol=1e-13 * max(1.0, float(np.abs(want).max())))
     assert np.array_equal(s, np.cumsum(J[:, i].astype(np.float64), axis=0)[-1])
     assert np.array_equal(jc, J[c, i].astype(np.float64))
+
+
+def test_the_heap_is_reused_only_while_a_sweep_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """limits.reused_heap: glibc's thresholds are raised once for the outermost call (nested calls,
+    an exception inside), put back and trimmed when it ends; the explanation is the same."""
+    calls: list[tuple[str, int, int]] = []
+    monkeypatch.setattr(limits, "_mallopt", lambda: (lambda p, v: calls.append(("set", p, v)) or 1,
+                                                     lambda pad: calls.append(("trim", pad, 0)) or 1))
+    with limits.reused_heap():
+        with limits.reused_heap():
+            pass
+        with pytest.raises(ValueError), limits.reused_heap():
+            raise ValueError
+        assert calls == [("set", -3, limits.HEAP_MMAP_THRESHOLD), ("set", -1, limits.HEAP_TRIM_THRESHOLD)]
+    assert calls[2:] == [("set", -3, 128 * 1024), ("set", -1, 128 * 1024), ("trim", 0, 0)]
+    assert limits._heap_users == 0
+    monkeypatch.undo()
+    ex = Explainer(mlp_many(tmp_path / "m.onnx", 30), device="cpu")
+    x = inputs(ex)
+    monkeypatch.setattr(limits, "_mallopt", lambda: None)
+    plain = ex.explain(x)
+    monkeypatch.undo()
+    same(ex.explain(x), plain, "reused heap")
