@@ -6,14 +6,19 @@ round after round (median of ``--repeat``), so drift of a shared machine cancels
 * ``grad``     — ours ``attribute(x, "gradient")`` ÷ torch autograd of the target logit;
 * ``ig32``     — ours ``attribute(x, "integrated_gradients", steps=32)`` ÷ Captum
   ``IntegratedGradients(method="riemann_middle", n_steps=32)`` (the same 32 midpoints; a
-  hand-written torch loop over the same points when Captum is not installed);
+  hand-written torch loop over the same points when Captum is not installed) with Captum's
+  default (every point of the batch in one pass); ``ig32_lean`` the same against
+  ``internal_batch_size`` = the batch (one point per pass: Captum's least memory);
 * ``unwrap``   — ours ``attribute(x, "unwrap")`` (the top class's row of W_x) ÷ torch autograd;
 * ``pathwise`` — ours full-depth ``explain`` ÷ the limit: onnxruntime's forward pass of the batch
-  times (1 + K) (docs/design.md §6: 1 + K forward-equivalents; measured once per round on b rows and
+  (a plain session of the file with onnxruntime's default options) times (1 + K) (docs/design.md §6: 1 + K forward-equivalents; measured once per round on b rows and
   scaled, since running 1,001 forwards of a ResNet-50 per round would dominate the run);
-* ``rss``      — peak RSS of ours and the reference for IG-32, each in its own subprocess;
+* ``rss``      — peak RSS (VmHWM) of ours and Captum (default and lean) for IG-32, each in its own
+  subprocess;
 * ``cli``      — a warm ``python -m onnx_pathwise explain`` ÷ the same explanation through the API,
   and its breakdown (imports, load and analysis, explain, writing);
+* ``devices``  — full-depth pathwise on the CPU and on CUDA: same kept units and attributions,
+  and the speed-up (skipped without a usable GPU; ``benchmarks/gpu_session.sh`` runs it);
 * ``overlap``  — competing classes (``classes=N``, N = 10 and 100) against ``all``: the mean Jaccard
   overlap of the kept units per path layer, the share of layers whose kept set differs, and the
   time ratio.
@@ -41,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -51,7 +57,10 @@ import archs  # noqa: E402
 from onnx_pathwise import Explainer  # noqa: E402
 
 
-def _captum_ig(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _captum_ig(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, lean: bool = False) -> torch.Tensor:
+    """Captum's IG-32 at the same midpoints: by default (Captum's own default) all points of the
+    batch in one pass; ``lean``: ``internal_batch_size`` = the batch, one point per pass (less
+    memory, more time)."""
     try:
         from captum.attr import IntegratedGradients
     except ImportError:  # the same 32 midpoints by hand
@@ -62,7 +71,7 @@ def _captum_ig(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) ->
             total += xi.grad
         return total * x / 32
     return IntegratedGradients(model).attribute(x, target=target, n_steps=32, method="riemann_middle",
-                                                internal_batch_size=max(1, x.shape[0]))
+                                                internal_batch_size=max(1, x.shape[0]) if lean else None)
 
 
 def _torch_grad(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -101,7 +110,7 @@ def child(kind: str, model_path: str, torch_spec: str, batch: int) -> None:
         model = archs.build(name, int(classes))
         xt = torch.from_numpy(x)
         target = model(xt).argmax(1)
-        _captum_ig(model, xt, target)
+        _captum_ig(model, xt, target, lean=kind == "ref-lean")
     # VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's size at fork
     with open("/proc/self/status", encoding="ascii") as f:
         hwm = next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
@@ -162,6 +171,24 @@ def classes_overlap(ex: Explainer, x: np.ndarray, K: int) -> dict[str, Any]:
     return out
 
 
+def devices(path: str, x: np.ndarray, repeat: int) -> dict[str, Any]:
+    """Full-depth pathwise on the CPU and on CUDA (issue 13, item 7): the same kept units and
+    attributions to float32 round-off, and the time of each (timed in turn)."""
+    from onnx_pathwise import runtime
+
+    if not runtime.cuda_available():
+        return {"skipped": "no usable CUDA GPU"}
+    cpu, cuda = Explainer(path, device="cpu"), Explainer(path, device="cuda")
+    a, b = cpu.explain(x), cuda.explain(x)
+    differ = sum(not np.array_equal(la.kept, lb.kept) for pa, pb in zip(a.path, b.path) for la, lb in zip(pa, pb))
+    total = sum(len(pa) for pa in a.path)
+    scale = max(float(np.abs(a.attribution).max()), 1e-30)
+    t_cpu, t_cuda = _median_pair(lambda: cpu.explain(x), lambda: cuda.explain(x), repeat)
+    return {"same_targets": a.target.tolist() == b.target.tolist(), "kept_lists_differ": f"{differ}/{total}",
+            "attribution_max_rel": float(np.abs(a.attribution - b.attribution).max() / scale),
+            "cpu_s": t_cpu, "cuda_s": t_cuda, "speedup": t_cpu / t_cuda}
+
+
 def measure(ex: Explainer, model: torch.nn.Module, x: np.ndarray, path: str, name: str, K: int, repeat: int,
             what: set[str], tmp: Path) -> dict[str, Any]:
     """One row of the table: the chosen comparisons for one model, head and batch."""
@@ -182,17 +209,25 @@ def measure(ex: Explainer, model: torch.nn.Module, x: np.ndarray, path: str, nam
         o, r = _median_pair(lambda: ex.attribute(x, "integrated_gradients", steps=32),
                             lambda: _captum_ig(model, xt, target), repeat)
         row["ig32"] = o / r
+        o, r = _median_pair(lambda: ex.attribute(x, "integrated_gradients", steps=32),
+                            lambda: _captum_ig(model, xt, target, lean=True), repeat)
+        row["ig32_lean"] = o / r
     if "pathwise" in what:
-        rec = ex._recorder_for(False)
-        o, r = _median_pair(lambda: ex.explain(x), lambda: rec.run(x), repeat)
+        plain = ort.InferenceSession(path, providers=["CPUExecutionProvider"])  # onnxruntime's defaults
+        name_in = plain.get_inputs()[0].name
+        o, r = _median_pair(lambda: ex.explain(x), lambda: plain.run(None, {name_in: x}), repeat)
         row["pathwise"] = o / (r * (1 + K))
         row["pathwise_s"] = o
     if "rss" in what:
         ours = _child_rss(["ours", path, f"{name}:{K}", str(b)])
         ref = _child_rss(["ref", path, f"{name}:{K}", str(b)])
+        lean = _child_rss(["ref-lean", path, f"{name}:{K}", str(b)])
         row["rss_ig32"] = f"{ours:.0f} / {ref:.0f} MiB ({ours / ref:.2f})"
+        row["rss_ig32_lean"] = f"{ours:.0f} / {lean:.0f} MiB ({ours / lean:.2f})"
     if "overlap" in what:
         row["overlap"] = classes_overlap(ex, x, K)
+    if "devices" in what:
+        row["devices"] = devices(path, x, repeat)
     if "cli" in what:
         xp = tmp / "x.npy"
         np.save(xp, x)
@@ -232,7 +267,8 @@ def main() -> None:
     rows = run(a.models.split(","), [int(k) for k in a.classes.split(",")], [int(b) for b in a.batch.split(",")],
                a.repeat, set(a.what.split(",")))
     print(f"\nmachine: {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
-    cols = [c for c in ("grad", "unwrap", "ig32", "pathwise", "rss_ig32") if any(c in r for r in rows)]
+    cols = [c for c in ("grad", "unwrap", "ig32", "ig32_lean", "pathwise", "pathwise_s", "rss_ig32", "rss_ig32_lean")
+            if any(c in r for r in rows)]
     print("| model | K | batch | " + " | ".join(cols) + " |")
     print("|---" * (3 + len(cols)) + "|")
     for r in rows:
@@ -241,6 +277,8 @@ def main() -> None:
     for r in rows:
         if r.get("overlap"):
             print(f"classes {r['model']} K={r['K']} b={r['batch']}: " + json.dumps(r["overlap"]))
+        if "devices" in r:
+            print(f"devices {r['model']} K={r['K']} b={r['batch']}: " + json.dumps(r["devices"]))
         if "cli" in r:
             print(f"cli {r['model']} K={r['K']} b={r['batch']}: " + ", ".join(f"{k} {v:.2f}s" for k, v in r["cli"].items()))
 

@@ -110,10 +110,11 @@ def check_fits(estimate: float, what: str) -> None:
 # ---------------------------------------------------------------------- the heap during sweeps
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-#: While a sweep runs: arrays up to this size come from malloc's heap, not fresh mappings ...
-HEAP_MMAP_THRESHOLD = 1 << 30
-#: ... and up to this much free memory stays at the heap's top for the next array.
-HEAP_TRIM_THRESHOLD = (1 << 31) - 1
+#: While a sweep runs, arrays up to this share of the memory budget come from malloc's heap
+#: instead of fresh mappings (at most HEAP_MAX_ARRAY), and twice that stays free at the heap's
+#: top for the next array: what the heap holds back stays small beside the budget.
+HEAP_BUDGET_SHARE = 1 / 16
+HEAP_MAX_ARRAY = 1 << 30
 _GLIBC_DEFAULT = 128 * 1024  # both parameters' glibc default
 _heap_users = 0
 _heap_lock = threading.Lock()
@@ -131,6 +132,11 @@ def _mallopt() -> tuple[object, object] | None:
         return None
 
 
+def heap_array_limit() -> int:
+    """The largest array :func:`reused_heap` serves from the heap: a share of the budget."""
+    return int(min(HEAP_MAX_ARRAY, max(_GLIBC_DEFAULT, memory_budget() * HEAP_BUDGET_SHARE)))
+
+
 @contextlib.contextmanager
 def reused_heap() -> Iterator[None]:
     """Large temporaries reuse freed heap memory while the block runs (also a decorator).
@@ -139,10 +145,11 @@ def reused_heap() -> Iterator[None]:
     from a fresh mapping and returns it at ``free``, so every one is page-faulted and zeroed
     again: measured here, a 16 MB temporary cost 16 ms against 9 ms from the heap, and a
     ResNet-18 pathwise explanation with 1,000 classes took 53.6 s against 42.5 s. Inside the
-    block (nesting and threads count), arrays up to 1 GiB come from the heap and freed memory
-    is kept for the next one; at its end glibc's defaults come back and the kept memory is
-    returned (``malloc_trim``). The peak is unchanged: only what was freed is kept. Elsewhere
-    than glibc this does nothing.
+    block (nesting and threads count), arrays up to :func:`heap_array_limit` come from the heap
+    and freed memory is kept for the next one; at its end glibc's defaults come back and the
+    kept memory is returned (``malloc_trim``). The limit is a share of the budget because the
+    heap fragments: with every size recycled, a sweep planned for a 64 MiB budget peaked 78 MiB
+    higher (tests/test_class_chunks.py). Elsewhere than glibc this does nothing.
     """
     calls = _mallopt()
     global _heap_users
@@ -151,8 +158,9 @@ def reused_heap() -> Iterator[None]:
         with _heap_lock:
             _heap_users += 1
             if _heap_users == 1:
-                mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)  # type: ignore[operator]
-                mallopt(_M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD)  # type: ignore[operator]
+                largest = heap_array_limit()
+                mallopt(_M_MMAP_THRESHOLD, largest)  # type: ignore[operator]
+                mallopt(_M_TRIM_THRESHOLD, 2 * largest)  # type: ignore[operator]
     try:
         yield
     finally:

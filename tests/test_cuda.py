@@ -4,9 +4,14 @@ Skipped cleanly where onnxruntime cannot create a CUDA session."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
-from helpers import SAMPLES
+from helpers import ROOT, SAMPLES, subprocess_env
 
 from onnx_pathwise import DeviceError, Explainer
 from onnx_pathwise.runtime import cuda_available
@@ -44,3 +49,35 @@ def test_cuda_matches_cpu(name: str) -> None:
     for pa, pb in zip(ea.path, eb.path):
         assert [p.kept.tolist() for p in pa] == [p.kept.tolist() for p in pb]
     np.testing.assert_allclose(eb.attribution, ea.attribution, rtol=1e-3, atol=1e-4 * np.abs(ea.attribution).max())
+
+
+@needs_cuda
+def test_class_chunked_pathwise_on_cuda_matches_the_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many classes in class chunks (a budget that forces them) on CUDA and on the CPU: the same
+    kept units, attributions to float32 round-off (issue 13)."""
+    from test_class_chunks import mlp_many
+
+    from onnx_pathwise import limits
+
+    path = mlp_many(tmp_path / "many.onnx", 300, width=64)
+    x = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
+    monkeypatch.setattr(limits, "memory_budget", lambda: 1)
+    a, b = Explainer(path, device="cpu").explain(x), Explainer(path, device="cuda").explain(x)
+    assert a.target.tolist() == b.target.tolist()
+    for pa, pb in zip(a.path, b.path):
+        assert [p.kept.tolist() for p in pa] == [p.kept.tolist() for p in pb]
+    np.testing.assert_allclose(b.attribution, a.attribution, rtol=1e-4, atol=1e-5 * np.abs(a.attribution).max())
+
+
+def test_the_gpu_session_script_says_why_it_skips_without_a_gpu(tmp_path: Path) -> None:
+    """benchmarks/gpu_session.sh on a machine without CUDA: a summary saying so, exit 1, at once."""
+    if cuda_available():
+        pytest.skip("a GPU is present: the script would run its benchmarks")
+    env = subprocess_env()
+    env.update(OUT=str(tmp_path), PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    summary = (tmp_path / "summary.md").read_text()
+    assert "onnx_pathwise sees CUDA: False" in summary
+    assert "skipped: onnxruntime cannot use a CUDA GPU here" in summary

@@ -8,7 +8,7 @@ import hashlib
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -23,11 +23,15 @@ from .protos import all_tensors
 from .resources import MAX_PROTOBUF_BYTES, stored_bytes, tensor_problem
 
 
-def external_references(model: onnx.ModelProto) -> list[str]:
-    """Where the model still refers to external data (one line each; empty when none)."""
+def external_references(model: onnx.ModelProto, provided: Collection[str] = ()) -> list[str]:
+    """Where the model still refers to external data (one line each; empty when none).
+    ``provided``: names of main-graph initializers whose data the caller hands to onnxruntime
+    from memory (:func:`onnx_pathwise.runtime.session`), which do not count."""
     tensors, _ = all_tensors(model)
     out = []
     for where, t in tensors:
+        if t.name in provided and where == f"initializer {t.name!r}":
+            continue
         if t.data_location == TensorProto.EXTERNAL:
             location = next((e.value for e in t.external_data if e.key == "location"), "")
             out.append(f"{where} stores its data in external file {location!r}")
