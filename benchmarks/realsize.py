@@ -93,25 +93,36 @@ def _median_pair(ours: Callable[[], Any], ref: Callable[[], Any], repeat: int) -
     return statistics.median(a), statistics.median(b)
 
 
+#: Our side of the RSS measurement: a process that imports onnx_pathwise only (no torch).
+OURS_CHILD = """
+import sys, numpy as np
+from onnx_pathwise import Explainer
+x = np.random.default_rng(1).normal(size=(int(sys.argv[2]), 3, 224, 224)).astype(np.float32)
+Explainer(sys.argv[1], device="cpu").attribute(x, "integrated_gradients", steps=32)
+print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024)
+"""
+
+
 def _child_rss(args: list[str]) -> float:
-    """Peak RSS in MiB of ``realsize.py --child ...`` run in its own process."""
-    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True)
+    """Peak RSS in MiB (VmHWM: a child's ru_maxrss starts from its parent's size at fork) of one
+    job in its own process: ours imports onnx_pathwise alone, the reference torch and Captum."""
+    if args[0] == "ours":
+        cmd = [sys.executable, "-c", OURS_CHILD, args[1], args[3]]
+    else:
+        cmd = [sys.executable, __file__, "--child", *args]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
 
 
 def child(kind: str, model_path: str, torch_spec: str, batch: int) -> None:
-    """One measured job in this process; prints its peak RSS in MiB."""
+    """Captum's IG-32 in this process (``kind`` "ref" or "ref-lean"); prints its peak RSS in MiB."""
     x = np.random.default_rng(1).normal(size=(batch, 3, 224, 224)).astype(np.float32)
-    if kind == "ours":
-        ex = Explainer(model_path, device="cpu")
-        ex.attribute(x, "integrated_gradients", steps=32)
-    else:
-        name, classes = torch_spec.split(":")
-        model = archs.build(name, int(classes))
-        xt = torch.from_numpy(x)
-        target = model(xt).argmax(1)
-        _captum_ig(model, xt, target, lean=kind == "ref-lean")
-    # VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's size at fork
+    name, classes = torch_spec.split(":")
+    model = archs.build(name, int(classes))
+    xt = torch.from_numpy(x)
+    target = model(xt).argmax(1)
+    _captum_ig(model, xt, target, lean=kind == "ref-lean")
     with open("/proc/self/status", encoding="ascii") as f:
         hwm = next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
     print(hwm / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

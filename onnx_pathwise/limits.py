@@ -121,13 +121,12 @@ _heap_lock = threading.Lock()
 
 
 @functools.lru_cache(maxsize=1)
-def _mallopt() -> tuple[object, object] | None:
-    """glibc's (mallopt, malloc_trim), or None on another C library or platform."""
+def _mallopt() -> object | None:
+    """glibc's mallopt, or None on another C library or platform."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc.mallopt, libc.malloc_trim
+        return ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return None
 
@@ -146,15 +145,17 @@ def reused_heap() -> Iterator[None]:
     again: measured here, a 16 MB temporary cost 16 ms against 9 ms from the heap, and a
     ResNet-18 pathwise explanation with 1,000 classes took 53.6 s against 42.5 s. Inside the
     block (nesting and threads count), arrays up to :func:`heap_array_limit` come from the heap
-    and freed memory is kept for the next one; at its end glibc's defaults come back and the
-    kept memory is returned (``malloc_trim``). The limit is a share of the budget because the
-    heap fragments: with every size recycled, a sweep planned for a 64 MiB budget peaked 78 MiB
-    higher (tests/test_class_chunks.py). Elsewhere than glibc this does nothing.
+    and freed memory is kept for the next one; at its end glibc's defaults come back, and with
+    them glibc's own return of free memory at the heap's top as later arrays are freed. (An
+    explicit ``malloc_trim`` at the end cost more than it gave: a MobileNet-V2 explanation
+    took 483 ms with it, 368 ms without, 400 ms with no reuse at all.) The limit is a share of
+    the budget because the heap fragments: with every size recycled, a sweep planned for a
+    64 MiB budget peaked 78 MiB higher (tests/test_class_chunks.py). Elsewhere than glibc this
+    does nothing.
     """
-    calls = _mallopt()
+    mallopt = _mallopt()
     global _heap_users
-    if calls is not None:
-        mallopt, _ = calls
+    if mallopt is not None:
         with _heap_lock:
             _heap_users += 1
             if _heap_users == 1:
@@ -164,11 +165,9 @@ def reused_heap() -> Iterator[None]:
     try:
         yield
     finally:
-        if calls is not None:
-            mallopt, trim = calls
+        if mallopt is not None:
             with _heap_lock:
                 _heap_users -= 1
                 if _heap_users == 0:
                     mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT)  # type: ignore[operator]
                     mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT)  # type: ignore[operator]
-                    trim(0)  # type: ignore[operator]
