@@ -121,14 +121,57 @@ _heap_lock = threading.Lock()
 
 
 @functools.lru_cache(maxsize=1)
-def _mallopt() -> object | None:
-    """glibc's mallopt, or None on another C library or platform."""
+def _glibc() -> ctypes.CDLL | None:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:
-        return ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
         return None
+
+
+def _mallopt() -> object | None:
+    """glibc's mallopt, or None on another C library or platform."""
+    return getattr(_glibc(), "mallopt", None)
+
+
+def release_freed() -> None:
+    """Return the memory that freed arrays still hold to the system (glibc's ``malloc_trim``;
+    nothing elsewhere)."""
+    trim = getattr(_glibc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def resident_bytes() -> int:
+    """The process's resident size now (0 where /proc is not there)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class Resident:
+    """Keeps a long chunked sweep near the memory its plan counted.
+
+    The plan counts live arrays, but the allocator keeps what they free for later ones (in every
+    thread's arena, onnxruntime's temporaries too), and chunk after chunk that grows the process
+    past its budget: on ResNet-18 with 1,000 classes and a 2 GiB budget it peaked 2.7 GiB above
+    its start, and a six-layer model with a 128 MiB budget grew by 485 MiB. :meth:`check`,
+    called after each chunk, hands freed memory back (:func:`release_freed`) whenever the
+    process has grown by more than half the budget since the sweep began (with the whole budget
+    as the threshold the six-layer model still grew by 199 MiB; with half, by 158 MiB under a
+    128 MiB budget and under a 256 MiB one), for the price of reading /proc/self/statm per
+    chunk and a trim now and then."""
+
+    def __init__(self) -> None:
+        self.start = resident_bytes()
+        self.limit = memory_budget() // 2
+
+    def check(self) -> None:
+        if self.start and resident_bytes() - self.start > self.limit:
+            release_freed()
 
 
 def heap_array_limit() -> int:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from . import limits
 from .engine import Engine, Record, Through
 from .errors import PathwiseError
 from .graph import GateLayer
@@ -526,6 +527,7 @@ class PathSweep:
         M, R, n = comp.rows, self.chunk, rec.n
         by_name = {node.name: node for node in eng.nodes}
         store: list[dict[str, np.ndarray]] | None = None  # the nearest cut kept in memory, chunk by chunk
+        resident = limits.Resident()
         for pos, name in enumerate(order + ([None] if self.input_width else [])):  # type: ignore[list-item]
             if name is None:
                 h = rec.x.reshape(n, -1)
@@ -554,6 +556,7 @@ class PathSweep:
                     if new_store is not None:
                         new_store.append(cut)  # the chunk's own arrays: no copy
                 stats.add(a, g)
+                resident.check()
                 advance()
             if name is None:
                 self.input_mask = stats.select(int(self.input_width))  # type: ignore[arg-type]

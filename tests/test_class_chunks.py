@@ -222,6 +222,58 @@ def test_many_classes_stay_within_a_small_budget(tmp_path: Path) -> None:
     assert int(kept) > 0 and np.isfinite(float(masked))
 
 
+def conv_deep(path: Path, K: int = 1000, channels: tuple[int, ...] = (16, 32, 8, 32, 16, 24), S: int = 24) -> Path:
+    """x (3, S, S) → six Conv 3×3 → Relu of changing widths → GlobalAveragePool → Gemm (K): every
+    layer's cotangents of all K classes are a different size (as in a ResNet's stages)."""
+    rng = np.random.default_rng(1)
+    inits, nodes, prev, cin = [], [], "x", 3
+    for i, c in enumerate(channels):
+        w = (rng.normal(size=(c, cin, 3, 3)) / np.sqrt(9 * cin)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes += [helper.make_node("Conv", [prev, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1], name=f"conv{i}"),
+                  helper.make_node("Relu", [f"c{i}"], [f"h{i}"], name=f"relu{i}")]
+        prev, cin = f"h{i}", c
+    inits += [numpy_helper.from_array((rng.normal(size=(K, cin)) / 4).astype(np.float32), "wk"),
+              numpy_helper.from_array(np.zeros(K, np.float32), "bk")]
+    nodes += [helper.make_node("GlobalAveragePool", [prev], ["p"], name="gap"),
+              helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+              helper.make_node("Gemm", ["f", "wk", "bk"], ["logits"], transB=1, name="head")]
+    graph = helper.make_graph(nodes, "deep", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, S, S])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", K])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
+def test_memory_freed_by_chunks_goes_back_when_the_process_outgrows_the_budget(tmp_path: Path) -> None:
+    """Six layers of different sizes, 1,000 classes, a 128 MiB budget: every layer is re-swept
+    chunk by chunk from the scores, and what the allocator keeps of the freed chunks grew the
+    process by 485 MiB before limits.Resident (158 MiB with it, measured)."""
+    path = conv_deep(tmp_path / "deep.onnx")
+    env = dict(os.environ, ONNX_PATHWISE_MEMORY_BUDGET="128M", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parent.parent, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    base, peak, kept, masked = out.stdout.split()
+    grown = int(peak) - int(base)
+    assert grown < 1.5 * limits.parse_size("128M"), f"peak grew by {grown / 2**20:.0f} MiB"
+    assert int(kept) > 0 and np.isfinite(float(masked))
+
+
+def test_resident_trims_only_past_half_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    sizes = iter([1000, 1000 + 40, 1000 + 51, 1000 + 49])
+    trims: list[int] = []
+    monkeypatch.setattr(limits, "resident_bytes", lambda: next(sizes))
+    monkeypatch.setattr(limits, "memory_budget", lambda: 100)
+    monkeypatch.setattr(limits, "release_freed", lambda: trims.append(1))
+    r = limits.Resident()
+    r.check()
+    assert trims == []
+    r.check()
+    assert trims == [1]
+    r.check()
+    assert trims == [1]
+
+
 # --------------------------------------------------------------------------- one record per sample
 
 
