@@ -65,7 +65,7 @@ class Explainer:
         self.source_ir: ModelIR = raw_ir
         self.ir: ModelIR = run_passes(raw_ir)
         #: the shared sweep layer (onnx_pathwise.sweep): engine, recorders, kernels, chunk plans
-        self.sweep = Sweep(self.proto, self.ir, self.device)
+        self.sweep = Sweep(self.proto, self.ir, self.device, raw_ir.constants)
         self.kernels = self.sweep.kernels
         self.engine: Engine = self.sweep.engine
         #: show a progress bar on stderr while a pathwise sweep goes in class chunks (opt-in)

@@ -13,7 +13,7 @@ imports nothing above the engine.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -95,8 +95,11 @@ class Sweep:
     """The forward record and the sweep plumbing of one analysed model (IR after the passes)
     on one device: ``ir``, ``engine``, ``kernels``, ``device``, the recorders."""
 
-    def __init__(self, proto: onnx.ModelProto, ir: ModelIR, device: str) -> None:
+    def __init__(self, proto: onnx.ModelProto, ir: ModelIR, device: str,
+                 initializers: Mapping[str, np.ndarray] | None = None) -> None:
         self.proto = proto
+        #: the loader's arrays of the model's constants, which record sessions share
+        self.initializers = initializers
         self.ir = ir
         self.device = device
         self.kernels = runtime.OpKernels(self.device)
@@ -155,7 +158,7 @@ class Sweep:
         if rec is None:
             rec = runtime.Recorder(
                 self.proto, self.ir.input_name, self.engine.recorded_tensors(preactivations), self.device,
-                self.ir.fixed_batch or int(self.ir.batch_fixed),
+                self.ir.fixed_batch or int(self.ir.batch_fixed), self.initializers,
             )
             self._recorders[preactivations] = rec
         return rec

@@ -489,3 +489,27 @@ def test_the_heap_is_reused_only_while_a_sweep_runs(monkeypatch: pytest.MonkeyPa
     plain = ex.explain(x)
     monkeypatch.undo()
     same(ex.explain(x), plain, "reused heap")
+
+
+def test_sessions_share_the_loaders_weight_arrays_and_record_the_same(tmp_path: Path) -> None:
+    """The record session reads big initializers from the loader's arrays (declared external to
+    onnxruntime, data not copied into the protobuf) and records exactly what a session built
+    from the plain file records; shape inference runs on a copy without the big data."""
+    from onnx_pathwise.load.protos import without_large_data
+
+    path = conv_deep(tmp_path / "deep.onnx", K=1000)
+    ex = Explainer(path, device="cpu")
+    rec = ex.sweep._recorder_for(False)
+    recorded, shared = runtime._with_outputs(ex.proto, rec.names, ex.source_ir.constants)
+    assert "wk" in shared and shared["wk"] is ex.source_ir.constants["wk"]  # 1000 × 24 floats: shared
+    assert "w0" not in shared  # 1.6 kB: not worth it, stays inline
+    assert recorded.ByteSize() < ex.proto.ByteSize() - 90_000  # wk is 96,000 bytes
+    plain = runtime.Recorder(ex.proto, ex.ir.input_name, rec.names, "cpu")
+    x = inputs(ex, 2)
+    got, want = rec.run(x), plain.run(x)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    light = without_large_data(ex.proto)
+    assert light.ByteSize() < ex.proto.ByteSize() - 90_000  # wk is 96,000 bytes
+    full = onnx.shape_inference.infer_shapes(ex.proto, data_prop=True).graph.value_info
+    assert [str(v) for v in onnx.shape_inference.infer_shapes(light, data_prop=True).graph.value_info] == \
+        [str(v) for v in full]

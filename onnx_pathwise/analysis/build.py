@@ -50,7 +50,7 @@ def analyse(
 ) -> ModelIR:
     """The model's IR: its explained input and output, the cone between them with canonical
     attributes and roles, the constants it reads and every data tensor's per-sample shape.
-    ``label`` names the model in the IR's info; ``probe(model, outputs, feed)`` runs the model
+    ``label`` names the model in the IR's info; ``probe(model, outputs, feed, arrays)`` runs the model
     in onnxruntime (:func:`onnx_pathwise.runtime.probe`)."""
     graph = model.graph
     opset = opset_version(model)
@@ -121,10 +121,10 @@ def analyse(
         check_fits(2 * int(np.prod(feed_shape, dtype=np.int64)) * np_dtype.itemsize,
                    f"the analysis run at the file's fixed batch of {fixed_batch}")
         rows = np.random.default_rng(0).normal(size=(fixed_batch + 1,) + feed_shape[1:]).astype(np_dtype)
-        runs = probe(model, to_fetch, [{in_vi.name: rows[1:]}, {in_vi.name: rows[:-1]}])
+        runs = probe(model, to_fetch, [{in_vi.name: rows[1:]}, {in_vi.name: rows[:-1]}], consts)
         values = runs[0]
     else:
-        values = probe(model, to_fetch, {in_vi.name: np.zeros(feed_shape, np_dtype)})
+        values = probe(model, to_fetch, {in_vi.name: np.zeros(feed_shape, np_dtype)}, consts)
     for t in const_needed:
         if t not in consts:
             consts[t] = np.asarray(values[t])

@@ -10,7 +10,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ModelError
-from .protos import all_tensors, node_subgraphs
+from .protos import all_tensors, node_subgraphs, without_large_data
 
 #: The most bytes one stored tensor, or one tensor shape inference finds, may claim.
 MAX_CONSTANT_BYTES = 2**31
@@ -152,7 +152,7 @@ def check_inferred_sizes(model: onnx.ModelProto) -> None:
     would make onnxruntime allocate it. A symbolic dimension counts as 1 (the probe runs one
     sample). Models shape inference cannot handle are let through."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(without_large_data(model), data_prop=True)
     except Exception:
         return
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
