@@ -185,18 +185,16 @@ def classes_overlap(ex: Explainer, x: np.ndarray, K: int) -> dict[str, Any]:
 def devices(path: str, x: np.ndarray, repeat: int) -> dict[str, Any]:
     """Full-depth pathwise on the CPU and on CUDA (issue 13, item 7): the same kept units and
     attributions to float32 round-off, and the time of each (timed in turn)."""
+    from bench_devices import compare
+
     from onnx_pathwise import runtime
 
     if not runtime.cuda_available():
         return {"skipped": "no usable CUDA GPU"}
     cpu, cuda = Explainer(path, device="cpu"), Explainer(path, device="cuda")
-    a, b = cpu.explain(x), cuda.explain(x)
-    differ = sum(not np.array_equal(la.kept, lb.kept) for pa, pb in zip(a.path, b.path) for la, lb in zip(pa, pb))
-    total = sum(len(pa) for pa in a.path)
-    scale = max(float(np.abs(a.attribution).max()), 1e-30)
+    same_targets, differ, total, rel = compare(cpu.explain(x), cuda.explain(x))
     t_cpu, t_cuda = _median_pair(lambda: cpu.explain(x), lambda: cuda.explain(x), repeat)
-    return {"same_targets": a.target.tolist() == b.target.tolist(), "kept_lists_differ": f"{differ}/{total}",
-            "attribution_max_rel": float(np.abs(a.attribution - b.attribution).max() / scale),
+    return {"same_targets": same_targets, "kept_lists_differ": f"{differ}/{total}", "attribution_max_rel": rel,
             "cpu_s": t_cpu, "cuda_s": t_cuda, "speedup": t_cpu / t_cuda}
 
 

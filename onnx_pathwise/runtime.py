@@ -22,7 +22,7 @@ from onnx import helper
 
 from .errors import DeviceError, ModelError
 from .load import external_references
-from .load.protos import copy_fields
+from .load.protos import with_initializers
 
 DEVICES = ("auto", "cpu", "cuda")
 _CPU: list[Any] = ["CPUExecutionProvider"]
@@ -184,10 +184,10 @@ def shared_initializer(name: str, array: np.ndarray) -> onnx.TensorProto:
     return t
 
 
-def _shareable(t: onnx.TensorProto, array: np.ndarray | None) -> bool:
+def _shareable(t: onnx.TensorProto, array: np.ndarray) -> bool:
     """Whether ``array`` can stand for initializer ``t`` (same type and shape, a plain numeric
     dtype, and big enough for the saving to matter)."""
-    if array is None or array.dtype.kind not in "fiub" or array.nbytes < (1 << 16):
+    if array.dtype.kind not in "fiub" or array.nbytes < (1 << 16):
         return False
     try:
         same_type = helper.np_dtype_to_tensor_dtype(array.dtype) == t.data_type
@@ -204,18 +204,16 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str],
     bytes nor onnxruntime's session duplicate its data (a 537 MB VGG-16 peaked 1.5 GB higher
     when the record session copied them)."""
     arrays = arrays or {}
-    out = onnx.ModelProto()
-    copy_fields(model, out, skip="graph")
-    copy_fields(model.graph, out.graph, skip="initializer")
     shared: dict[str, np.ndarray] = {}
-    for t in model.graph.initializer:
+
+    def share(t: onnx.TensorProto) -> onnx.TensorProto:
         array = arrays.get(t.name)
-        if _shareable(t, array):
-            assert array is not None
-            shared[t.name] = array
-            out.graph.initializer.append(shared_initializer(t.name, array))
-        else:
-            out.graph.initializer.append(t)
+        if array is None or not _shareable(t, array):
+            return t
+        shared[t.name] = array
+        return shared_initializer(t.name, array)
+
+    out = with_initializers(model, share)
     existing = {o.name for o in out.graph.output}
     del out.graph.output[:]
     for name in names:

@@ -3,7 +3,7 @@ the opset a model imports."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import onnx
@@ -81,7 +81,7 @@ def opset_version(model: onnx.ModelProto, domain: str = "") -> int:
     return 0
 
 
-def copy_fields(src: Any, dst: Any, skip: str) -> None:
+def _copy_fields(src: Any, dst: Any, skip: str) -> None:
     """Copy every set field of protobuf message ``src`` but ``skip`` into ``dst``."""
     for field, value in src.ListFields():
         if field.name == skip:
@@ -94,17 +94,20 @@ def copy_fields(src: Any, dst: Any, skip: str) -> None:
             setattr(dst, field.name, value)
 
 
+def with_initializers(model: onnx.ModelProto, each: Callable[[TensorProto], TensorProto]) -> onnx.ModelProto:
+    """A copy of ``model`` whose main-graph initializers are ``each(t)`` of its own: the data of
+    the ones ``each`` replaces is never copied (a whole-model ``CopyFrom`` would copy it all)."""
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip="graph")
+    _copy_fields(model.graph, out.graph, skip="initializer")
+    out.graph.initializer.extend(each(t) for t in model.graph.initializer)
+    return out
+
+
 def without_large_data(model: onnx.ModelProto, limit: int = 1 << 16) -> onnx.ModelProto:
     """A copy of ``model`` whose main-graph initializers of ``limit`` bytes or more keep their
     name, type and dims but not their data: enough for shape inference, whose data propagation
     only reads small tensors (shapes), without copying the weights (onnx's inference serialises
     and parses the whole model: a 537 MB VGG-16 cost 1 GB more at load)."""
-    out = onnx.ModelProto()
-    copy_fields(model, out, skip="graph")
-    copy_fields(model.graph, out.graph, skip="initializer")
-    for t in model.graph.initializer:
-        if t.ByteSize() >= limit:
-            out.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
-        else:
-            out.graph.initializer.append(t)
-    return out
+    return with_initializers(model, lambda t: TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
+                             if t.ByteSize() >= limit else t)
