@@ -1,25 +1,15 @@
-"""Compiled inner loops (numba) for the parts of the sweep that numpy does in many passes.
+"""Compiled inner loops (numba) for the two jobs that numpy would do in many passes over
+large arrays: the class-chunked unit sums of a pathwise selection whose K cotangents do not
+fit the budget at once (``lse_accumulate``, ``lse_excess``: docs/design.md §4, "Bounded memory
+at any K"), and the piece bounds of exact Integrated Gradients (``gate_piece``,
+``window_piece``).
 
-Imported on first use (by the pathwise selection, the max-pool rules and exact Integrated
-Gradients): numba's import costs a second and the first compilation a few more; compiled code
-is cached on disk, next to this file or in the user's cache directory.
-
-``unit_excess`` scores the units of one path layer for one sample (docs/design.md §4): the excess
-e = log(K·P) = C_c − log(mean_k exp C_k) of each unit, P = softmax_k(C)[c], C_k = h·J_k, in
-float64. A unit can be kept only when P > 1/K, i.e. e > 0; only those are returned.
-
-Two exact routes to log(mean_k exp C_k) = mean C + log(mean_k exp d_k), d = C − mean C:
-
-* spread max|d| ≤ 2⁻¹⁰ (most units of a network whose per-unit contributions are small): the
-  series log1p(mean_k (d²/2 + d³/6 + d⁴/24 + d⁵/120)) (mean d = 0 drops the first-order term;
-  the next term, d⁶/720 ≤ 2e-21, is far below float64 round-off of the result);
-* otherwise log-sum-exp with the maximum shifted out, as usual.
-
-Both are accurate to ~1e-16 absolute; the series avoids K scalar exponentials per unit and the
-log K round-off near P = 1/K.
-
-``lse_accumulate`` and ``lse_excess`` give the same test when the K cotangents come in chunks
-(a running log-sum-exp per unit, merged chunk by chunk), with the same necessary test first.
+Imported on first use only: numba's import and its first dispatch in a process cost about a
+second, and the first compilation after install a few more (compiled code is cached on disk,
+next to this file or in the user's cache directory). Everything a plain explanation needs (unit
+scores, masks, max-pool routing) is numpy (:mod:`onnx_pathwise.scores`, the pathwise hooks,
+:mod:`onnx_pathwise.rules.pooling`), so a command-line run without class chunks or exact
+Integrated Gradients never loads numba.
 """
 
 from __future__ import annotations
@@ -32,8 +22,6 @@ import numpy as np
 from llvmlite import ir as llvm_ir
 from numba import njit, types
 from numba.extending import intrinsic
-
-_SERIES_LIMIT = 2.0**-10
 
 
 def _compiled(**options: Any) -> Callable[[Callable[..., Any]], Any]:
@@ -48,68 +36,6 @@ def _compiled(**options: Any) -> Callable[[Callable[..., Any]], Any]:
             return njit(nogil=True, **options)(fn)
 
     return wrap
-
-
-@_compiled()
-def unit_excess(h, J, c, idx, out):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
-    """Units with e > 0 for one sample: h (u,), J (K, u) any strides, c the target row.
-
-    Writes their flat indices (ascending) to ``idx`` and e to ``out``; returns how many.
-    ``idx`` and ``out`` need room for u entries.
-    """
-    K, u = J.shape
-    inv = 1.0 / K
-    log_k = math.log(K)
-    # mean_k J in float64, row by row (contiguous, vectorised)
-    s = np.zeros(u)
-    for k in range(K):
-        row = J[k]
-        for j in range(u):
-            s[j] += row[j]
-    # necessary test: log-sum-exp ≥ mean (Jensen), so e > 0 needs C_c > mean_k C_k; every
-    # unit with h = 0, or cut above (J = 0), fails it
-    Jc = J[c]
-    m = 0
-    for j in range(u):
-        hj = np.float64(h[j])
-        if hj * (np.float64(Jc[j]) - s[j] * inv) > 0.0:
-            idx[m] = j
-            m += 1
-    hs = np.empty(m)
-    mean = np.empty(m)
-    for q in range(m):
-        j = idx[q]
-        hs[q] = h[j]
-        mean[q] = hs[q] * (s[j] * inv)
-    D = np.empty((K, m))
-    spread = np.zeros(m)
-    series = np.zeros(m)
-    for k in range(K):
-        row = J[k]
-        Dk = D[k]
-        for q in range(m):
-            d = hs[q] * np.float64(row[idx[q]]) - mean[q]  # h·J is exact in float64
-            Dk[q] = d
-            spread[q] = max(spread[q], abs(d))
-            series[q] += d * d * (0.5 + d * (1.0 / 6.0 + d * (1.0 / 24.0 + d * (1.0 / 120.0))))
-    n = 0
-    for q in range(m):
-        dc = D[c, q]
-        if spread[q] <= _SERIES_LIMIT:
-            e = dc - math.log1p(series[q] * inv)
-        else:
-            top = D[0, q]
-            for k in range(1, K):
-                top = max(top, D[k, q])
-            t = 0.0
-            for k in range(K):
-                t += math.exp(D[k, q] - top)
-            e = (dc - top) - math.log(t) + log_k
-        if e > 0.0:
-            idx[n] = idx[q]
-            out[n] = e
-            n += 1
-    return n
 
 
 @intrinsic
@@ -162,7 +88,7 @@ def lse_accumulate(h, g, i, rows, c, s, top, acc, jc, mx):  # type: ignore[no-un
     chunk, or -1.
 
     Updates per unit, in place and in float64: ``s`` += Σ_k J_k in row order (the sum
-    :func:`unit_excess` takes, so its necessary test is the same), the log-sum-exp of
+    :func:`onnx_pathwise.scores.unit_excess` takes, so its necessary test is the same), the log-sum-exp of
     C_k = h·J_k as ``top + log(acc)``: ``top`` the maximum so far (start at 0) and ``acc`` =
     Σ exp(C_k − top) (start at 0; rescaled when the maximum grows: lse(a ∪ b) =
     logaddexp(lse a, lse b)), and ``jc`` = J_c. ``mx`` (u,) is scratch. Each pass is a plain
@@ -191,7 +117,7 @@ def lse_accumulate(h, g, i, rows, c, s, top, acc, jc, mx):  # type: ignore[no-un
 def lse_excess(h, s, top, acc, jc, K, idx, out):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
     """Units with e = C_c − lse_k C_k + log K > 0 from the sums of :func:`lse_accumulate`
     over all K competing rows: flat indices (ascending) to ``idx``, e to ``out``; returns how
-    many. The necessary test C_c > mean_k C_k comes first, as in :func:`unit_excess`: units
+    many. The necessary test C_c > mean_k C_k comes first, as in :func:`onnx_pathwise.scores.unit_excess`: units
     with h = 0 or cut above never pass it, whatever the round-off of the log-sum-exp."""
     u = h.shape[0]
     inv = 1.0 / K
@@ -206,63 +132,6 @@ def lse_excess(h, s, top, acc, jc, K, idx, out):  # type: ignore[no-untyped-def]
                 out[n] = e
                 n += 1
     return n
-
-
-@_compiled()
-def scatter_add(g, argmax, size):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
-    """The max-pool adjoint: dx (m, n, size) with dx[r, i, argmax[i, p]] += g[r, i, p]."""
-    m, n, P = g.shape
-    dx = np.zeros((m, n, size), g.dtype)
-    for r in range(m):
-        for i in range(n):
-            for p in range(P):
-                dx[r, i, argmax[i, p]] += g[r, i, p]
-    return dx
-
-
-@_compiled()
-def window_argmax(x, table):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
-    """Max-pool routing: x (N, C, S) flattened spatial, table (P, W) the flat index of each
-    window's elements (-1 in padding) → (N, C, P) the flat index of each window's first
-    maximum (padding never wins), per channel."""
-    N, C, S = x.shape
-    P, W = table.shape
-    arg = np.empty((N, C, P), np.int64)
-    for i in range(N):
-        for ch in range(C):
-            xc = x[i, ch]
-            for p in range(P):
-                best = table[p, 0]
-                for w in range(W):
-                    t = table[p, w]
-                    if t >= 0 and (best < 0 or xc[t] > xc[best]):
-                        best = t
-                arg[i, ch, p] = best
-    return arg
-
-
-@_compiled()
-def keep_units(g, mask, slope):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
-    """g (K, n, u) times ``slope`` (n, u) on the units of ``mask`` (n, u), zero elsewhere, as a
-    new array: the kept entries written into zeros, cheaper than a multiply when few are kept."""
-    K, n, u = g.shape
-    # the kept units of each sample, then row by row in memory order
-    start = np.zeros(n + 1, np.int64)
-    kept = np.empty(n * u, np.int64)
-    c = 0
-    for i in range(n):
-        for j in range(u):
-            if mask[i, j]:
-                kept[c] = j
-                c += 1
-        start[i + 1] = c
-    out = np.zeros((K, n, u), g.dtype)
-    for k in range(K):
-        for i in range(n):
-            for q in range(start[i], start[i + 1]):
-                j = kept[q]
-                out[k, i, j] = g[k, i, j] * slope[i, j]
-    return out
 
 
 @_compiled(inline="always")

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from . import limits
+from . import limits, scores
 from .engine import Engine, Record, Through
 from .errors import PathwiseError
 from .graph import GateLayer
@@ -110,16 +110,13 @@ def _candidates(h: np.ndarray, J: np.ndarray, c: int, split: bool = True) -> tup
     """Flat indices (ascending) and scores e = log(K·P) of one sample's units with P > 1/K.
 
     Each unit's score depends on that unit alone, so with ``split`` large layers are cut into
-    chunks scored on several threads (the compiled kernel releases the GIL); the result does
+    chunks scored on several threads (numpy's passes release the GIL); the result does
     not depend on the cut."""
-    from . import kernels  # numba: imported on first use
-
     u = h.shape[0]
 
     def score(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
-        idx, e = np.empty(b - a, np.int64), np.empty(b - a, np.float64)
-        m = kernels.unit_excess(h[a:b], J[:, a:b], c, idx, e)
-        return idx[:m] + a, e[:m]
+        idx, e = scores.unit_excess(h[a:b], J[:, a:b], c)
+        return idx + a, e
 
     parts = min(_workers(), u // PARALLEL_UNITS) if split else 1
     if parts <= 1:
@@ -127,6 +124,17 @@ def _candidates(h: np.ndarray, J: np.ndarray, c: int, split: bool = True) -> tup
     cuts = [u * p // parts for p in range(parts + 1)]
     chunks = _in_parallel([functools.partial(score, a, b) for a, b in zip(cuts[:-1], cuts[1:])])
     return np.concatenate([i for i, _ in chunks]), np.concatenate([e for _, e in chunks])
+
+
+def keep_units(g: np.ndarray, mask: np.ndarray, slope: np.ndarray | None = None) -> np.ndarray:
+    """g (K, n, u) times ``slope`` (n, u) on the units of ``mask`` (n, u), zero elsewhere, as a
+    new array: the kept entries written into zeros (pages never written stay untouched), cheaper
+    than a multiply when few units are kept."""
+    out = np.zeros_like(g)
+    for i in range(g.shape[1]):
+        j = np.flatnonzero(mask[i])
+        out[:, i, j] = g[:, i, j] if slope is None else g[:, i, j] * slope[i, j]
+    return out
 
 
 def _keep(candidates: np.ndarray, e: np.ndarray, width: int) -> np.ndarray:
@@ -150,7 +158,7 @@ def select_units(h: np.ndarray, J: np.ndarray, target: np.ndarray, width: int,
     when every class competes); with ``counts`` only the first counts[i] rows of sample i
     compete (the rest is padding). Scores
     P_i = softmax_k(h_i J_ik)[c] in float64 (as e = log(K·P) > 0, see
-    :func:`onnx_pathwise.kernels.unit_excess`), candidates by P descending with ties to the
+    :func:`onnx_pathwise.scores.unit_excess`), candidates by P descending with ties to the
     lower index, the first ``width`` kept when P > 1/K, else the first candidate. Samples are
     independent: a batch is spread over the cores sample by sample, a single sample's large
     layer chunk by chunk.
@@ -447,16 +455,14 @@ class PathSweep:
     def _apply(self, node: Node, g: np.ndarray) -> np.ndarray | Through:
         """Cut the units outside the mask chosen at ``node`` (the gate's transpose done here
         where it has no offset); at ``keep_at`` remember the target's row."""
-        from . import kernels
-
         K, n = g.shape[:2]
         flat = g.reshape(K, n, -1)
         if node.name in self.masks:
             mask = self.masks[node.name]
             state = self.record.states[node.name]
             if state.offset is None and node.name != self.keep_at:
-                return Through(kernels.keep_units(flat, mask, state.slope.reshape(n, -1)).reshape(g.shape))
-            flat = kernels.keep_units(flat, mask, np.ones(mask.shape, flat.dtype))
+                return Through(keep_units(flat, mask, state.slope.reshape(n, -1)).reshape(g.shape))
+            flat = keep_units(flat, mask)
         if node.name == self.keep_at and self._capture:
             rows = self.competing.carry_row if K > 1 else np.zeros(n, np.int64)  # one row once narrowed
             at = flat[rows, np.arange(n)]

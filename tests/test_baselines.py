@@ -165,7 +165,7 @@ def test_piece_kernels_match_a_direct_computation() -> None:
     """The compiled piece bounds of exact IG (gate kinks, max-pool window margins) against the
     margins and rates written out in numpy, windows with padding and overlap included."""
     from onnx_pathwise import kernels
-    from onnx_pathwise.rules.pooling import _window_table
+    from onnx_pathwise.rules.pooling import _window_table, window_argmax
 
     rng = np.random.default_rng(2)
     P, alpha = 5, np.linspace(0.1, 0.9, 5)
@@ -186,7 +186,7 @@ def test_piece_kernels_match_a_direct_computation() -> None:
     v = rng.standard_normal((P, C * S)).astype(np.float32)
     v[0, :S] = np.round(v[0, :S])  # one row with ties inside windows (a zero-width piece)
     dv = rng.standard_normal((P, C * S)).astype(np.float32)
-    within = kernels.window_argmax(v.reshape(P, C, S), table)
+    within = window_argmax(v.reshape(P, C, S), table)
     argmax = (within + (np.arange(C) * S)[None, :, None]).reshape(P, -1)
     margins, rates = [], []
     for r in range(P):

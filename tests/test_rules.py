@@ -644,3 +644,79 @@ def test_products_leave_out_only_all_zero_columns() -> None:
         g[..., cols] = rng.standard_normal((3, 7, live))
         g[0, 0, cols[:1]] = 0.0  # a live column may hold zeros in some rows
         np.testing.assert_allclose(_product_of_live_columns(g, w), g @ w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("geometry", [
+    ((9, 9), (5, 5), (3, 3), (2, 2), (1, 1), (1, 1, 1, 1)),  # overlapping, padded (ResNet's stem)
+    ((8, 8), (4, 4), (2, 2), (2, 2), (1, 1), (0, 0, 0, 0)),  # disjoint (VGG)
+    ((7, 8), (3, 4), (2, 2), (2, 2), (2, 2), (0, 0, 0, 0)),  # dilated
+])
+@pytest.mark.parametrize("kind", ["normal", "ties", "minus-inf", "int"])
+def test_max_pool_routing_and_adjoint_match_sequential_loops(geometry: tuple, kind: str) -> None:
+    """The numpy max-pool routing (first maximum in window order, padding never wins) equals a
+    plain loop, and its adjoint equals a sequential scatter-add (np.add.at: unbuffered, in index
+    order) bit for bit, shared maxima of overlapping windows included."""
+    from types import SimpleNamespace
+
+    from onnx_pathwise.rules.pooling import Routing, _scatter, _window_table, window_argmax
+
+    spatial, out = geometry[0], geometry[1]
+    table = _window_table(*geometry)
+    N, C, S, P = 3, 2, int(np.prod(spatial)), table.shape[0]
+    rng = np.random.default_rng(len(kind) + S)
+    x = rng.standard_normal((N, C, S)).astype(np.float32)
+    if kind == "ties":
+        x = np.round(x)
+    elif kind == "minus-inf":
+        x[0] = -np.inf
+        x[1, :, ::3] = -np.inf
+    elif kind == "int":
+        x = rng.integers(-3, 3, (N, C, S)).astype(np.int32)
+        x[0] = np.iinfo(np.int32).min
+    got = window_argmax(x, table)
+    for i in range(N):
+        for c in range(C):
+            for p in range(P):
+                best = -1
+                for t in table[p]:
+                    if t >= 0 and (best < 0 or x[i, c, t] > x[i, c, best]):
+                        best = t
+                assert got[i, c, p] == best, (i, c, p)
+    argmax = (got + (np.arange(C) * S)[None, :, None]).reshape(N, -1)
+    m = 4
+    g = rng.standard_normal((m, N, C * P)).astype(np.float32)
+    ctx = SimpleNamespace(n=N, in_shapes=[(C, *spatial)])
+    dx = _scatter(g.reshape(m * N, C, *out), Routing(argmax), ctx).reshape(m, N, -1)
+    ref = np.zeros((m, N, C * S), np.float32)
+    for i in range(N):
+        np.add.at(ref[:, i], (slice(None), argmax[i]), g[:, i])
+    assert np.array_equal(dx.view(np.uint32) & 0x7FFFFFFF, ref.view(np.uint32) & 0x7FFFFFFF)
+    if geometry[2] == (3, 3) and kind == "ties":
+        assert any(len(rounds) for _, _, rounds in Routing(argmax).adjoint)  # shared maxima were met
+
+
+def test_plain_explanations_never_load_numba(tmp_path: Path) -> None:
+    """numba costs about a second per process (import and first dispatch) and more after an
+    install (compilation): an explanation of a max-pool CNN, its unwrapping and gradient, and the
+    command line, run without it; it loads only for class chunks and exact IG."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys, numpy as np\n"
+        "from onnx_pathwise import Explainer\n"
+        "from onnx_pathwise.cli.shell import main\n"
+        f"sys.argv = ['onnx-pathwise', 'explain', {str(repo / 'samples/cnn.onnx')!r}, "
+        f"{str(repo / 'samples/cnn_inputs.npy')!r}, '--out', 'out', '--device', 'cpu']\n"
+        "try:\n    main()\nexcept SystemExit as stop:\n    assert not stop.code, stop.code\n"
+        "assert 'numba' not in sys.modules, 'the command line loaded numba'\n"
+        f"ex = Explainer({str(repo / 'samples/cnn.onnx')!r}, device='cpu')\n"
+        f"x = np.load({str(repo / 'samples/cnn_inputs.npy')!r})[:2]\n"
+        "ex.explain(x); ex.unwrap(x); ex.attribute(x, 'gradient'); ex.decompose(x)\n"
+        "assert 'numba' not in sys.modules, 'numba was loaded'\n"
+        "ex.attribute(x[:1], 'integrated_gradients', exact=True)\n"
+        "assert 'numba' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -148,6 +148,31 @@ class Routing:
 
     argmax: Array  # (n, P) int64
 
+    @functools.cached_property
+    def adjoint(self) -> list[tuple[Array, Array, list[tuple[Array, Array]]]]:
+        """Per sample, how the adjoint adds cotangents (computed once per record, on first use):
+        ``first`` the output positions that are the first (in order) to copy their input
+        element, ``targets`` those elements, and in rounds the positions that copy an element
+        already copied (overlapping windows can share a maximum), each with the slot in
+        ``first`` it adds to. Round r holds every position with r earlier positions on the same
+        element, so adding round by round is the order of a sequential scatter-add."""
+        out = []
+        for am in self.argmax:
+            order = np.argsort(am, kind="stable")
+            ranked = am[order]
+            start = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
+            lead = np.repeat(start, np.diff(np.r_[start, am.size]))  # sorted index of each group's head
+            rank = np.empty(am.size, np.int64)
+            rank[order] = np.arange(am.size) - lead
+            head = np.empty(am.size, np.int64)
+            head[order] = order[lead]  # the first position on the same element
+            first = np.flatnonzero(rank == 0)
+            slot = np.empty(am.size, np.int64)
+            slot[first] = np.arange(first.size)
+            rounds = [(p, slot[head[p]]) for p in (np.flatnonzero(rank == r) for r in range(1, int(rank.max(initial=0)) + 1))]
+            out.append((first, am[first], rounds))
+        return out
+
 
 def _window_index(spatial: list[int], out: list[int], kernel: list[int], strides: list[int],
                   dilations: list[int], pads: list[int]) -> Array:
@@ -179,13 +204,39 @@ def _gather(x: Array, state: Routing, ctx: Ctx) -> Array:
 
 
 def _scatter(g: Array, state: Routing, ctx: Ctx) -> Array:
-    from .. import kernels  # numba: imported on first use
-
+    """The adjoint of a recorded routing: dx[r, i, argmax[i, p]] += g[r, i, p], in p order
+    (the shared maxima summed first on the compact positions, then one scatter)."""
     rows = g.shape[0]
     in_shape = (rows,) + tuple(ctx.in_shapes[0] or ())
     size = int(np.prod(in_shape[1:], dtype=np.int64))
-    dx = kernels.scatter_add(g.reshape(rows // ctx.n, ctx.n, -1), state.argmax, size)
+    g = g.reshape(rows // ctx.n, ctx.n, -1)
+    dx = np.zeros((rows // ctx.n, ctx.n, size), g.dtype)
+    for i, (first, targets, rounds) in enumerate(state.adjoint):
+        gi = g[:, i]
+        acc = gi[:, first]
+        for p, slot in rounds:
+            acc[:, slot] += gi[:, p]
+        dx[:, i, targets] = acc
     return dx.reshape(in_shape)
+
+
+def window_argmax(x: Array, table: Array) -> Array:
+    """Max-pool routing: x (N, C, S) flattened spatial, table (P, W) the flat index of each
+    window's elements (-1 in padding) → (N, C, P) the flat index of each window's first
+    maximum, per channel. Padding never wins: it reads as the lowest value, and a window whose
+    elements all equal that value picks its first element."""
+    N, C, S = x.shape
+    low = -np.inf if np.issubdtype(x.dtype, np.floating) else np.iinfo(x.dtype).min
+    first = table[np.arange(table.shape[0]), (table < 0).argmin(axis=1)]  # first element in the image
+    padded = np.empty((C, S + 1), x.dtype)
+    padded[:, S] = low
+    out = np.empty((N, C, table.shape[0]), np.int64)
+    for i in range(N):  # one sample at a time: the gathered windows are W× its size
+        padded[:, :S] = x[i]
+        pick = padded[:, table].argmax(axis=2)  # index -1 is the padding column
+        out[i] = np.take_along_axis(np.broadcast_to(table, (C,) + table.shape), pick[..., None], axis=2)[..., 0]
+        np.copyto(out[i], first, where=out[i] < 0)
+    return out
 
 
 @register("MaxPool", role=ROUTING, canonical=window_canonical,
@@ -201,13 +252,11 @@ class MaxPool:
     def record(node: Node, inputs: list[Array | None], ctx: Ctx) -> Routing:
         x = inputs[0]
         assert x is not None
-        from .. import kernels  # numba: imported on first use
-
         spatial, out, kernel, strides, dilations, pads = _geometry(node, ctx)
         N, C = x.shape[:2]
         S = int(np.prod(spatial, dtype=np.int64))
         table = _window_index(spatial, out, kernel, strides, dilations, pads)  # (P, K)
-        within = kernels.window_argmax(np.ascontiguousarray(x).reshape(N, C, S), table)  # first maximum
+        within = window_argmax(np.ascontiguousarray(x).reshape(N, C, S), table)  # first maximum
         flat = within + (np.arange(C, dtype=np.int64) * S)[None, :, None]
         return Routing(flat.reshape(N, -1))
 

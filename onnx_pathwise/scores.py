@@ -1,0 +1,66 @@
+"""Unit scores of the pathwise selection, in numpy (docs/design.md §4).
+
+``unit_excess`` scores the units of one path layer for one sample: the excess
+e = log(K·P) = C_c − log(mean_k exp C_k) of each unit, P = softmax_k(C)[c], C_k = h·J_k, in
+float64. A unit can be kept only when P > 1/K, i.e. e > 0; only those are returned.
+
+With d = C − mean C, log(mean_k exp C_k) = mean C + log(mean_k exp d_k), and
+
+    log(mean_k exp d_k) = log1p(mean_k expm1(d_k)),
+
+exact for every spread of d (no series to truncate) and accurate to ~1e-16 of the spread,
+so a unit whose P sits near 1/K gets its small e to ~1e-19 rather than to the ~4e-16 round-off
+of log-sum-exp's log(Σ) − log K. Only where some d_k is past exp's range (d > 709: huge
+scores) does it fall back to log-sum-exp with the maximum shifted out. numpy's ``expm1`` is
+vectorised, so the whole layer is a handful of passes over the candidates (faster than the
+compiled per-unit loop it replaced, measured in benchmarks/README.md), and no compiler is
+loaded for it: a command-line run of a model without class chunks never imports numba.
+
+The class-chunked variant (running sums merged chunk by chunk, when one sample's K
+cotangents do not fit the budget) is :func:`onnx_pathwise.kernels.lse_accumulate`; both take
+the same necessary test first.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def unit_excess(h: np.ndarray, J: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices (ascending) and excesses e > 0 of one sample's units: h (u,), J (K, u) any
+    strides (float32 or float64), c the target's row of J.
+
+    Necessary test first: log-mean-exp ≥ mean (Jensen), so e > 0 needs C_c > mean_k C_k, with
+    mean_k J summed in float64 in row order; every unit with h = 0, or cut above (J = 0),
+    fails it and is never scored.
+    """
+    K = J.shape[0]
+    inv = 1.0 / K
+    s = np.add.reduce(J, axis=0, dtype=np.float64)  # row by row, in float64
+    h64 = h.astype(np.float64)
+    test = J[c].astype(np.float64)
+    test -= s * inv
+    test *= h64
+    idx = np.flatnonzero(test > 0.0)
+    hs = h64[idx]
+    mean = hs * (s[idx] * inv)
+    D = np.take(J, idx, axis=1).astype(np.float64)
+    D *= hs  # h·J is exact in float64
+    D -= mean
+    dc = D[c].copy()
+    with np.errstate(over="ignore"):
+        np.expm1(D, out=D)
+    total = np.add.reduce(D, axis=0)
+    total *= inv
+    e = dc - np.log1p(total)
+    far = np.flatnonzero(~np.isfinite(e))
+    if far.size:  # some d past exp's range: log-sum-exp with the maximum shifted out
+        F = np.take(J, idx[far], axis=1).astype(np.float64) * hs[far] - mean[far]
+        top = F.max(axis=0)
+        F -= top
+        np.exp(F, out=F)
+        e[far] = (dc[far] - top) - np.log(F.sum(axis=0)) + math.log(K)
+    keep = e > 0.0
+    return idx[keep], e[keep]
