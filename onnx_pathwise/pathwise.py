@@ -130,7 +130,7 @@ def keep_units(g: np.ndarray, mask: np.ndarray, slope: np.ndarray | None = None)
     """g (K, n, u) times ``slope`` (n, u) on the units of ``mask`` (n, u), zero elsewhere, as a
     new array: the kept entries written into zeros (pages never written stay untouched), cheaper
     than a multiply when few units are kept."""
-    out = np.zeros_like(g)
+    out = np.zeros(g.shape, g.dtype)  # calloc: pages never written are never touched (zeros_like writes them)
     for i in range(g.shape[1]):
         j = np.flatnonzero(mask[i])
         out[:, i, j] = g[:, i, j] if slope is None else g[:, i, j] * slope[i, j]
