@@ -134,6 +134,63 @@ def lse_excess(h, s, top, acc, jc, K, idx, out):  # type: ignore[no-untyped-def]
     return n
 
 
+@_compiled()
+def scatter_add(g, argmax, size):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """The max-pool adjoint: dx (m, n, size) with dx[r, i, argmax[i, p]] += g[r, i, p]."""
+    m, n, P = g.shape
+    dx = np.zeros((m, n, size), g.dtype)
+    for r in range(m):
+        for i in range(n):
+            for p in range(P):
+                dx[r, i, argmax[i, p]] += g[r, i, p]
+    return dx
+
+
+@_compiled()
+def window_argmax(x, table):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """Max-pool routing: x (N, C, S) flattened spatial, table (P, W) the flat index of each
+    window's elements (-1 in padding) → (N, C, P) the flat index of each window's first
+    maximum (padding never wins), per channel."""
+    N, C, S = x.shape
+    P, W = table.shape
+    arg = np.empty((N, C, P), np.int64)
+    for i in range(N):
+        for ch in range(C):
+            xc = x[i, ch]
+            for p in range(P):
+                best = table[p, 0]
+                for w in range(W):
+                    t = table[p, w]
+                    if t >= 0 and (best < 0 or xc[t] > xc[best]):
+                        best = t
+                arg[i, ch, p] = best
+    return arg
+
+
+@_compiled()
+def keep_units(g, mask, slope):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """g (K, n, u) times ``slope`` (n, u) on the units of ``mask`` (n, u), zero elsewhere, as a
+    new array: the kept entries written into zeros, cheaper than a multiply when few are kept."""
+    K, n, u = g.shape
+    # the kept units of each sample, then row by row in memory order
+    start = np.zeros(n + 1, np.int64)
+    kept = np.empty(n * u, np.int64)
+    c = 0
+    for i in range(n):
+        for j in range(u):
+            if mask[i, j]:
+                kept[c] = j
+                c += 1
+        start[i + 1] = c
+    out = np.zeros((K, n, u), g.dtype)
+    for k in range(K):
+        for i in range(n):
+            for q in range(start[i], start[i + 1]):
+                j = kept[q]
+                out[k, i, j] = g[k, i, j] * slope[i, j]
+    return out
+
+
 @_compiled(inline="always")
 def _reach(m, rate, fwd, bwd):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
     """How far α may move forward (fwd) and back (bwd) before margin m + Δα·rate turns negative."""

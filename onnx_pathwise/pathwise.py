@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from . import limits, scores
+from . import limits, scores, tiers
 from .engine import Engine, Record, Through
 from .errors import PathwiseError
 from .graph import GateLayer
@@ -129,7 +129,11 @@ def _candidates(h: np.ndarray, J: np.ndarray, c: int, split: bool = True) -> tup
 def keep_units(g: np.ndarray, mask: np.ndarray, slope: np.ndarray | None = None) -> np.ndarray:
     """g (K, n, u) times ``slope`` (n, u) on the units of ``mask`` (n, u), zero elsewhere, as a
     new array: the kept entries written into zeros (pages never written stay untouched), cheaper
-    than a multiply when few units are kept."""
+    than a multiply when few units are kept. numpy, or the compiled loop (same bits,
+    :mod:`onnx_pathwise.tiers`)."""
+    kernels = tiers.compiled(g.size)
+    if kernels is not None:
+        return kernels.keep_units(g, mask, np.ones(mask.shape, g.dtype) if slope is None else slope)
     out = np.zeros(g.shape, g.dtype)  # calloc: pages never written are never touched (zeros_like writes them)
     for i in range(g.shape[1]):
         j = np.flatnonzero(mask[i])

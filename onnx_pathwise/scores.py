@@ -39,15 +39,12 @@ def unit_excess(h: np.ndarray, J: np.ndarray, c: int) -> tuple[np.ndarray, np.nd
     K = J.shape[0]
     inv = 1.0 / K
     s = np.add.reduce(J, axis=0, dtype=np.float64)  # row by row, in float64
-    h64 = h.astype(np.float64)
-    test = J[c].astype(np.float64)
-    test -= s * inv
-    test *= h64
+    test = J[c] - s * inv  # float32 operands widen exactly: every step below is float64
+    test *= h
     idx = np.flatnonzero(test > 0.0)
-    hs = h64[idx]
+    hs = h[idx].astype(np.float64)
     mean = hs * (s[idx] * inv)
-    D = np.take(J, idx, axis=1).astype(np.float64)
-    D *= hs  # h·J is exact in float64
+    D = np.multiply(np.take(J, idx, axis=1), hs)  # h·J is exact in float64
     D -= mean
     dc = D[c].copy()
     with np.errstate(over="ignore"):

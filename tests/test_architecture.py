@@ -20,7 +20,7 @@ PKG = Path(onnx_pathwise.__file__).parent
 #: Lowest first. A name covers the module and, for a package, every module below it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("errors", "limits", "text", "io", "preprocess", "data")),
-    ("loader", ("load", "runtime", "kernels")),  # runtime: the onnxruntime boundary, reads no file
+    ("loader", ("load", "runtime", "kernels", "tiers")),  # runtime: the onnxruntime boundary, reads no file
     ("analysis", ("analysis", "frontend", "ir", "rules", "passes", "graph")),
     ("engine", ("engine", "sweep")),
     ("methods", ("pathwise", "scores", "explain", "decompose", "unwrap", "baselines", "metrics", "radius")),

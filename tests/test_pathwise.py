@@ -433,3 +433,23 @@ def test_large_batches_are_chunked_with_the_same_results(monkeypatch: pytest.Mon
     assert [[p.kept.tolist() for p in s] for s in e.path] == [[p.kept.tolist() for p in s] for s in whole_e.path]
     np.testing.assert_array_equal(u.weight, whole_u.weight)
     np.testing.assert_array_equal(u.delta, whole_u.delta)
+
+
+def test_kept_units_are_the_same_bits_in_both_tiers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """keep_units in numpy and as the compiled loop (onnx_pathwise.tiers): the kept entries
+    times their slopes, zeros elsewhere, bit for bit; batch and single sample."""
+    from onnx_pathwise.pathwise import keep_units
+
+    rng = np.random.default_rng(8)
+    for n in (1, 3):
+        g = rng.standard_normal((7, n, 500)).astype(np.float32)
+        mask = rng.random((n, 500)) < 0.2
+        slope = rng.random((n, 500)).astype(np.float32)
+        got = {}
+        for tier in ("numpy", "compiled"):
+            monkeypatch.setenv("ONNX_PATHWISE_KERNELS", tier)
+            got[tier] = (keep_units(g, mask, slope), keep_units(g, mask))
+        for a, b in zip(got["numpy"], got["compiled"]):
+            assert np.array_equal(a, b)
+        np.testing.assert_array_equal(got["numpy"][0], np.where(mask, g * slope, 0))
+        np.testing.assert_array_equal(got["numpy"][1], np.where(mask, g, 0))

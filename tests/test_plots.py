@@ -130,3 +130,32 @@ def test_originals_must_be_uint8_images() -> None:
 def test_only_the_agg_backend_is_used() -> None:
     plots.feature_bars(np.arange(3.0), None, "t")
     assert matplotlib.get_backend().lower() == "agg"
+
+
+def test_input_beside_heatmap_is_drawn_without_matplotlib() -> None:
+    """The command line's default figure (input tensor beside its heatmap) is Pillow alone, in
+    the same diverging map: red where the attribution is +max, blue at −max, white at 0, the
+    input enlarged by an integer factor with square pixels; one to four channels all draw."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from onnx_pathwise import plots\n"
+        "x = np.zeros((1, 8, 8), np.float32); x[0, :4] = 1.0\n"
+        "a = np.zeros((1, 8, 8)); a[0, 0, 0] = 2.0; a[0, 7, 7] = -2.0\n"
+        "sys.stdout.buffer.write(plots.input_and_heatmap(x, a, 'pathwise: class 3, score 2.1'))\n"
+        "assert 'matplotlib' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    img = decode(done.stdout)
+    f = plots.PANEL // 8
+    top, pad = 26, 10
+    assert tuple(img[top + 1, pad + 1]) == (255, 255, 255) and tuple(img[top + 5 * f, pad + 1]) == (0, 0, 0)
+    x_heat = pad + 8 * f + 2 * pad
+    red, blue, white = img[top + 1, x_heat + 1], img[top + 8 * f - 2, x_heat + 8 * f - 2], img[top + 3 * f, x_heat + 3 * f]
+    assert red[0] > 2 * red[2] and blue[2] > 2 * blue[0] and min(white) > 240
+    for channels in (2, 3, 4):
+        x = np.random.default_rng(channels).random((channels, 9, 9))
+        assert decode(plots.input_and_heatmap(x, x, "t")).shape[0] == top + 9 * (plots.PANEL // 9) + pad

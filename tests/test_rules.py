@@ -652,11 +652,16 @@ def test_products_leave_out_only_all_zero_columns() -> None:
     ((7, 8), (3, 4), (2, 2), (2, 2), (2, 2), (0, 0, 0, 0)),  # dilated
 ])
 @pytest.mark.parametrize("kind", ["normal", "ties", "minus-inf", "int"])
-def test_max_pool_routing_and_adjoint_match_sequential_loops(geometry: tuple, kind: str) -> None:
-    """The numpy max-pool routing (first maximum in window order, padding never wins) equals a
-    plain loop, and its adjoint equals a sequential scatter-add (np.add.at: unbuffered, in index
-    order) bit for bit, shared maxima of overlapping windows included."""
+@pytest.mark.parametrize("tier", ["numpy", "compiled"])
+def test_max_pool_routing_and_adjoint_match_sequential_loops(geometry: tuple, kind: str, tier: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both forms of the max-pool routing (numpy, and the compiled loop: onnx_pathwise.tiers)
+    equal a plain loop (first maximum in window order, padding never wins), and their adjoints
+    equal a sequential scatter-add (np.add.at: unbuffered, in index order) bit for bit, shared
+    maxima of overlapping windows included."""
     from types import SimpleNamespace
+
+    monkeypatch.setenv("ONNX_PATHWISE_KERNELS", tier)
 
     from onnx_pathwise.rules.pooling import Routing, _scatter, _window_table, window_argmax
 
@@ -686,11 +691,14 @@ def test_max_pool_routing_and_adjoint_match_sequential_loops(geometry: tuple, ki
     m = 4
     g = rng.standard_normal((m, N, C * P)).astype(np.float32)
     ctx = SimpleNamespace(n=N, in_shapes=[(C, *spatial)])
-    dx = _scatter(g.reshape(m * N, C, *out), Routing(argmax), ctx).reshape(m, N, -1)
     ref = np.zeros((m, N, C * S), np.float32)
     for i in range(N):
         np.add.at(ref[:, i], (slice(None), argmax[i]), g[:, i])
-    assert np.array_equal(dx.view(np.uint32) & 0x7FFFFFFF, ref.view(np.uint32) & 0x7FFFFFFF)
+    disjoint = bool(np.bincount(table[table >= 0]).max() <= 1)
+    assert disjoint == (geometry[2] == (2, 2) and geometry[4] == (1, 1))  # VGG's pools only
+    for routing in [Routing(argmax), Routing(argmax, disjoint=disjoint)]:  # the shortcut where it holds
+        dx = _scatter(g.reshape(m * N, C, *out), routing, ctx).reshape(m, N, -1)
+        assert np.array_equal(dx.view(np.uint32) & 0x7FFFFFFF, ref.view(np.uint32) & 0x7FFFFFFF)
     if geometry[2] == (3, 3) and kind == "ties":
         assert any(len(rounds) for _, _, rounds in Routing(argmax).adjoint)  # shared maxima were met
 
@@ -698,7 +706,8 @@ def test_max_pool_routing_and_adjoint_match_sequential_loops(geometry: tuple, ki
 def test_plain_explanations_never_load_numba(tmp_path: Path) -> None:
     """numba costs about a second per process (import and first dispatch) and more after an
     install (compilation): an explanation of a max-pool CNN, its unwrapping and gradient, and the
-    command line, run without it; it loads only for class chunks and exact IG."""
+    command line, run without it; it loads for exact IG (and class chunks, and once a process
+    has done enough work: test_kernels_load_once_the_work_pays_and_change_no_bit)."""
     import subprocess
     import sys
 
@@ -720,3 +729,36 @@ def test_plain_explanations_never_load_numba(tmp_path: Path) -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_kernels_load_once_the_work_pays_and_change_no_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tiers: numpy until a process has pushed COMPILE_AFTER elements through the tiered
+    loops, then the compiled kernels; explanations before and after are the same bits, and the
+    setting refuses what it does not know."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys, numpy as np\n"
+        "from onnx_pathwise import Explainer, tiers\n"
+        "tiers.COMPILE_AFTER = 3_000_000\n"
+        f"ex = Explainer({str(repo / 'samples/cnn.onnx')!r}, device='cpu')\n"
+        f"x = np.load({str(repo / 'samples/cnn_inputs.npy')!r})\n"
+        "first = ex.explain(x)\n"
+        "assert 'numba' not in sys.modules, 'loaded before the work paid'\n"
+        "for _ in range(30):\n"
+        "    ex.explain(x)\n"
+        "    if 'numba' in sys.modules: break\n"
+        "assert 'numba' in sys.modules, 'never loaded'\n"
+        "later = ex.explain(x)\n"
+        "assert np.array_equal(first.attribution, later.attribution) and np.array_equal(first.bias, later.bias)\n"
+        "assert all(np.array_equal(a.kept, b.kept) for p, q in zip(first.path, later.path) for a, b in zip(p, q))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from onnx_pathwise import tiers
+
+    monkeypatch.setenv("ONNX_PATHWISE_KERNELS", "fast")
+    with pytest.raises(ValueError, match="ONNX_PATHWISE_KERNELS"):
+        tiers.compiled(1)

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import tiers
 from ..errors import ModelError
 from ..ir import AFFINE, ROUTING, Node
 from . import Ctx, register
@@ -147,6 +148,7 @@ class Routing:
     (row-major, per-sample) index of the input element it copies."""
 
     argmax: Array  # (n, P) int64
+    disjoint: bool = False  # no two windows share an element, so no two positions copy the same one
 
     @functools.cached_property
     def adjoint(self) -> list[tuple[Array, Array, list[tuple[Array, Array]]]]:
@@ -205,12 +207,20 @@ def _gather(x: Array, state: Routing, ctx: Ctx) -> Array:
 
 def _scatter(g: Array, state: Routing, ctx: Ctx) -> Array:
     """The adjoint of a recorded routing: dx[r, i, argmax[i, p]] += g[r, i, p], in p order
-    (the shared maxima summed first on the compact positions, then one scatter)."""
+    (numpy: the shared maxima summed first on the compact positions, then one scatter; or the
+    compiled loop, same bits: :mod:`onnx_pathwise.tiers`)."""
     rows = g.shape[0]
     in_shape = (rows,) + tuple(ctx.in_shapes[0] or ())
     size = int(np.prod(in_shape[1:], dtype=np.int64))
     g = g.reshape(rows // ctx.n, ctx.n, -1)
+    kernels = tiers.compiled(g.size)
+    if kernels is not None:
+        return kernels.scatter_add(g, state.argmax, size).reshape(in_shape)
     dx = np.zeros((rows // ctx.n, ctx.n, size), g.dtype)
+    if state.disjoint:
+        for i, targets in enumerate(state.argmax):
+            dx[:, i, targets] = g[:, i]
+        return dx.reshape(in_shape)
     for i, (first, targets, rounds) in enumerate(state.adjoint):
         gi = g[:, i]
         acc = gi[:, first]
@@ -224,7 +234,11 @@ def window_argmax(x: Array, table: Array) -> Array:
     """Max-pool routing: x (N, C, S) flattened spatial, table (P, W) the flat index of each
     window's elements (-1 in padding) → (N, C, P) the flat index of each window's first
     maximum, per channel. Padding never wins: it reads as the lowest value, and a window whose
-    elements all equal that value picks its first element."""
+    elements all equal that value picks its first element. numpy, or the compiled loop (same
+    result, :mod:`onnx_pathwise.tiers`)."""
+    kernels = tiers.compiled(x.size * table.shape[1])
+    if kernels is not None:
+        return kernels.window_argmax(x, table)
     N, C, S = x.shape
     low = -np.inf if np.issubdtype(x.dtype, np.floating) else np.iinfo(x.dtype).min
     first = table[np.arange(table.shape[0]), (table < 0).argmin(axis=1)]  # first element in the image
@@ -258,7 +272,8 @@ class MaxPool:
         table = _window_index(spatial, out, kernel, strides, dilations, pads)  # (P, K)
         within = window_argmax(np.ascontiguousarray(x).reshape(N, C, S), table)  # first maximum
         flat = within + (np.arange(C, dtype=np.int64) * S)[None, :, None]
-        return Routing(flat.reshape(N, -1))
+        used = table[table >= 0]
+        return Routing(flat.reshape(N, -1), disjoint=bool(np.bincount(used).max(initial=0) <= 1))
 
     @staticmethod
     def forward(node: Node, inputs: list[Array | None], ctx: Ctx) -> list[Array]:
@@ -288,7 +303,7 @@ class GlobalMaxPool:
         N, C = x.shape[:2]
         arg = x.reshape(N, C, -1).argmax(axis=2)
         S = int(np.prod(x.shape[2:], dtype=np.int64))
-        return Routing(arg + (np.arange(C, dtype=np.int64) * S)[None, :])
+        return Routing(arg + (np.arange(C, dtype=np.int64) * S)[None, :], disjoint=True)
 
     @staticmethod
     def forward(node: Node, inputs: list[Array | None], ctx: Ctx) -> list[Array]:
