@@ -22,6 +22,8 @@ import sys
 import threading
 from types import ModuleType
 
+from .errors import PathwiseError
+
 #: Elements (cotangent entries and pooled inputs) handled in numpy before the kernels load.
 COMPILE_AFTER = 400_000_000
 _MODES = ("auto", "compiled", "numpy")
@@ -32,7 +34,7 @@ _lock = threading.Lock()
 def _mode() -> str:
     mode = os.environ.get("ONNX_PATHWISE_KERNELS", "auto").strip().lower() or "auto"
     if mode not in _MODES:
-        raise ValueError(f"ONNX_PATHWISE_KERNELS={mode!r}: expected one of {', '.join(_MODES)}")
+        raise PathwiseError(f"ONNX_PATHWISE_KERNELS={mode!r}: expected one of {', '.join(_MODES)}")
     return mode
 
 

@@ -758,7 +758,8 @@ def test_kernels_load_once_the_work_pays_and_change_no_bit(monkeypatch: pytest.M
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     from onnx_pathwise import tiers
+    from onnx_pathwise.errors import PathwiseError
 
     monkeypatch.setenv("ONNX_PATHWISE_KERNELS", "fast")
-    with pytest.raises(ValueError, match="ONNX_PATHWISE_KERNELS"):
+    with pytest.raises(PathwiseError, match="ONNX_PATHWISE_KERNELS='fast': expected one of auto, compiled, numpy"):
         tiers.compiled(1)
