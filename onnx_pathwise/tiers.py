@@ -7,9 +7,10 @@ routing (:func:`onnx_pathwise.rules.pooling.window_argmax`) and its adjoint. The
 loops are 1.5–3× faster, but loading numba costs about a second per process (its import and
 first dispatch) and compiling them after an install a few more: more than a command-line run
 on one batch gains from them. So, as a JIT tiers an interpreter, the numpy forms run until
-the process has pushed :data:`COMPILE_AFTER` elements through them (about a second of the
-compiled forms' gain; a few ResNet-18 batches of 8), or until numba is loaded anyway (class
-chunks, exact Integrated Gradients); then the kernels. Results never depend on the tier.
+the process has pushed :data:`COMPILE_AFTER` elements through them (by then the numpy forms
+have cost about half of what loading numba does; one ResNet-18 batch of 8, or eight single
+images), or until numba is loaded anyway (class chunks, exact Integrated Gradients); then the
+kernels. Results never depend on the tier.
 
 ``ONNX_PATHWISE_KERNELS``: ``auto`` (the default), ``compiled`` (always the kernels) or
 ``numpy`` (never).
@@ -25,7 +26,7 @@ from types import ModuleType
 from .errors import PathwiseError
 
 #: Elements (cotangent entries and pooled inputs) handled in numpy before the kernels load.
-COMPILE_AFTER = 400_000_000
+COMPILE_AFTER = 200_000_000
 _MODES = ("auto", "compiled", "numpy")
 _done = 0
 _lock = threading.Lock()

@@ -133,7 +133,8 @@ def test_only_the_agg_backend_is_used() -> None:
 
 
 def test_input_beside_heatmap_is_drawn_without_matplotlib() -> None:
-    """The command line's default figure (input tensor beside its heatmap) is Pillow alone, in
+    """The per-sample figures (input tensor beside its heatmap, overlay, original) are Pillow
+    alone; the tensor figure is drawn in
     the same diverging map: red where the attribution is +max, blue at −max, white at 0, the
     input enlarged by an integer factor with square pixels; one to four channels all draw."""
     import subprocess
@@ -145,6 +146,8 @@ def test_input_beside_heatmap_is_drawn_without_matplotlib() -> None:
         "x = np.zeros((1, 8, 8), np.float32); x[0, :4] = 1.0\n"
         "a = np.zeros((1, 8, 8)); a[0, 0, 0] = 2.0; a[0, 7, 7] = -2.0\n"
         "sys.stdout.buffer.write(plots.input_and_heatmap(x, a, 'pathwise: class 3, score 2.1'))\n"
+        "photo = np.full((30, 50, 3), 90, np.uint8)\n"
+        "plots.overlay(photo, a, 't', (10.0, 0.0, 40.0, 30.0)); plots.picture(photo)\n"
         "assert 'matplotlib' not in sys.modules\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
@@ -159,3 +162,15 @@ def test_input_beside_heatmap_is_drawn_without_matplotlib() -> None:
     for channels in (2, 3, 4):
         x = np.random.default_rng(channels).random((channels, 9, 9))
         assert decode(plots.input_and_heatmap(x, x, "t")).shape[0] == top + 9 * (plots.PANEL // 9) + pad
+
+
+def test_overlay_colours_only_the_region_the_input_came_from() -> None:
+    """With a crop region, the heatmap covers exactly the region's displayed pixels: a uniform
+    positive map turns them red and leaves the original grey outside."""
+    img = np.full((120, 200, 3), 128, np.uint8)
+    png = decode(plots.overlay(img, np.ones((8, 8)), "t", (40.0, 0.0, 160.0, 120.0))).astype(int)
+    top, pad, scale = 26, 10, 240 / 200  # small originals are drawn 240 px wide
+    row = png[top + 60]
+    red = np.flatnonzero(row[:, 0] - row[:, 2] > 60)
+    assert abs(red.min() - (pad + 40 * scale)) <= 1 and abs(red.max() - (pad + 160 * scale - 1)) <= 1
+    assert abs(int(row[pad + 20, 0]) - int(row[pad + 20, 2])) < 5  # grey left of the region
