@@ -131,14 +131,15 @@ def keep_units(g: np.ndarray, mask: np.ndarray, slope: np.ndarray | None = None)
     new array: the kept entries written into zeros (pages never written stay untouched), cheaper
     than a multiply when few units are kept. numpy, or the compiled loop (same bits,
     :mod:`onnx_pathwise.tiers`)."""
-    kernels = tiers.compiled(g.size)
+    kernels = tiers.compiled()
     if kernels is not None:
         return kernels.keep_units(g, mask, np.ones(mask.shape, g.dtype) if slope is None else slope)
-    out = np.zeros(g.shape, g.dtype)  # calloc: pages never written are never touched (zeros_like writes them)
-    for i in range(g.shape[1]):
-        j = np.flatnonzero(mask[i])
-        out[:, i, j] = g[:, i, j] if slope is None else g[:, i, j] * slope[i, j]
-    return out
+    with tiers.timed():
+        out = np.zeros(g.shape, g.dtype)  # calloc: pages never written are never touched (zeros_like writes them)
+        for i in range(g.shape[1]):
+            j = np.flatnonzero(mask[i])
+            out[:, i, j] = g[:, i, j] if slope is None else g[:, i, j] * slope[i, j]
+        return out
 
 
 def _keep(candidates: np.ndarray, e: np.ndarray, width: int) -> np.ndarray:

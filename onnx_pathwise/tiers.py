@@ -4,13 +4,13 @@ Three inner loops of a plain explanation exist twice, as numpy and as a numba ke
 gives the same bits (``tests/test_rules.py`` and ``tests/test_pathwise.py`` check each pair):
 keeping the selected units' cotangents (:func:`onnx_pathwise.pathwise.keep_units`), max-pool
 routing (:func:`onnx_pathwise.rules.pooling.window_argmax`) and its adjoint. The compiled
-loops are 1.5–3× faster, but loading numba costs about a second per process (its import and
+loops are 1.5–5× faster, but loading numba costs about a second per process (its import and
 first dispatch) and compiling them after an install a few more: more than a command-line run
 on one batch gains from them. So, as a JIT tiers an interpreter, the numpy forms run until
-the process has pushed :data:`COMPILE_AFTER` elements through them (by then the numpy forms
-have cost about half of what loading numba does; one ResNet-18 batch of 8, or eight single
-images), or until numba is loaded anyway (class chunks, exact Integrated Gradients); then the
-kernels. Results never depend on the tier.
+the process has spent :data:`COMPILE_AFTER` seconds in them (by then they have cost about half
+of what loading numba does: a ResNet-18 run switches after a few batches of 8, or a few dozen
+single images), or until numba is loaded anyway (class chunks, exact Integrated Gradients);
+then the kernels. Results never depend on the tier, only the speed does.
 
 ``ONNX_PATHWISE_KERNELS``: ``auto`` (the default), ``compiled`` (always the kernels) or
 ``numpy`` (never).
@@ -18,17 +18,20 @@ kernels. Results never depend on the tier.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
+import time
+from collections.abc import Iterator
 from types import ModuleType
 
 from .errors import PathwiseError
 
-#: Elements (cotangent entries and pooled inputs) handled in numpy before the kernels load.
-COMPILE_AFTER = 200_000_000
+#: Seconds spent in the numpy forms before the kernels load.
+COMPILE_AFTER = 1.0
 _MODES = ("auto", "compiled", "numpy")
-_done = 0
+_spent = 0.0
 _lock = threading.Lock()
 
 
@@ -39,18 +42,24 @@ def _mode() -> str:
     return mode
 
 
-def compiled(elements: int) -> ModuleType | None:
-    """:mod:`onnx_pathwise.kernels` when the compiled form should run a job of ``elements``
-    elements, else None (run the numpy form); counts the job towards :data:`COMPILE_AFTER`."""
-    global _done
+def compiled() -> ModuleType | None:
+    """:mod:`onnx_pathwise.kernels` when the compiled form should run, else None: run the
+    numpy form inside :func:`timed`."""
     mode = _mode()
-    if mode == "numpy":
+    if mode == "numpy" or (mode == "auto" and "onnx_pathwise.kernels" not in sys.modules and _spent < COMPILE_AFTER):
         return None
-    if mode == "auto" and "onnx_pathwise.kernels" not in sys.modules:
-        with _lock:
-            _done += elements
-            if _done < COMPILE_AFTER:
-                return None
     from . import kernels
 
     return kernels
+
+
+@contextlib.contextmanager
+def timed() -> Iterator[None]:
+    """Count the time of a numpy form towards :data:`COMPILE_AFTER`."""
+    global _spent
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        with _lock:
+            _spent += time.perf_counter() - start

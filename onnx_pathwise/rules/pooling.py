@@ -213,21 +213,22 @@ def _scatter(g: Array, state: Routing, ctx: Ctx) -> Array:
     in_shape = (rows,) + tuple(ctx.in_shapes[0] or ())
     size = int(np.prod(in_shape[1:], dtype=np.int64))
     g = g.reshape(rows // ctx.n, ctx.n, -1)
-    kernels = tiers.compiled(g.size)
+    kernels = tiers.compiled()
     if kernels is not None:
         return kernels.scatter_add(g, state.argmax, size).reshape(in_shape)
-    dx = np.zeros((rows // ctx.n, ctx.n, size), g.dtype)
-    if state.disjoint:
-        for i, targets in enumerate(state.argmax):
-            dx[:, i, targets] = g[:, i]
+    with tiers.timed():
+        dx = np.zeros((rows // ctx.n, ctx.n, size), g.dtype)
+        if state.disjoint:
+            for i, targets in enumerate(state.argmax):
+                dx[:, i, targets] = g[:, i]
+            return dx.reshape(in_shape)
+        for i, (first, targets, rounds) in enumerate(state.adjoint):
+            gi = g[:, i]
+            acc = gi[:, first]
+            for p, slot in rounds:
+                acc[:, slot] += gi[:, p]
+            dx[:, i, targets] = acc
         return dx.reshape(in_shape)
-    for i, (first, targets, rounds) in enumerate(state.adjoint):
-        gi = g[:, i]
-        acc = gi[:, first]
-        for p, slot in rounds:
-            acc[:, slot] += gi[:, p]
-        dx[:, i, targets] = acc
-    return dx.reshape(in_shape)
 
 
 def window_argmax(x: Array, table: Array) -> Array:
@@ -236,21 +237,22 @@ def window_argmax(x: Array, table: Array) -> Array:
     maximum, per channel. Padding never wins: it reads as the lowest value, and a window whose
     elements all equal that value picks its first element. numpy, or the compiled loop (same
     result, :mod:`onnx_pathwise.tiers`)."""
-    kernels = tiers.compiled(x.size * table.shape[1])
+    kernels = tiers.compiled()
     if kernels is not None:
         return kernels.window_argmax(x, table)
-    N, C, S = x.shape
-    low = -np.inf if np.issubdtype(x.dtype, np.floating) else np.iinfo(x.dtype).min
-    first = table[np.arange(table.shape[0]), (table < 0).argmin(axis=1)]  # first element in the image
-    padded = np.empty((C, S + 1), x.dtype)
-    padded[:, S] = low
-    out = np.empty((N, C, table.shape[0]), np.int64)
-    for i in range(N):  # one sample at a time: the gathered windows are W× its size
-        padded[:, :S] = x[i]
-        pick = padded[:, table].argmax(axis=2)  # index -1 is the padding column
-        out[i] = np.take_along_axis(np.broadcast_to(table, (C,) + table.shape), pick[..., None], axis=2)[..., 0]
-        np.copyto(out[i], first, where=out[i] < 0)
-    return out
+    with tiers.timed():
+        N, C, S = x.shape
+        low = -np.inf if np.issubdtype(x.dtype, np.floating) else np.iinfo(x.dtype).min
+        first = table[np.arange(table.shape[0]), (table < 0).argmin(axis=1)]  # first element in the image
+        padded = np.empty((C, S + 1), x.dtype)
+        padded[:, S] = low
+        out = np.empty((N, C, table.shape[0]), np.int64)
+        for i in range(N):  # one sample at a time: the gathered windows are W× its size
+            padded[:, :S] = x[i]
+            pick = padded[:, table].argmax(axis=2)  # index -1 is the padding column
+            out[i] = np.take_along_axis(np.broadcast_to(table, (C,) + table.shape), pick[..., None], axis=2)[..., 0]
+            np.copyto(out[i], first, where=out[i] < 0)
+        return out
 
 
 @register("MaxPool", role=ROUTING, canonical=window_canonical,
