@@ -121,6 +121,29 @@ def test_arrays_as_before(tmp_path: Path) -> None:
         open_inputs(tmp_path / "nope.npy", (8,))
 
 
+def test_image_options_with_an_array_or_a_table_are_refused(tmp_path: Path) -> None:
+    """Arrays and tables are used as they are: an image option given with one would be
+    ignored, so every command refuses it with exit 2, naming the options, before reading
+    anything or writing an output; without the options the same inputs run."""
+    write_csv(tmp_path / "t.csv", NAMES, np.ones((3, 4)))
+    array, table = SAMPLES / "mlp_inputs.npy", tmp_path / "t.csv"
+    runs = [
+        ("explain", SAMPLES / "mlp.onnx", array, "--out", tmp_path / "o"),
+        ("explain", SAMPLES / "mlp.onnx", table, "--out", tmp_path / "o"),
+        ("evaluate", SAMPLES / "mlp.onnx", array, "--out", tmp_path / "e"),
+        ("audit", SAMPLES / "mlp.onnx", "--inputs", array),
+        ("diff", SAMPLES / "mlp.onnx", SAMPLES / "mlp.onnx", "--inputs", array),
+    ]
+    for args in runs:
+        res = invoke(*args, "--preprocess", "imagenet", "--mean", "0.5,0.5,0.5", "--device", "cpu")
+        assert res.exit_code == 2, (args, res.output)
+        assert "--preprocess, --mean apply to images" in res.output and "used as it is" in res.output, res.output
+        assert "Traceback" not in res.output
+    assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()
+    res = invoke("explain", SAMPLES / "mlp.onnx", array, "--out", tmp_path / "o", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+
+
 def test_labels(tmp_path: Path) -> None:
     (tmp_path / "l.txt").write_text("cat\ndog\nbird\n")
     (tmp_path / "l.json").write_text('["cat", "dog", "bird"]')

@@ -227,9 +227,9 @@ PageOpt = Annotated[PageFormat | None, typer.Option(
 GlobOpt = Annotated[str | None, checked_option(
     "--glob", "For a folder of images: only files matching this pattern (e.g. '*.jpg', 'cats/**').",
     _not_empty("--glob", "a file name pattern"), metavar="PATTERN")]
-PreprocessOpt = Annotated[str, checked_option(
-    "--preprocess", "Image preprocessing preset: imagenet, caffe, tf, unit or none.", _preset_check(name=True),
-    metavar="NAME", show_default=True)]
+PreprocessOpt = Annotated[str | None, checked_option(
+    "--preprocess", "Image preprocessing preset: imagenet (the default), caffe, tf, unit or none. Image options "
+    "apply to images only: with an array or a table they are refused.", _preset_check(name=True), metavar="NAME")]
 ResizeOpt = Annotated[str | None, checked_option(
     "--resize", "Resize the shorter image side to this many pixels (at least 1) before the centre crop.",
     _preset_check(resize=True), metavar="N")]

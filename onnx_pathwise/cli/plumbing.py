@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .. import plots, runtime
-from ..data import InputSource, is_array_file, load_labels, open_inputs
+from ..data import TABLE_SUFFIXES, InputSource, is_array_file, load_labels, open_inputs
 from ..errors import (
     InputError,
     OutputError,
@@ -58,7 +58,7 @@ class _DataOptions:
     """The input-handling options, as given (see :func:`_open_source`)."""
 
     glob: str | None = None
-    preprocess: str = "imagenet"
+    preprocess: str | None = None  # None: imagenet, for images
     resize: str | None = None
     crop: str | None = None
     mean: str | None = None
@@ -75,10 +75,22 @@ def _open_source(path: Path, model: Any, opts: _DataOptions | None = None) -> In
     from ..preprocess import preset
 
     opts = opts or _DataOptions()
-    prep = preset(opts.preprocess, resize=opts.resize, crop=opts.crop, mean=opts.mean, std=opts.std,
+    _image_options_fit(path, opts)
+    prep = preset(opts.preprocess or "imagenet", resize=opts.resize, crop=opts.crop, mean=opts.mean, std=opts.std,
                   layout=opts.layout)
     return open_inputs(path, model, preprocess=prep, glob=opts.glob, on_error=opts.on_error,
                        columns=opts.columns, batch_size=opts.batch_size)
+
+
+def _image_options_fit(path: Path, opts: _DataOptions) -> None:
+    """Image options given for an array or a table would be ignored (those are used as they
+    are): refuse them, naming each, rather than explain other inputs than the user meant."""
+    given = [f"--{name}" for name in ("preprocess", "resize", "crop", "mean", "std", "layout")
+             if getattr(opts, name) is not None]
+    kind = "an array" if is_array_file(path) else "a table" if path.suffix.lower() in TABLE_SUFFIXES else None
+    if given and kind is not None:
+        raise PathwiseError(f"{', '.join(given)} apply to images (a file, a folder, a list of paths); {path.name} is "
+                            f"{kind}, used as it is: preprocess it before saving, or leave the option out")
 
 
 def _load_input(path: Path, explainer: Explainer, opts: _DataOptions | None = None,
@@ -98,6 +110,7 @@ def _read_inputs(path: Path, model: Path, opts: _DataOptions) -> np.ndarray:
     if is_array_file(path):
         if opts.glob is not None or opts.columns is not None:
             raise PathwiseError("--glob and --columns do not apply to a .npy/.npz array")
+        _image_options_fit(path, opts)
         return load_array(path)
     return _load_input(path, _open_explainer(model, Device.cpu), opts)
 
