@@ -136,6 +136,9 @@ def open_inputs(
         batch_size = default_batch_size(shape, classes, largest)
     common: dict[str, Any] = {"shape": shape, "batch_size": batch_size, "on_error": on_error}
     suffix = path.suffix.lower()
+    if prep is not None and used_as_is(path):
+        raise PathwiseError(f"preprocessing applies to images; {path.name} is {used_as_is(path)}, used as it is: "
+                            "preprocess it before saving, or pass preprocess=None")
     if suffix in ARRAY_SUFFIXES:  # exactly as before: load_array's checks and messages
         if glob is not None or columns is not None:
             raise PathwiseError("--glob and --columns do not apply to a .npy/.npz array")
@@ -169,6 +172,12 @@ def open_inputs(
     if columns is not None:
         raise PathwiseError(f"--columns applies to CSV/Parquet tables; {path} is not one")
     return ImageSource(path, path.parent, _list_file(path), _image_pipeline(prep, shape), **common)
+
+
+def used_as_is(path: str | os.PathLike[str]) -> str | None:
+    """"an array" or "a table" for inputs read as numbers, used as they are (image preprocessing
+    does not apply to them), else None."""
+    return "an array" if is_array_file(path) else "a table" if Path(path).suffix.lower() in TABLE_SUFFIXES else None
 
 
 def is_array_file(path: str | os.PathLike[str]) -> bool:

@@ -142,6 +142,9 @@ def test_image_options_with_an_array_or_a_table_are_refused(tmp_path: Path) -> N
     assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()
     res = invoke("explain", SAMPLES / "mlp.onnx", array, "--out", tmp_path / "o", "--device", "cpu")
     assert res.exit_code == 0, res.output
+    for path in (array, table):  # the API's rule (open_inputs), the CLI's names the flags
+        with pytest.raises(PathwiseError, match="preprocessing applies to images; .* used as it is"):
+            open_inputs(path, (8,), preprocess="imagenet")
 
 
 def test_labels(tmp_path: Path) -> None:

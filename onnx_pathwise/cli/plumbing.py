@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .. import plots, runtime
-from ..data import TABLE_SUFFIXES, InputSource, is_array_file, load_labels, open_inputs
+from ..data import InputSource, is_array_file, load_labels, open_inputs, used_as_is
 from ..errors import (
     InputError,
     OutputError,
@@ -76,18 +76,21 @@ def _open_source(path: Path, model: Any, opts: _DataOptions | None = None) -> In
 
     opts = opts or _DataOptions()
     _image_options_fit(path, opts)
+    given = any(getattr(opts, name) is not None for name in _IMAGE_OPTIONS)
     prep = preset(opts.preprocess or "imagenet", resize=opts.resize, crop=opts.crop, mean=opts.mean, std=opts.std,
-                  layout=opts.layout)
+                  layout=opts.layout) if given else None  # None: imagenet for images
     return open_inputs(path, model, preprocess=prep, glob=opts.glob, on_error=opts.on_error,
                        columns=opts.columns, batch_size=opts.batch_size)
+
+
+_IMAGE_OPTIONS = ("preprocess", "resize", "crop", "mean", "std", "layout")
 
 
 def _image_options_fit(path: Path, opts: _DataOptions) -> None:
     """Image options given for an array or a table would be ignored (those are used as they
     are): refuse them, naming each, rather than explain other inputs than the user meant."""
-    given = [f"--{name}" for name in ("preprocess", "resize", "crop", "mean", "std", "layout")
-             if getattr(opts, name) is not None]
-    kind = "an array" if is_array_file(path) else "a table" if path.suffix.lower() in TABLE_SUFFIXES else None
+    given = [f"--{name}" for name in _IMAGE_OPTIONS if getattr(opts, name) is not None]
+    kind = used_as_is(path)
     if given and kind is not None:
         raise PathwiseError(f"{', '.join(given)} apply to images (a file, a folder, a list of paths); {path.name} is "
                             f"{kind}, used as it is: preprocess it before saving, or leave the option out")
