@@ -72,7 +72,9 @@ def tensor_problem(t: TensorProto) -> str:
     if t.data_location not in (TensorProto.DEFAULT, TensorProto.EXTERNAL):
         return f"has unknown data_location {t.data_location}"
     if t.data_location == TensorProto.EXTERNAL:
-        return ""
+        # values inline as well would leave two answers to "what are the weights": refused
+        inline = "raw_data" if t.HasField("raw_data") else next((f for f in _TYPED_FIELDS if len(getattr(t, f))), None)
+        return f"stores its values twice, in {inline} and in external data" if inline else ""
     field = helper.tensor_dtype_to_field(t.data_type)
     wrong = [f for f in _TYPED_FIELDS if f != field and len(getattr(t, f))]
     if wrong:

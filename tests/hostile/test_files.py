@@ -210,6 +210,15 @@ def _external(name: str, location: str | None, *, dims: tuple[int, ...] = (2, 2)
     return t
 
 
+def _with(t: TensorProto, raw_data: bytes | None = None, float_data: list[float] | None = None) -> TensorProto:
+    """``t`` with values stored inline too."""
+    if raw_data is not None:
+        t.raw_data = raw_data
+    if float_data is not None:
+        t.float_data.extend(float_data)
+    return t
+
+
 def _sparse(values: TensorProto, indices: TensorProto) -> onnx.SparseTensorProto:
     s = onnx.SparseTensorProto(values=values, indices=indices)
     s.dims.extend([2, 2])
@@ -687,6 +696,10 @@ TENSORS: dict[str, tuple[Callable[[], onnx.ModelProto], tuple[str, ...]]] = {
                          ("'w'", "(16 bytes of FLOAT) but stores 12 bytes")),
     "raw-and-float-data": (lambda: _relu_net(_typed("w", TensorProto.FLOAT, [2, 2], raw_data=W.tobytes(),
                                                     float_data=W.reshape(-1).tolist())), ("'w'", "twice")),
+    "external-and-raw": (lambda: _relu_net(_with(_external("w", "w.bin"), raw_data=W.tobytes())),
+                         ("'w'", "stores its values twice, in raw_data and in external data")),
+    "external-and-float-data": (lambda: _relu_net(_with(_external("w", "w.bin"), float_data=W.reshape(-1).tolist())),
+                                ("'w'", "stores its values twice, in float_data and in external data")),
     "string-raw": (lambda: _reshape_net(_typed("s", TensorProto.STRING, [1], raw_data=b"abc")),
                    ("'s'", "STRING but stores raw_data")),
     "type-0-in-branch": (lambda: at_if_constant(_typed("secret_w", 0, [2, 2], float_data=[1.0] * 4)),
@@ -703,7 +716,7 @@ TENSORS: dict[str, tuple[Callable[[], onnx.ModelProto], tuple[str, ...]]] = {
 def test_malformed_tensors_are_model_errors(site: Site, case: str, no_onnxruntime: list[str]) -> None:
     make, fragments = TENSORS[case]
     model = make()
-    onnx.save(model, str(site.model))
+    site.model.write_bytes(model.SerializeToString())  # as is: onnx.save would move raw_data out to external data
     with pytest.raises(ModelError) as info:
         Explainer(site.model, device="cpu")
     for fragment in fragments:
