@@ -36,7 +36,7 @@ from .engine import Hook, Record
 from .errors import PathwiseError
 from .ir import Node
 from .pathwise import resolve_targets
-from .sweep import record_rows
+from .sweep import record_rows, refuse_overflow
 
 if TYPE_CHECKING:
     from .explainer import Explainer
@@ -491,7 +491,9 @@ def attribute(explainer: Explainer, x: Any, method: str, target: Any = None, /, 
     spec.check(options)
     rec = explainer.record(x)
     tgt = resolve_targets(target, rec.scores)
-    attribution = spec.fn(explainer, rec.x, tgt, record=rec, **options)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, not warned
+        attribution = spec.fn(explainer, rec.x, tgt, record=rec, **options)
+    refuse_overflow(f"the {method} attribution", attribution)
     return Attribution(attribution, rec.scores, tgt, method, dict(options))
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from . import graph as graph_mod
 from .explain import path_sweep
 from .pathwise import competing_rows, parse_classes
-from .sweep import Sweep, concat_batches
+from .sweep import Sweep, concat_batches, refuse_overflow
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class Decomposition:
         return np.abs(total - self.attribution).reshape(n, -1).max(axis=1)
 
 
+@np.errstate(over="ignore", invalid="ignore")  # an overflow is refused below, not warned
 def decompose(
     sweep: Sweep,
     x: Any,
@@ -107,6 +108,7 @@ def decompose(
     parts = (Wp[:m] * rec.x[None]).swapaxes(0, 1)  # (n, m, *in)
     rest = Wp[m] * rec.x
     bypass = attribution - parts.sum(axis=1) - rest
+    refuse_overflow("the decomposition", attribution, parts, rest, bypass)
     g_cut = sweep.layer_graph.copy()
     g_cut.remove_node(name)
     out_node = next(v for v, d in sweep.layer_graph.nodes(data=True) if sweep.ir.output_name in d["outputs"])

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from .engine import Record
-from .errors import ModelError
 from .pathwise import (
     Explanation,
     PathLayer,
@@ -32,7 +31,7 @@ from .pathwise import (
     path_layers,
     resolve_targets,
 )
-from .sweep import Sweep, concat_batches, slice_record
+from .sweep import Sweep, concat_batches, refuse_overflow, slice_record
 
 
 def path_setup(sweep: Sweep, width: Any, depth: int | None) -> tuple[list[Any], dict[str, int]]:
@@ -94,10 +93,7 @@ def explain(
         xf = rec.x.astype(np.float64)
         masked = (weight.reshape(n, -1).astype(np.float64) * xf.reshape(n, -1)).sum(axis=1) + bias
         attribution = (weight * rec.x).astype(weight.dtype)
-    if not (np.all(np.isfinite(attribution)) and np.all(np.isfinite(masked))):
-        bad = int(np.argwhere(~np.isfinite(attribution.reshape(n, -1)).all(axis=1) | ~np.isfinite(masked))[0][0])
-        raise ModelError(f"the pathwise explanation of sample {bad} overflows {weight.dtype} (a weight or "
-                         "product of weights is too large)")
+    refuse_overflow("the pathwise explanation", attribution, masked)
     paths = [
         [PathLayer(layer.name, np.flatnonzero(path.masks[layer.name][i]), layer.units) for layer in layers]
         for i in range(n)

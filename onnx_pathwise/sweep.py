@@ -76,6 +76,19 @@ def concat_batches(results: Sequence[Any]) -> Any:
     return dataclasses.replace(first, **values)
 
 
+def refuse_overflow(what: str, *arrays: np.ndarray) -> None:
+    """Every array (n, ...) finite, else :class:`ModelError` naming the first sample that is not:
+    finite weights and inputs can still overflow float32 in a product of many layers, and an
+    infinite or NaN attribution must never be written as an answer."""
+    n = arrays[0].shape[0]
+    bad = np.zeros(n, bool)
+    for a in arrays:
+        bad |= ~np.isfinite(np.asarray(a).reshape(n, -1)).all(axis=1)
+    if bad.any():
+        raise ModelError(f"{what} of sample {int(np.argmax(bad))} overflows {arrays[0].dtype} (a weight or "
+                         "product of weights is too large)")
+
+
 def record_rows(explainer: Any, x: np.ndarray, preactivations: bool = False) -> tuple[Record, dict[str, np.ndarray]]:
     """One onnxruntime forward pass over rows x (already checked): the record and the raw
     recorded values (gate outputs, or inputs with ``preactivations``; max-pool inputs; scores)."""

@@ -18,8 +18,7 @@ from typing import Any
 import numpy as np
 
 from .engine import Record
-from .errors import ModelError
-from .sweep import Sweep, concat_batches, slice_record
+from .sweep import Sweep, concat_batches, refuse_overflow, slice_record
 
 
 @dataclass(frozen=True)
@@ -63,9 +62,6 @@ def unwrap(sweep: Sweep, x: Any, record: Record | None = None) -> UnwrapResult:
         b = np.concatenate(bs).T.astype(np.float64)
         fx = np.einsum("nkd,nd->nk", W.reshape(n, K, -1).astype(np.float64),
                        rec.x.reshape(n, -1).astype(np.float64)) + b
-    if not (np.all(np.isfinite(W)) and np.all(np.isfinite(fx))):
-        bad = int(np.argwhere(~np.isfinite(W.reshape(n, -1)).all(axis=1) | ~np.isfinite(fx).all(axis=1))[0][0])
-        raise ModelError(f"the local affine model of sample {bad} overflows {W.dtype} (a weight or "
-                         "product of weights is too large)")
+    refuse_overflow("the local affine model", W, fx)
     delta = np.abs(fx - rec.scores).max(axis=1)
     return UnwrapResult(W, b.astype(W.dtype), rec.scores, delta)

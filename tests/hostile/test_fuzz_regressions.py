@@ -15,14 +15,15 @@ from onnx_pathwise.cli import app
 PREFIX = "onnx-pathwise: error: "
 
 
-def _refused(tmp_path: Path, command: str, *fragments: str) -> None:
+def _refused(tmp_path: Path, command: str, *fragments: str, extra: tuple[str, ...] = ()) -> None:
     """``command`` on tmp_path/m.onnx and tmp_path/x.npy: exit 3, one error line, nothing written."""
     out = tmp_path / "out"
     args = [command, str(tmp_path / "m.onnx")]
-    if command in ("unwrap", "explain"):
+    if command in ("unwrap", "explain", "decompose"):
         args += [str(tmp_path / "x.npy"), "--out", str(out / "w.npz" if command == "unwrap" else out)]
-    if command == "explain":
+    if command in ("explain", "decompose"):
         args.append("--no-png")
+    args += list(extra)
     if command != "inspect":
         args += ["--device", "cpu"]
     res = CliRunner().invoke(app, args)
@@ -86,6 +87,11 @@ def test_a_local_affine_model_that_overflows_where_the_output_does_not_is_refuse
     np.save(tmp_path / "x.npy", np.full((1, 1), 0.01, np.float32))
     _refused(tmp_path, "unwrap", "local affine model of sample 0 overflows float32")
     _refused(tmp_path, "explain", "explanation of sample 0 overflows float32")
+    # the same guard on every method and the decomposition (they exited 0 with infinities)
+    _refused(tmp_path, "decompose", "decomposition of sample 0 overflows float32")
+    for method in ("gradient", "input_x_gradient", "integrated_gradients", "guided_backprop"):
+        _refused(tmp_path, "explain", f"the {method} attribution of sample 0 overflows float32",
+                 extra=("--method", method))
 
 
 def test_a_nan_attribute_is_refused_not_explained_as_nan(tmp_path: Path) -> None:
