@@ -378,7 +378,7 @@ def write_files(folder: str | os.PathLike[str], writers: Mapping[str, Callable[[
     return list(paths.values())
 
 
-def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object], *,
+def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object], *,
                   overwrite: bool = True) -> Path:
     """Write through ``write(file)`` to a temporary file next to ``path``, then rename it."""
     path = Path(path)
@@ -421,7 +421,7 @@ def save_npz(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray], *,
     The file gets exactly the name given (no ``.npz`` is appended). Object arrays are refused.
     An existing regular file is replaced only with ``overwrite``; anything else never is.
     """
-    return _atomic_write(path, npz_writer(arrays, compress=compress), overwrite=overwrite)
+    return write_atomic(path, npz_writer(arrays, compress=compress), overwrite=overwrite)
 
 
 #: Numeric arrays at least this long are encoded in one call of json's C encoder and placed
@@ -447,18 +447,18 @@ def _compact(arr: np.ndarray) -> _Compact | None:
     return None
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """Plain JSON data; NaN and infinities (undefined or unbounded metrics) become None."""
     if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
         if obj.size >= _COMPACT_MIN:
             compact = _compact(obj)
             if compact is not None:
                 return compact
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     if isinstance(obj, (np.bool_, bool)):
         return bool(obj)
     if isinstance(obj, (np.integer, int)):
@@ -476,7 +476,7 @@ def _jsonable(obj: Any) -> Any:
 def to_json_line(obj: Any) -> str:
     """``obj`` as one line of strict JSON, with the same escapes as :func:`to_json` (a row of a
     streamed index)."""
-    return json_escape(json.dumps(_jsonable(obj), allow_nan=False, ensure_ascii=False, default=_expand))
+    return json_escape(json.dumps(jsonable(obj), allow_nan=False, ensure_ascii=False, default=_expand))
 
 
 def _expand(o: Any) -> Any:
@@ -501,7 +501,7 @@ def to_json(obj: Any) -> str:
             return f"{token}{len(compact) - 1}@@"
         raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
 
-    text = json.dumps(_jsonable(obj), indent=2, allow_nan=False, ensure_ascii=False, default=placeholder)
+    text = json.dumps(jsonable(obj), indent=2, allow_nan=False, ensure_ascii=False, default=placeholder)
     if compact:
         text = re.sub(f'"{re.escape(token)}([0-9]+)@@"', lambda m: compact[int(m.group(1))], text)
     return json_escape(text)
@@ -509,9 +509,9 @@ def to_json(obj: Any) -> str:
 
 def write_json(path: str | os.PathLike[str], obj: Any, *, overwrite: bool = True) -> Path:
     """Write ``obj`` as strict JSON (see :func:`to_json`), atomically."""
-    return _atomic_write(path, json_writer(obj), overwrite=overwrite)
+    return write_atomic(path, json_writer(obj), overwrite=overwrite)
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes, *, overwrite: bool = True) -> Path:
     """Write ``data`` to ``path`` atomically."""
-    return _atomic_write(path, bytes_writer(data), overwrite=overwrite)
+    return write_atomic(path, bytes_writer(data), overwrite=overwrite)

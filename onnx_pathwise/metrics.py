@@ -372,7 +372,7 @@ def evaluate(
             attributions[label] = attribution
         result["methods"][label] = {
             "method": name,
-            "options": {k: _jsonable(v) for k, v in opts.items()},
+            "options": {k: jsonable(v) for k, v in opts.items()},
             "metrics": metrics,
             "curves": {"changed": ins.changed.tolist(), "insertion": ins.scores.mean(axis=0).tolist(),
                        "deletion": dele.scores.mean(axis=0).tolist()},
@@ -380,7 +380,7 @@ def evaluate(
     return result
 
 
-def _jsonable(v: Any) -> Any:
+def jsonable(v: Any) -> Any:
     if isinstance(v, np.ndarray):
         return v.tolist()
     if isinstance(v, np.generic):

@@ -38,7 +38,7 @@ import numpy as np
 
 from .data import InputSource, Sample
 from .errors import InputError, PathwiseError
-from .io import _atomic_write, _jsonable, save_npz, to_json, to_json_line, write_bytes, write_json
+from .io import jsonable, save_npz, to_json, to_json_line, write_atomic, write_bytes, write_json
 from .pathwise import target_scores
 
 SHARD = "explanation-{:05d}.npz"
@@ -133,7 +133,7 @@ def fingerprint(model: str | os.PathLike[str], source: InputSource, settings: Ma
     with contextlib.suppress(OSError), open(model, "rb") as f:
         for block in iter(lambda: f.read(2**20), b""):
             digest.update(block)
-    return _jsonable({"model": str(model), "model_sha256": digest.hexdigest(), "input": str(source.path),
+    return jsonable({"model": str(model), "model_sha256": digest.hexdigest(), "input": str(source.path),
                       "input_kind": source.kind, "items": len(source), "on_error": source.on_error,
                       "preprocessing": source.preprocessing.to_json() if source.preprocessing else None,
                       **settings})
@@ -330,7 +330,7 @@ def _write_index(out: Path, meta: dict[str, Any], shards: int) -> float | None:
             f.write((",\n    " if i else "\n    ").encode("utf-8") + text.encode("utf-8"))
         f.write(b"\n  ]\n}\n")
 
-    _atomic_write(out / INDEX, write)
+    write_atomic(out / INDEX, write)
     _write_parquet(out, shards)
     return meta["mean_faithfulness"]  # type: ignore[no-any-return]
 
@@ -352,7 +352,7 @@ def _write_parquet(out: Path, shards: int) -> None:
                         for row in json.loads((out / PART.format(i)).read_text(encoding="utf-8"))["rows"]]
                 writer.write_table(pa.Table.from_pylist(rows, schema=schema))
 
-    _atomic_write(out / INDEX_PARQUET, write)
+    write_atomic(out / INDEX_PARQUET, write)
 
 
 @contextlib.contextmanager
