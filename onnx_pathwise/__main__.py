@@ -1,6 +1,6 @@
 """``python -m onnx_pathwise``: the same command line as ``onnx-pathwise``."""
 
-from .cli import main
+from .cli.shell import run
 
 if __name__ == "__main__":
-    main()
+    run()
