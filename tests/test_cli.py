@@ -293,3 +293,19 @@ def test_samples_are_small() -> None:
     for path in SAMPLES.iterdir():
         if path.suffix in (".onnx", ".npy"):
             assert path.stat().st_size < 200_000, path
+
+
+def test_the_command_exits_fast_with_its_code_and_every_byte_written(tmp_path: Path) -> None:
+    """``onnx-pathwise`` ends with os._exit once its outputs are written (cli.shell.run): the
+    exit code, stdout read through a pipe and stderr are whole, and the files are complete."""
+    done = run_module("inspect", SAMPLES / "cnn.onnx", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["input"]  # the whole JSON arrived before the exit
+    done = run_module("explain", SAMPLES / "mlp.onnx", SAMPLES / "mlp_inputs.npy", "--out", tmp_path / "o",
+                      "--device", "cpu")
+    assert done.returncode == 0 and "wrote 2 file(s)" in done.stdout, done.stderr
+    n = np.load(SAMPLES / "mlp_inputs.npy").shape[0]
+    assert np.load(tmp_path / "o" / "explanation.npz")["attribution"].shape[0] == n
+    json.loads((tmp_path / "o" / "explanation.json").read_text())
+    done = run_module("explain", tmp_path / "missing.onnx", SAMPLES / "mlp_inputs.npy", "--out", tmp_path / "p")
+    assert done.returncode == 3 and done.stderr.strip() == f"onnx-pathwise: error: {tmp_path / 'missing.onnx'}: no such file"
