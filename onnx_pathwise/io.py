@@ -440,8 +440,10 @@ class _Compact:
 
 
 def _compact(arr: np.ndarray) -> _Compact | None:
-    if arr.dtype.kind in "biu":
-        return _Compact(json.dumps(arr.ravel().tolist() if arr.ndim == 1 else arr.tolist()))
+    if arr.dtype.kind in "iu":  # Python's repr of a list of ints is its JSON text, and faster to make
+        return _Compact(repr(arr.tolist()))
+    if arr.dtype.kind == "b":
+        return _Compact(json.dumps(arr.tolist()))
     if arr.dtype.kind == "f" and bool(np.isfinite(arr).all()):
         return _Compact(json.dumps(arr.tolist(), allow_nan=False))
     return None
