@@ -265,8 +265,8 @@ def run() -> None:
     fast exit. Tearing the interpreter down (onnxruntime sessions and their thread pools, module
     dictionaries, large arrays) took 0.25–0.35 s of a 2 s run (benchmarks/README.md); every
     output file is written and closed by then, so once stdout and stderr are flushed the process
-    ends with ``os._exit``. Where Ray ran, the normal exit stays: its exit hook stops the local
-    cluster it started."""
+    ends with ``os._exit``. Where Ray ran, or coverage measures the process, the normal exit
+    stays: their exit hooks stop the local cluster Ray started, or write the coverage data."""
     code: Any = 0
     try:
         main()
@@ -274,7 +274,7 @@ def run() -> None:
         code = stop.code
     if code is None:
         code = 0
-    if "ray" in sys.modules or not isinstance(code, int):
+    if "ray" in sys.modules or "coverage" in sys.modules or not isinstance(code, int):
         raise SystemExit(code)
     try:
         sys.stdout.flush()
