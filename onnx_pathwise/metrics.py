@@ -372,7 +372,7 @@ def evaluate(
             attributions[label] = attribution
         result["methods"][label] = {
             "method": name,
-            "options": {k: jsonable(v) for k, v in opts.items()},
+            "options": {k: _plain(v) for k, v in opts.items()},
             "metrics": metrics,
             "curves": {"changed": ins.changed.tolist(), "insertion": ins.scores.mean(axis=0).tolist(),
                        "deletion": dele.scores.mean(axis=0).tolist()},
@@ -380,7 +380,9 @@ def evaluate(
     return result
 
 
-def jsonable(v: Any) -> Any:
+def _plain(v: Any) -> Any:
+    """A method option as plain Python (arrays as lists, numpy scalars as numbers), for the
+    evaluation's result; io.jsonable is the writer's step, not this."""
     if isinstance(v, np.ndarray):
         return v.tolist()
     if isinstance(v, np.generic):
