@@ -136,8 +136,9 @@ def open_inputs(
         batch_size = default_batch_size(shape, classes, largest)
     common: dict[str, Any] = {"shape": shape, "batch_size": batch_size, "on_error": on_error}
     suffix = path.suffix.lower()
-    if prep is not None and used_as_is(path):
-        raise PathwiseError(f"preprocessing applies to images; {path.name} is {used_as_is(path)}, used as it is: "
+    kind = used_as_is(path) if prep is not None else None  # may read the file's first bytes: once
+    if kind is not None:
+        raise PathwiseError(f"preprocessing applies to images; {path.name} is {kind}, used as it is: "
                             "preprocess it before saving, or pass preprocess=None")
     if suffix in ARRAY_SUFFIXES:  # exactly as before: load_array's checks and messages
         if glob is not None or columns is not None:

@@ -75,10 +75,8 @@ def _open_source(path: Path, model: Any, opts: _DataOptions | None = None) -> In
     from ..preprocess import preset
 
     opts = opts or _DataOptions()
-    _image_options_fit(path, opts)
-    given = any(getattr(opts, name) is not None for name in _IMAGE_OPTIONS)
     prep = preset(opts.preprocess or "imagenet", resize=opts.resize, crop=opts.crop, mean=opts.mean, std=opts.std,
-                  layout=opts.layout) if given else None  # None: imagenet for images
+                  layout=opts.layout) if _image_options_fit(path, opts) else None  # None: imagenet for images
     return open_inputs(path, model, preprocess=prep, glob=opts.glob, on_error=opts.on_error,
                        columns=opts.columns, batch_size=opts.batch_size)
 
@@ -86,14 +84,16 @@ def _open_source(path: Path, model: Any, opts: _DataOptions | None = None) -> In
 _IMAGE_OPTIONS = ("preprocess", "resize", "crop", "mean", "std", "layout")
 
 
-def _image_options_fit(path: Path, opts: _DataOptions) -> None:
-    """Image options given for an array or a table would be ignored (those are used as they
-    are): refuse them, naming each, rather than explain other inputs than the user meant."""
+def _image_options_fit(path: Path, opts: _DataOptions) -> list[str]:
+    """The image options given (as flags). Given for an array or a table they would be ignored
+    (those are used as they are): refused, naming each, rather than explain other inputs than
+    the user meant."""
     given = [f"--{name}" for name in _IMAGE_OPTIONS if getattr(opts, name) is not None]
-    kind = used_as_is(path)
-    if given and kind is not None:
+    kind = used_as_is(path) if given else None
+    if kind is not None:
         raise PathwiseError(f"{', '.join(given)} apply to images (a file, a folder, a list of paths); {path.name} is "
                             f"{kind}, used as it is: preprocess it before saving, or leave the option out")
+    return given
 
 
 def _load_input(path: Path, explainer: Explainer, opts: _DataOptions | None = None,
