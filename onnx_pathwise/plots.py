@@ -12,6 +12,7 @@ so white is always "no contribution", red for the target and blue against it.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -80,11 +81,14 @@ _RDBU_R = ("053061", "2166ac", "4393c3", "92c5de", "d1e5f0", "f7f7f7", "fddbc7",
 PANEL = 192
 
 
+@functools.lru_cache(maxsize=1)
 def _lut() -> Array:
-    """256 RGB entries of :data:`CMAP`, linear between its nodes."""
+    """256 RGB entries of :data:`CMAP`, linear between its nodes (built once; read-only)."""
     nodes = np.array([[int(h[i:i + 2], 16) for i in (0, 2, 4)] for h in _RDBU_R], np.float64)
     at = np.linspace(0.0, len(nodes) - 1.0, 256)
-    return np.stack([np.interp(at, np.arange(len(nodes)), nodes[:, k]) for k in range(3)], axis=1).round().astype(np.uint8)
+    lut = np.stack([np.interp(at, np.arange(len(nodes)), nodes[:, k]) for k in range(3)], axis=1).round().astype(np.uint8)
+    lut.setflags(write=False)
+    return lut
 
 
 def _enlarged(rgb: Array) -> Any:
