@@ -134,8 +134,12 @@ class Engine:
         for node in self.nodes:
             if node.role in (GATE, ROUTING):
                 continue
-            env = {t: np.zeros((1,) + self.ir.shapes[t], np.float64) for t in node.data_inputs}
-            outs = RULES[node.op_type].forward(node, self._inputs(node, env), self._ctx(node, 1))
+            rule = RULES[node.op_type]
+            if rule.at_zero is not None:
+                outs = rule.at_zero(node, self._ctx(node, 1))
+            else:
+                env = {t: np.zeros((1,) + self.ir.shapes[t], np.float64) for t in node.data_inputs}
+                outs = rule.forward(node, self._inputs(node, env), self._ctx(node, 1))
             offsets[node.name] = [
                 o.astype(self.dtype) if o.size and np.any(o != 0) else None for o in outs
             ]

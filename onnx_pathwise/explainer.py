@@ -61,7 +61,11 @@ class Explainer:
         output_name: str | None = None,
     ) -> None:
         self.device = runtime.resolve_device(device)
-        self.proto, raw_ir = frontend.load(model, input_name=input_name, output_name=output_name)
+        proto, raw_ir = frontend.load(model, input_name=input_name, output_name=output_name)
+        #: the checked model without the data of the weights the sweep holds (runtime.lean;
+        #: runtime.filled(proto, sweep.initializers) is the whole model)
+        self.proto = runtime.lean(proto, raw_ir.constants)
+        del proto
         self.source_ir: ModelIR = raw_ir
         self.ir: ModelIR = run_passes(raw_ir)
         #: the shared sweep layer (onnx_pathwise.sweep): engine, recorders, kernels, chunk plans

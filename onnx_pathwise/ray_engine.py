@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from . import runtime
 from .data import InputSource, Sample
 from .errors import PathwiseError
 from .stream import StreamResult, explain_batch
@@ -85,7 +86,7 @@ def run(explainer: Any, source: InputSource, out: str | os.PathLike[str], *, add
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.ERROR)
-        model_ref = ray.put(explainer.proto.SerializeToString())
+        model_ref = ray.put(runtime.filled(explainer.proto, explainer.sweep.initializers).SerializeToString())
         workers = concurrency or max(1, min(4, int(ray.available_resources().get("CPU", 1))))
         method = stream_kw.get("method", "pathwise")
         kwargs = {"model": model_ref, "device": device, "input_name": input_name, "output_name": output_name,

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from .errors import DeviceError, ModelError
 from .load import external_references
@@ -168,6 +168,14 @@ def session(
     values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for v in shared.values()]
     if shared:
         options.add_external_initializers(list(shared), values)
+        if device == "cpu":
+            # the session then runs on these arrays themselves; with add_external_initializers
+            # alone it also holds a copy of each (a 4096 × 25088 Gemm weight: a session
+            # peaked 791 MB above its start, 400 MB with this: the prepacked copy MLAS makes
+            # of Gemm and Conv weights, kept because without it float32 results differ between
+            # batch sizes). On CUDA the weights are copied to the device anyway.
+            for name, value in zip(shared, values):
+                options.add_initializer(name, value)
     try:
         sess = ort.InferenceSession(data, options, providers=providers_for(device))
     except Exception as exc:
@@ -186,23 +194,23 @@ def shared_initializer(name: str, array: np.ndarray) -> onnx.TensorProto:
 
 def _shareable(t: onnx.TensorProto, array: np.ndarray) -> bool:
     """Whether ``array`` can stand for initializer ``t`` (same type and shape, a plain numeric
-    dtype, and big enough for the saving to matter)."""
+    dtype, and big enough for the saving to matter). ``t`` may already be a
+    :func:`shared_initializer` (a :func:`lean` model's): the loader leaves no other external
+    reference in a model."""
     if array.dtype.kind not in "fiub" or array.nbytes < (1 << 16):
         return False
     try:
         same_type = helper.np_dtype_to_tensor_dtype(array.dtype) == t.data_type
     except (KeyError, TypeError, ValueError):
         return False
-    return same_type and list(t.dims) == list(array.shape) and t.data_location != onnx.TensorProto.EXTERNAL
+    return same_type and list(t.dims) == list(array.shape)
 
 
-def _with_outputs(model: onnx.ModelProto, names: Sequence[str],
-                  arrays: Mapping[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """A copy of ``model`` whose graph outputs are ``names``, and the initializers it shares:
-    each main-graph initializer that ``arrays`` holds (its exact values, from the loader) is
-    declared there as a :func:`shared_initializer`, so that neither the copy nor its serialised
-    bytes nor onnxruntime's session duplicate its data (a 537 MB VGG-16 peaked 1.5 GB higher
-    when the record session copied them)."""
+def _shared(model: onnx.ModelProto,
+            arrays: Mapping[str, np.ndarray] | None) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A copy of ``model`` whose main-graph initializers that ``arrays`` holds (their exact
+    values, from the loader) are :func:`shared_initializer` placeholders, and those arrays:
+    the copy holds no second copy of the weights."""
     arrays = arrays or {}
     shared: dict[str, np.ndarray] = {}
 
@@ -213,7 +221,46 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str],
         shared[t.name] = array
         return shared_initializer(t.name, array)
 
-    out = with_initializers(model, share)
+    return with_initializers(model, share), shared
+
+
+def lean(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """``model`` without the data of the initializers that ``arrays`` holds: what an
+    :class:`~onnx_pathwise.Explainer` keeps, so that its weights live once, in the loader's
+    arrays (a 537 MB VGG-16 held them twice). Sessions built from it get the arrays
+    (:func:`session`'s ``shared``); :func:`filled` puts the data back."""
+    return _shared(model, arrays)[0]
+
+
+def filled(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """A self-contained copy of a :func:`lean` model: each placeholder gets its array's data."""
+    def fill(t: onnx.TensorProto) -> onnx.TensorProto:
+        if t.data_location == onnx.TensorProto.EXTERNAL and t.name in arrays:
+            return numpy_helper.from_array(np.asarray(arrays[t.name]), t.name)
+        return t
+
+    return with_initializers(model, fill)
+
+
+def _with_outputs(model: onnx.ModelProto, names: Sequence[str], arrays: Mapping[str, np.ndarray] | None = None,
+                  fed: bool = False) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A copy of ``model`` whose graph outputs are ``names``, and the initializers it shares
+    (:func:`_shared`), so that neither the copy nor its serialised bytes nor onnxruntime's
+    session duplicate their data (a 537 MB VGG-16 peaked 1.5 GB higher when the record session
+    copied them). With ``fed`` they become graph inputs instead, to be fed at each run: then
+    onnxruntime copies nothing even while it builds the session (as initializers it copies them
+    once, for the time of the session's creation), at the price of the optimisations that need
+    constant weights, which a one-off run does not miss."""
+    out, shared = _shared(model, arrays)
+    if fed and shared:
+        kept = [t for t in out.graph.initializer if t.name not in shared]
+        del out.graph.initializer[:]
+        out.graph.initializer.extend(kept)
+        declared = {i.name for i in out.graph.input}  # IR < 4 lists initializers as inputs too
+        for name, array in shared.items():
+            if name not in declared:
+                out.graph.input.append(helper.make_tensor_value_info(
+                    name, helper.np_dtype_to_tensor_dtype(array.dtype), list(array.shape)))
     existing = {o.name for o in out.graph.output}
     del out.graph.output[:]
     for name in names:
@@ -233,17 +280,17 @@ def probe(
 
     ``feed`` is one feed (the result is one dict) or a list of feeds run on the same session
     (the result is a list of dicts, in order). ``arrays``: the exact values of initializers
-    already read, which the session shares instead of copying (:func:`_with_outputs`)."""
+    already read, which the session reads as inputs instead of copying (:func:`_with_outputs`)."""
     feeds = [feed] if isinstance(feed, Mapping) else list(feed)
     names = list(dict.fromkeys(names))
     if not names:
         return {} if isinstance(feed, Mapping) else [{} for _ in feeds]
-    probed, shared = _with_outputs(model, names, arrays)
-    sess = session(probed, "cpu", what="creating the session for the analysis run", shared=shared)
+    probed, weights = _with_outputs(model, names, arrays, fed=True)
+    sess = session(probed, "cpu", what="creating the session for the analysis run")
     out = []
     for one in feeds:
         try:
-            values = sess.run(names, dict(one))
+            values = sess.run(names, {**weights, **one})
         except Exception as exc:
             raise failure(exc, "running the analysis run") from None
         out.append(dict(zip(names, values)))

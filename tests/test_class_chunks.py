@@ -498,18 +498,28 @@ def test_sessions_share_the_loaders_weight_arrays_and_record_the_same(tmp_path: 
     from onnx_pathwise.load.protos import without_large_data
 
     path = conv_deep(tmp_path / "deep.onnx", K=1000)
+    whole = onnx.load(str(path))
     ex = Explainer(path, device="cpu")
+    arrays = ex.source_ir.constants
     rec = ex.sweep._recorder_for(False)
-    recorded, shared = runtime._with_outputs(ex.proto, rec.names, ex.source_ir.constants)
-    assert "wk" in shared and shared["wk"] is ex.source_ir.constants["wk"]  # 1000 × 24 floats: shared
+    recorded, shared = runtime._with_outputs(whole, rec.names, arrays)
+    assert "wk" in shared and shared["wk"] is arrays["wk"]  # 1000 × 24 floats: shared
     assert "w0" not in shared  # 1.6 kB: not worth it, stays inline
-    assert recorded.ByteSize() < ex.proto.ByteSize() - 90_000  # wk is 96,000 bytes
-    plain = runtime.Recorder(ex.proto, ex.ir.input_name, rec.names, "cpu")
+    assert recorded.ByteSize() < whole.ByteSize() - 90_000  # wk is 96,000 bytes
+    # the explainer keeps the model without wk's data (its one copy is the loader's array) ...
+    assert ex.proto.ByteSize() < whole.ByteSize() - 90_000
+    assert runtime._with_outputs(ex.proto, rec.names, arrays)[1].keys() == shared.keys()
+    # ... and filled() gives the whole model back
+    assert runtime.filled(ex.proto, arrays).SerializeToString() == whole.SerializeToString()
+    plain = runtime.Recorder(whole, ex.ir.input_name, rec.names, "cpu")
     x = inputs(ex, 2)
     got, want = rec.run(x), plain.run(x)
     assert all(np.array_equal(got[k], want[k]) for k in want)
-    light = without_large_data(ex.proto)
-    assert light.ByteSize() < ex.proto.ByteSize() - 90_000  # wk is 96,000 bytes
-    full = onnx.shape_inference.infer_shapes(ex.proto, data_prop=True).graph.value_info
+    # the analysis run feeds the shared arrays as inputs: the same values
+    fed = runtime.probe(whole, rec.names, {ex.ir.input_name: x}, arrays)
+    assert all(np.array_equal(fed[k], want[k]) for k in want)
+    light = without_large_data(whole)
+    assert light.ByteSize() < whole.ByteSize() - 90_000  # wk is 96,000 bytes
+    full = onnx.shape_inference.infer_shapes(whole, data_prop=True).graph.value_info
     assert [str(v) for v in onnx.shape_inference.infer_shapes(light, data_prop=True).graph.value_info] == \
         [str(v) for v in full]

@@ -512,6 +512,32 @@ def test_transpose_equals_dense_matrix(case_id: str) -> None:
     close(atu.reshape(m, BATCH, d), expected, 1e-10, "Aᵀu versus the dense matrix")
 
 
+AT_ZERO_IDS = [c.id for c in CASES if any(RULES[n.op_type].at_zero for n in c.model.graph.node if n.op_type in RULES)]
+
+
+@pytest.mark.parametrize("case_id", AT_ZERO_IDS)
+def test_at_zero_equals_forward_on_zeros(case_id: str) -> None:
+    """A rule's shortcut for its constant term (the engine's static offsets) gives what its
+    forward gives on zero inputs in float64, to the bit."""
+    lo = loaded(case_id)
+    engine = lo.engine
+    checked = 0
+    for node in engine.nodes:
+        rule = RULES[node.op_type]
+        if rule.at_zero is None:
+            continue
+        ctx = engine._ctx(node, 1)
+        env = {t: np.zeros((1,) + engine.ir.shapes[t], np.float64) for t in node.data_inputs}
+        expected = rule.forward(node, engine._inputs(node, env), ctx)
+        got = rule.at_zero(node, ctx)
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected):
+            assert g.dtype == np.float64 and g.shape == e.shape
+            np.testing.assert_array_equal(g, e)
+        checked += 1
+    assert checked
+
+
 def test_every_registered_op_has_a_case() -> None:
     covered = {n.op_type for c in CASES for n in c.model.graph.node}
     swept = {op for op, rule in RULES.items() if rule.role != TERMINAL}  # terminal ops are peeled

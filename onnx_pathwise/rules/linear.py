@@ -57,6 +57,16 @@ def _gemm_canonical(
         raise ModelError("Gemm transA=1 on the computed operand is not supported")
 
 
+def _constant_term(ctx: Ctx, term: Array | None, scale: float = 1.0) -> list[Array]:
+    """``at_zero`` of a product op: ``scale`` · ``term`` (a constant bias, broadcast to one
+    sample's output) in float64, or zeros without one; a zero input times any finite weights
+    adds exact zeros (the loader refuses non-finite constants)."""
+    shape = (1,) + tuple(ctx.out_shapes[0] or ())
+    if term is None:
+        return [np.zeros(shape)]
+    return [np.broadcast_to(scale * term.astype(np.float64), shape)]
+
+
 @register("Gemm", role=AFFINE, merges=True, check=_gemm_check, canonical=_gemm_canonical,
           notes="constant B, transA = 0; a merge when the bias C is computed")
 class Gemm:
@@ -72,6 +82,11 @@ class Gemm:
         if len(inputs) > 2 and inputs[2] is not None:
             y = y + float(node.attrs.get("beta", 1.0)) * inputs[2].astype(a.dtype, copy=False)
         return [y]
+
+    @staticmethod
+    def at_zero(node: Node, ctx: Ctx) -> list[Array]:
+        c = ctx.const[2] if len(ctx.const) > 2 else None  # None also when C is computed (zero)
+        return _constant_term(ctx, c, float(node.attrs.get("beta", 1.0)))
 
     @staticmethod
     def transpose(node: Node, cots: list[Array | None], ctx: Ctx) -> list[Array | None]:
@@ -101,6 +116,10 @@ class MatMul:
         assert a is not None and b is not None
         dt = a.dtype if node.data[0] else b.dtype
         return [np.matmul(a.astype(dt, copy=False), b.astype(dt, copy=False))]
+
+    @staticmethod
+    def at_zero(node: Node, ctx: Ctx) -> list[Array]:
+        return _constant_term(ctx, None)
 
     @staticmethod
     def transpose(node: Node, cots: list[Array | None], ctx: Ctx) -> list[Array | None]:
@@ -145,6 +164,13 @@ def _bias_shape(rank: int) -> tuple[int, ...]:
     return (1, -1) + (1,) * (rank - 2)
 
 
+def _conv_at_zero(ctx: Ctx) -> list[Array]:
+    """Conv's and ConvTranspose's ``at_zero``: the bias, one value per output channel."""
+    b = ctx.const[2] if len(ctx.const) > 2 else None
+    rank = 1 + len(ctx.out_shapes[0] or ())
+    return _constant_term(ctx, None if b is None else b.reshape(_bias_shape(rank)))
+
+
 @register("Conv", role=AFFINE, check=constant_weights, canonical=window_canonical,
           notes="1D/2D/3D, groups, dilations, strides, pads, auto_pad; constant weights")
 class Conv:
@@ -165,6 +191,10 @@ class Conv:
         if len(inputs) > 2 and inputs[2] is not None:
             y = y + inputs[2].astype(x.dtype, copy=False).reshape(_bias_shape(x.ndim))
         return [y]
+
+    @staticmethod
+    def at_zero(node: Node, ctx: Ctx) -> list[Array]:
+        return _conv_at_zero(ctx)
 
     @staticmethod
     def transpose(node: Node, cots: list[Array | None], ctx: Ctx) -> list[Array | None]:
@@ -201,6 +231,10 @@ class ConvTranspose:
         if len(inputs) > 2 and inputs[2] is not None:
             y = y + inputs[2].astype(x.dtype, copy=False).reshape(_bias_shape(x.ndim))
         return [y]
+
+    @staticmethod
+    def at_zero(node: Node, ctx: Ctx) -> list[Array]:
+        return _conv_at_zero(ctx)
 
     @staticmethod
     def transpose(node: Node, cots: list[Array | None], ctx: Ctx) -> list[Array | None]:
