@@ -19,6 +19,8 @@ round after round (median of ``--repeat``), so drift of a shared machine cancels
   and its breakdown (imports, load and analysis, explain, writing);
 * ``devices``  — full-depth pathwise on the CPU and on CUDA: same kept units and attributions,
   and the speed-up (skipped without a usable GPU; ``benchmarks/gpu_session.sh`` runs it);
+* ``pathwise_rss`` — full-depth pathwise alone in its own process (no torch) under ``--budget``
+  (default 8G): its time and peak RSS, the "K = 1,000, batch 8, within 8 GB" check;
 * ``overlap``  — competing classes (``classes=N``, N = 10 and 100) against ``all``: the mean Jaccard
   overlap of the kept units per path layer, the share of layers whose kept set differs, and the
   time ratio.
@@ -74,6 +76,15 @@ def _captum_ig(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, le
                                                 internal_batch_size=max(1, x.shape[0]) if lean else None)
 
 
+def _ig_reference() -> str:
+    """What the IG-32 rows compare against: Captum with its version, or the hand loop."""
+    try:
+        import captum
+    except ImportError:
+        return "a torch loop over the 32 midpoints (Captum not installed: pip install '.[bench]')"
+    return f"Captum {captum.__version__}"
+
+
 def _torch_grad(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     xi = x.clone().requires_grad_(True)
     model(xi).gather(1, target[:, None]).sum().backward()
@@ -101,6 +112,31 @@ x = np.random.default_rng(1).normal(size=(int(sys.argv[2]), 3, 224, 224)).astype
 Explainer(sys.argv[1], device="cpu").attribute(x, "integrated_gradients", steps=32)
 print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024)
 """
+
+
+#: Full-depth pathwise alone in a process (no torch): its time and peak RSS under a budget.
+PATHWISE_CHILD = """
+import sys, time, numpy as np
+from onnx_pathwise import Explainer, limits
+limits.set_memory_budget(sys.argv[3])
+x = np.random.default_rng(1).normal(size=(int(sys.argv[2]), 3, 224, 224)).astype(np.float32)
+ex = Explainer(sys.argv[1], device="cpu")
+ex.progress = sys.stderr.isatty()
+t = time.perf_counter()
+ex.explain(x)
+print(time.perf_counter() - t)
+print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024)
+"""
+
+
+def pathwise_alone(path: str, batch: int, budget: str) -> dict[str, Any]:
+    """``pathwise_rss``: full-depth pathwise in its own process under ``budget`` (the issue's
+    "K = 1,000, batch 8, within 8 GB"): seconds and peak RSS (VmHWM) of that process."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", PATHWISE_CHILD, path, str(batch), budget],
+                         stdout=subprocess.PIPE, text=True, check=True, env=env)
+    seconds, peak = out.stdout.split()[-2:]
+    return {"budget": budget, "seconds": float(seconds), "peak_mib": float(peak)}
 
 
 def _child_rss(args: list[str]) -> float:
@@ -199,7 +235,7 @@ def devices(path: str, x: np.ndarray, repeat: int) -> dict[str, Any]:
 
 
 def measure(ex: Explainer, model: torch.nn.Module, x: np.ndarray, path: str, name: str, K: int, repeat: int,
-            what: set[str], tmp: Path) -> dict[str, Any]:
+            what: set[str], tmp: Path, budget: str = "8G") -> dict[str, Any]:
     """One row of the table: the chosen comparisons for one model, head and batch."""
     b = x.shape[0]
     xt = torch.from_numpy(x)
@@ -233,6 +269,8 @@ def measure(ex: Explainer, model: torch.nn.Module, x: np.ndarray, path: str, nam
         lean = _child_rss(["ref-lean", path, f"{name}:{K}", str(b)])
         row["rss_ig32"] = f"{ours:.0f} / {ref:.0f} MiB ({ours / ref:.2f})"
         row["rss_ig32_lean"] = f"{ours:.0f} / {lean:.0f} MiB ({ours / lean:.2f})"
+    if "pathwise_rss" in what:
+        row["pathwise_alone"] = pathwise_alone(path, b, budget)
     if "overlap" in what:
         row["overlap"] = classes_overlap(ex, x, K)
     if "devices" in what:
@@ -244,7 +282,8 @@ def measure(ex: Explainer, model: torch.nn.Module, x: np.ndarray, path: str, nam
     return row
 
 
-def run(names: list[str], classes: list[int], batches: list[int], repeat: int, what: set[str]) -> list[dict[str, Any]]:
+def run(names: list[str], classes: list[int], batches: list[int], repeat: int, what: set[str],
+        budget: str = "8G") -> list[dict[str, Any]]:
     torch.set_num_threads(os.cpu_count() or 1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -256,7 +295,7 @@ def run(names: list[str], classes: list[int], batches: list[int], repeat: int, w
                 ex = Explainer(path, device="cpu")
                 for b in batches:
                     x = np.random.default_rng(1).normal(size=(b, 3, 224, 224)).astype(np.float32)
-                    row = measure(ex, model, x, path, name, K, repeat, what, Path(tmp))
+                    row = measure(ex, model, x, path, name, K, repeat, what, Path(tmp), budget)
                     print(json.dumps(row), flush=True)
                     rows.append(row)
     return rows
@@ -272,10 +311,13 @@ def main() -> None:
     p.add_argument("--batch", default="1,8")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--what", default="grad,unwrap,ig32,pathwise,rss,cli,overlap")
+    p.add_argument("--budget", default="8G", help="memory budget of the pathwise_rss process")
     a = p.parse_args()
     rows = run(a.models.split(","), [int(k) for k in a.classes.split(",")], [int(b) for b in a.batch.split(",")],
-               a.repeat, set(a.what.split(",")))
+               a.repeat, set(a.what.split(",")), a.budget)
     print(f"\nmachine: {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    if {"ig32", "rss"} & set(a.what.split(",")):
+        print(f"IG-32 reference: {_ig_reference()}")
     cols = [c for c in ("grad", "unwrap", "ig32", "ig32_lean", "pathwise", "pathwise_s", "rss_ig32", "rss_ig32_lean")
             if any(c in r for r in rows)]
     print("| model | K | batch | " + " | ".join(cols) + " |")
@@ -286,6 +328,8 @@ def main() -> None:
     for r in rows:
         if r.get("overlap"):
             print(f"classes {r['model']} K={r['K']} b={r['batch']}: " + json.dumps(r["overlap"]))
+        if "pathwise_alone" in r:
+            print(f"pathwise alone {r['model']} K={r['K']} b={r['batch']}: " + json.dumps(r["pathwise_alone"]))
         if "devices" in r:
             print(f"devices {r['model']} K={r['K']} b={r['batch']}: " + json.dumps(r["devices"]))
         if "cli" in r:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import onnx
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 
 def node_subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
@@ -110,4 +110,16 @@ def without_large_data(model: onnx.ModelProto, limit: int = 1 << 16) -> onnx.Mod
     only reads small tensors (shapes), without copying the weights (onnx's inference serialises
     and parses the whole model: a 537 MB VGG-16 cost 1 GB more at load)."""
     return with_initializers(model, lambda t: TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
-                             if t.ByteSize() >= limit else t)
+                             if _claimed_bytes(t) >= limit else t)
+
+
+def _claimed_bytes(t: TensorProto) -> int:
+    """The bytes a tensor's type and dims claim (the loader has checked that its data agrees):
+    cheap, where ``ByteSize`` serialises the tensor (0.8 s for VGG-16's weights)."""
+    count = 1
+    for d in t.dims:
+        count *= int(d)
+    try:
+        return count * int(helper.tensor_dtype_to_np_dtype(t.data_type).itemsize)
+    except (KeyError, TypeError, ValueError):
+        return count
