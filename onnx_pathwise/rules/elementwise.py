@@ -155,9 +155,12 @@ def _gate_params(node: Node, z: Array, ctx: Ctx) -> tuple[Array, Array | None]:
         return np.where(pos, np.ones((), z.dtype), _cast(c, z)).astype(z.dtype), None
     if op == "Clip":
         lo, hi = float(node.attrs["min"]), float(node.attrs["max"])
-        slope = ((z > lo) & (z < hi)).astype(z.dtype)
-        offset = np.where(z <= lo, lo, np.where(z >= hi, hi, 0.0)).astype(z.dtype)
-        return slope, (offset if np.any(offset != 0) else None)
+        inside = (z > lo) & (z < hi)
+        # the bound where a unit is held at one (clip(z) is exactly that bound), ±0 inside.
+        # np.where on a mixed mask is slow (45 ms for 38 MB, the product 7 ms): nested
+        # np.where in float64 took a third of IG-32's time on MobileNet-V2.
+        offset = np.clip(z, lo, hi) * ~inside
+        return inside.astype(z.dtype), (offset if np.any(offset) else None)
     raise KeyError(op)
 
 
@@ -236,14 +239,10 @@ class Gate:
     @staticmethod
     def record_output(node: Node, h: Array, ctx: Ctx) -> GateState:
         """The frozen state from the recorded gate output h (see :meth:`output_tells_slope`)."""
-        if node.op_type == "Clip":
-            lo, hi = float(node.attrs["min"]), float(node.attrs["max"])
-            slope = ((h > lo) & (h < hi)).astype(h.dtype)
-            offset = np.where(h <= lo, lo, np.where(h >= hi, hi, 0.0)).astype(h.dtype)
-            return GateState(slope, offset if np.any(offset != 0) else None, h)
-        # h > 0 exactly where z > 0, so the slopes follow from h as from z
-        slope, _ = _gate_params(node, h, ctx)
-        return GateState(slope, None, h)
+        # h > 0 exactly where z > 0, and Clip's h is inside its bounds exactly where z is (its
+        # bound elsewhere): slopes and offsets follow from h as from z
+        slope, offset = _gate_params(node, h, ctx)
+        return GateState(slope, offset, h)
 
     @staticmethod
     def forward(node: Node, inputs: list[Array | None], ctx: Ctx) -> list[Array]:
