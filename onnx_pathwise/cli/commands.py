@@ -4,6 +4,7 @@ The shared parts live in options.py, plumbing.py, streaming.py and ../render.py.
 
 from __future__ import annotations
 
+import dataclasses
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,33 +28,24 @@ from .options import (
     METHODS,
     BatchSizeOpt,
     ClassesOpt,
-    ColumnsOpt,
-    CropOpt,
     DepthOpt,
     Device,
     DeviceOpt,
     Engine,
     EngineOpt,
     ForceOpt,
-    GlobOpt,
     InputArg,
     InputNameOpt,
     InputWidthOpt,
     LabelsOpt,
-    LayoutOpt,
-    MeanOpt,
     ModelArg,
-    OnErrorOpt,
     OutDirOpt,
     OutputNameOpt,
     PageFormat,
     PageOpt,
-    PreprocessOpt,
     RayAddressOpt,
-    ResizeOpt,
     ResumeOpt,
     ShardSizeOpt,
-    StdOpt,
     TargetOpt,
     WidthOpt,
     _method_options,
@@ -63,6 +55,7 @@ from .options import (
     width_option,
 )
 from .plumbing import (
+    NO_DATA_OPTIONS,
     _check_target,
     _chunked,
     _DataOptions,
@@ -81,6 +74,7 @@ from .plumbing import (
     _write_dir,
     _write_json,
     _write_npz,
+    data_options,
 )
 from .shell import _out, app
 from .streaming import _explain_stream
@@ -143,6 +137,7 @@ def unwrap(
 
 
 @app.command()
+@data_options
 def explain(
     model: ModelArg,
     input: InputArg,
@@ -162,16 +157,8 @@ def explain(
     png: Annotated[bool, typer.Option("--png/--no-png", help="For image inputs, one PNG per sample.")] = True,
     report_format: PageOpt = None,
     force: ForceOpt = False,
-    glob: GlobOpt = None,
-    preprocess: PreprocessOpt = None,
-    resize: ResizeOpt = None,
-    crop: CropOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    layout: LayoutOpt = None,
+    data: _DataOptions = NO_DATA_OPTIONS,  # the data options, packed by @data_options
     labels: LabelsOpt = None,
-    on_error: OnErrorOpt = "fail",
-    columns: ColumnsOpt = None,
     batch_size: BatchSizeOpt = None,
     shard_size: ShardSizeOpt = None,
     resume: ResumeOpt = False,
@@ -189,7 +176,7 @@ def explain(
     w, iw, ncls = width, input_width, classes
     if not baselines.METHODS[method].path and (w is not None or depth is not None or iw is not None or ncls is not None):
         raise PathwiseError("--width, --depth, --input-width and --classes apply to --method pathwise only")
-    data = _DataOptions(glob, preprocess, resize, crop, mean, std, layout, on_error, columns, batch_size)
+    data = dataclasses.replace(data, batch_size=batch_size)
     streaming = (not is_array_file(input) or resume or batch_size is not None or shard_size is not None
                  or engine is not Engine.local)
     if not streaming and ray_address is not None:
@@ -307,6 +294,7 @@ def decompose(
 
 
 @app.command()
+@data_options
 def evaluate(
     model: ModelArg,
     inputs: InputArg,
@@ -326,16 +314,8 @@ def evaluate(
     output: OutputNameOpt = None,
     report_format: PageOpt = None,
     force: ForceOpt = False,
-    glob: GlobOpt = None,
-    preprocess: PreprocessOpt = None,
-    resize: ResizeOpt = None,
-    crop: CropOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    layout: LayoutOpt = None,
+    data: _DataOptions = NO_DATA_OPTIONS,  # the data options, packed by @data_options
     labels: LabelsOpt = None,
-    on_error: OnErrorOpt = "fail",
-    columns: ColumnsOpt = None,
 ) -> None:
     """Rank explanation methods on MODEL with insertion/deletion AUC and more.
 
@@ -356,7 +336,7 @@ def evaluate(
     _guard_dir(out, names, force)
     ex = _open_explainer(model, device, input_name, output)
     _check_target(target, ex)
-    source = _open_source(inputs, ex, _DataOptions(glob, preprocess, resize, crop, mean, std, layout, on_error, columns))
+    source = _open_source(inputs, ex, data)
     x = _load_input(inputs, ex, source=source)
     class_names = _labels(labels, ex)
     attributions: dict[str, np.ndarray] | None = {} if report_format else None
@@ -400,6 +380,7 @@ class ReportFormat(str, Enum):
 
 
 @app.command()
+@data_options
 def audit(
     model: ModelArg,
     inputs: Annotated[Path | None, typer.Option(
@@ -417,15 +398,7 @@ def audit(
                                              show_default=False)] = None,
     device: DeviceOpt = Device.auto,
     force: ForceOpt = False,
-    glob: GlobOpt = None,
-    preprocess: PreprocessOpt = None,
-    resize: ResizeOpt = None,
-    crop: CropOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    layout: LayoutOpt = None,
-    on_error: OnErrorOpt = "fail",
-    columns: ColumnsOpt = None,
+    data: _DataOptions = NO_DATA_OPTIONS,  # the data options, packed by @data_options
 ) -> None:
     """Check that MODEL is analysable and its explanations are exact and stable: for CI gates.
 
@@ -442,8 +415,7 @@ def audit(
             raise PathwiseError("--out needs --report json, junit or html")
     x = None
     if inputs is not None:
-        x = _read_inputs(inputs, model, _DataOptions(glob, preprocess, resize, crop, mean, std, layout, on_error,
-                                                     columns))
+        x = _read_inputs(inputs, model, data)
     result = run_audit(model, inputs=x, max_delta=max_delta, device=_resolve_device(device), width=width,
                        inputs_name=str(inputs))
     text = result.to_text()
@@ -468,6 +440,7 @@ def audit(
 
 
 @app.command()
+@data_options
 def diff(
     old: Annotated[Path, typer.Argument(help="The released model.", metavar="OLD", show_default=False)],
     new: Annotated[Path, typer.Argument(help="The candidate model.", metavar="NEW", show_default=False)],
@@ -490,15 +463,7 @@ def diff(
                                              show_default=False)] = None,
     device: DeviceOpt = Device.auto,
     force: ForceOpt = False,
-    glob: GlobOpt = None,
-    preprocess: PreprocessOpt = None,
-    resize: ResizeOpt = None,
-    crop: CropOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    layout: LayoutOpt = None,
-    on_error: OnErrorOpt = "fail",
-    columns: ColumnsOpt = None,
+    data: _DataOptions = NO_DATA_OPTIONS,  # the data options, packed by @data_options
 ) -> None:
     """Compare the explanations of two versions of a model on the same inputs.
 
@@ -513,7 +478,7 @@ def diff(
         raise PathwiseError("--report html and --out FILE go together")
     if out is not None:
         _guard_output(out, force)
-    x = _read_inputs(inputs, old, _DataOptions(glob, preprocess, resize, crop, mean, std, layout, on_error, columns))
+    x = _read_inputs(inputs, old, data)
     result = run_diff(old, new, x, width=width, depth=depth, device=_resolve_device(device),
                       min_correlation=fail_below, min_jaccard=min_overlap, max_prediction_changes=max_changes,
                       inputs_name=str(inputs))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import inspect
 import io
 import os
 import sys
@@ -25,7 +27,18 @@ from ..explainer import Explainer
 from ..io import bytes_writer, existing_kind, json_writer, load_array, npz_writer, write_files
 from ..render import describe
 from ..sweep import concat_batches
-from .options import Device
+from .options import (
+    ColumnsOpt,
+    CropOpt,
+    Device,
+    GlobOpt,
+    LayoutOpt,
+    MeanOpt,
+    OnErrorOpt,
+    PreprocessOpt,
+    ResizeOpt,
+    StdOpt,
+)
 from .shell import PROG, _notices
 
 # --------------------------------------------------------------------------- plumbing
@@ -67,6 +80,37 @@ class _DataOptions:
     on_error: str = "fail"
     columns: str | None = None
     batch_size: int | None = None
+
+
+#: The default of a command's ``data`` (:func:`data_options` always passes one).
+NO_DATA_OPTIONS = _DataOptions()
+
+#: The options every command that reads inputs takes (``_DataOptions`` but ``batch_size``), in
+#: ``--help`` order: name, Typer annotation, default.
+_DATA_PARAMS: tuple[tuple[str, Any, Any], ...] = (
+    ("glob", GlobOpt, None), ("preprocess", PreprocessOpt, None), ("resize", ResizeOpt, None),
+    ("crop", CropOpt, None), ("mean", MeanOpt, None), ("std", StdOpt, None), ("layout", LayoutOpt, None),
+    ("on_error", OnErrorOpt, "fail"), ("columns", ColumnsOpt, None),
+)
+
+
+def data_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """For a command with a parameter ``data: _DataOptions``: Typer sees the options of
+    :data:`_DATA_PARAMS` in its place (at the end of the signature it reads), and the command
+    gets them packed into ``data``. One home for the data options of explain, evaluate, audit
+    and diff."""
+    signature = inspect.signature(command, eval_str=True)
+    params = [p for p in signature.parameters.values() if p.name != "data"]
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+               for name, annotation, default in _DATA_PARAMS]
+
+    @functools.wraps(command)
+    def packed(*args: Any, **kwargs: Any) -> Any:
+        data = _DataOptions(**{name: kwargs.pop(name) for name, _, _ in _DATA_PARAMS if name in kwargs})
+        return command(*args, data=data, **kwargs)
+
+    packed.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    return packed
 
 
 def _open_source(path: Path, model: Any, opts: _DataOptions | None = None) -> InputSource:
