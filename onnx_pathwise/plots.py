@@ -67,7 +67,7 @@ def _as_picture(x: Array) -> tuple[Array, str | None]:
 def _heat(ax: Any, a: Array, title: str) -> None:
     m = a if a.ndim == 2 else a.sum(axis=0)
     lim = float(np.abs(m).max()) or 1.0
-    im = ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim)
+    im = ax.imshow(m, cmap=CMAP, vmin=-lim, vmax=lim)
     ax.set_title(title, fontsize=8)
     ax.axis("off")
     ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
