@@ -1,22 +1,22 @@
-"""``--engine ray``: the streaming run of :mod:`onnx_pathwise.stream` with the explaining on Ray Data.
+"""``--engine ray``: the streaming run of :mod:`onnx_pathwise.stream` with the explaining on Ray.
 
 Optional: ``pip install 'onnx-pathwise[ray]'``. Nothing here is imported by the local engine
 (the default), and Ray is imported only when :func:`run` is called.
 
 The driver reads and preprocesses the inputs batch by batch as the local engine does (bounded
-memory: one shard of inputs at a time), and each shard becomes a Ray dataset explained by
-``map_batches`` with an actor class: one :class:`~onnx_pathwise.Explainer` per actor, built
-once in the actor from the model bytes put once in Ray's object store. The results come back in
-order (``preserve_order``) and are written by the driver as the same shards and index as the
-local engine (:func:`onnx_pathwise.stream.run`), so ``--resume`` works the same way. Ray is
-joined at ``address`` (``--ray-address``) or started locally with ``ray.init()``.
+memory: one shard of inputs at a time) and hands each shard's batches to a pool of Ray actors
+started once per run: one :class:`~onnx_pathwise.Explainer` per actor, built once from the
+model bytes put once in Ray's object store (a pool per shard loaded the model again for every
+shard). The batches go round the actors and come back in order, and the driver writes them as
+the same shards and index as the local engine (:func:`onnx_pathwise.stream.run`), so
+``--resume`` works the same way. Ray is joined at ``address`` (``--ray-address``) or started
+locally with ``ray.init()``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -36,15 +36,14 @@ def import_ray() -> Any:
     """Ray, or a :class:`PathwiseError` that says how to install it."""
     try:
         import ray
-        import ray.data  # noqa: F401
     except ImportError:
-        raise PathwiseError("--engine ray needs Ray Data: pip install 'onnx-pathwise[ray]' "
+        raise PathwiseError("--engine ray needs Ray: pip install 'onnx-pathwise[ray]' "
                             "(or leave --engine at local)") from None
     return ray
 
 
 class ExplainActor:
-    """A Ray Data actor: one Explainer, built once from the model bytes; explains numpy batches."""
+    """A Ray actor: one Explainer, built once from the model bytes; explains numpy batches."""
 
     def __init__(self, model: Any, device: str, input_name: str | None, output_name: str | None, method: str,
                  target: Any, options: Mapping[str, Any]) -> None:
@@ -60,9 +59,8 @@ class ExplainActor:
                                    output_name=output_name)
         self.method, self.target, self.options = method, target, dict(options)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        arrays, rows = explain_batch(self.explainer, np.ascontiguousarray(batch["data"]), self.method,
-                                     self.target, self.options)
+    def explain(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        arrays, rows = explain_batch(self.explainer, np.ascontiguousarray(x), self.method, self.target, self.options)
         out = dict(arrays)
         for name in _ROW_FIELDS:
             out[f"row_{name}"] = np.array([np.nan if r[name] is None else r[name] for r in rows], np.float64)
@@ -72,7 +70,7 @@ class ExplainActor:
 def run(explainer: Any, source: InputSource, out: str | os.PathLike[str], *, address: str | None = None,
         device: str = "cpu", input_name: str | None = None, output_name: str | None = None,
         concurrency: int | None = None, **stream_kw: Any) -> StreamResult:
-    """:func:`onnx_pathwise.stream.run` with the explaining done by Ray Data actors."""
+    """:func:`onnx_pathwise.stream.run` with the explaining done by Ray actors."""
     ray = import_ray()
     started = not ray.is_initialized()
     if started:
@@ -82,15 +80,16 @@ def run(explainer: Any, source: InputSource, out: str | os.PathLike[str], *, add
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise PathwiseError(f"--ray-address {address!r}: cannot join Ray ({exc})") from None
     try:
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True
-        ctx.enable_progress_bars = False
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
         model_ref = ray.put(runtime.filled(explainer.proto, explainer.sweep.initializers).SerializeToString())
-        workers = concurrency or max(1, min(4, int(ray.available_resources().get("CPU", 1))))
+        # one CPU per actor, and never more actors than the cluster has CPUs: an actor that
+        # cannot be placed would leave its batches waiting for good
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        workers = min(concurrency or min(4, int(ray.available_resources().get("CPU", 1)) or 1), cpus)
         method = stream_kw.get("method", "pathwise")
         kwargs = {"model": model_ref, "device": device, "input_name": input_name, "output_name": output_name,
                   "method": method, "target": stream_kw.get("target"), "options": stream_kw.get("options") or {}}
+
+        actors: list[Any] = []
 
         def compute(batches: Iterator[list[Sample]]) -> Iterator[tuple[list[Sample], dict[str, np.ndarray],
                                                                         list[dict[str, Any]]]]:
@@ -99,10 +98,12 @@ def run(explainer: Any, source: InputSource, out: str | os.PathLike[str], *, add
             for batch in batches:
                 pending += batch
                 if len(pending) >= shard:
-                    yield _explain_on_ray(ray, pending, kwargs, source.batch_size, workers, method)
+                    actors[:] = actors or _start_actors(ray, workers, kwargs)
+                    yield _explain_on_ray(ray, actors, pending, source.batch_size, method)
                     pending = []
             if pending:
-                yield _explain_on_ray(ray, pending, kwargs, source.batch_size, workers, method)
+                actors[:] = actors or _start_actors(ray, workers, kwargs)
+                yield _explain_on_ray(ray, actors, pending, source.batch_size, method)
 
         return run_stream(explainer, source, out, compute=compute, engine="ray", **stream_kw)
     finally:
@@ -116,18 +117,18 @@ def _shard_samples(explainer: Any, source: InputSource, stream_kw: Mapping[str, 
     return shard_size_for(explainer, source.batch_size, stream_kw.get("shard_size"))
 
 
-def _explain_on_ray(ray: Any, samples: list[Sample], kwargs: Mapping[str, Any], batch_size: int, workers: int,
+def _start_actors(ray: Any, workers: int, kwargs: Mapping[str, Any]) -> list[Any]:
+    """The run's ``workers`` actors (one CPU each), each building its Explainer once."""
+    actor = ray.remote(num_cpus=1)(ExplainActor)
+    return [actor.remote(**kwargs) for _ in range(workers)]
+
+
+def _explain_on_ray(ray: Any, actors: list[Any], samples: list[Sample], batch_size: int,
                     method: str) -> tuple[list[Sample], dict[str, np.ndarray], list[dict[str, Any]]]:
-    """One shard: a Ray dataset of its inputs, explained by ``workers`` actors, in order."""
+    """One shard: its batches round the actors, the results in order."""
     x = np.stack([s.array for s in samples])
     blocks = [x[i : i + batch_size] for i in range(0, len(x), batch_size)]  # one block per batch
-    actors = min(workers, len(blocks))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds = ray.data.from_numpy(blocks).map_batches(
-            ExplainActor, fn_constructor_kwargs=dict(kwargs), batch_size=batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=actors, max_size=actors))
-        parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    parts = ray.get([actors[i % len(actors)].explain.remote(block) for i, block in enumerate(blocks)])
     merged = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     rows: list[dict[str, Any]] = []
     for i in range(len(samples)):
