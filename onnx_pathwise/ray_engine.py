@@ -79,6 +79,7 @@ def run(explainer: Any, source: InputSource, out: str | os.PathLike[str], *, add
                      logging_level=logging.ERROR)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise PathwiseError(f"--ray-address {address!r}: cannot join Ray ({exc})") from None
+    actors: list[Any] = []
     try:
         model_ref = ray.put(runtime.filled(explainer.proto, explainer.sweep.initializers).SerializeToString())
         # one CPU per actor, and never more actors than the cluster has CPUs: an actor that
@@ -88,8 +89,6 @@ def run(explainer: Any, source: InputSource, out: str | os.PathLike[str], *, add
         method = stream_kw.get("method", "pathwise")
         kwargs = {"model": model_ref, "device": device, "input_name": input_name, "output_name": output_name,
                   "method": method, "target": stream_kw.get("target"), "options": stream_kw.get("options") or {}}
-
-        actors: list[Any] = []
 
         def compute(batches: Iterator[list[Sample]]) -> Iterator[tuple[list[Sample], dict[str, np.ndarray],
                                                                         list[dict[str, Any]]]]:
@@ -107,6 +106,8 @@ def run(explainer: Any, source: InputSource, out: str | os.PathLike[str], *, add
 
         return run_stream(explainer, source, out, compute=compute, engine="ray", **stream_kw)
     finally:
+        for actor in actors:  # on a cluster we joined they would live as long as this process
+            ray.kill(actor)
         if started:
             ray.shutdown()
 
