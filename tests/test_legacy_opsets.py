@@ -247,3 +247,20 @@ def test_sample_mlp_at_opset_6_explains_as_at_opset_13() -> None:
     np.testing.assert_allclose(b.output, a.output, rtol=1e-6, atol=1e-6)
     pa, pb = new.explain(x, width="50%"), old.explain(x, width="50%")
     np.testing.assert_allclose(pb.attribution, pa.attribution, rtol=1e-6, atol=1e-6)
+
+
+def test_big_weights_listed_as_inputs_are_shared_and_fed() -> None:
+    """An IR-3 model lists its initializers as graph inputs too: the analysis run, which feeds
+    big weights as inputs, and the record session, which shares them, take them all the same."""
+    rng = np.random.default_rng(3)
+    w1 = rng.normal(size=(300, 64)).astype(np.float32)  # 76.8 kB: shared, not copied
+    w2 = rng.normal(size=(64, 5)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    model = _model(nodes, {"w1": w1, "w2": w2}, ["N", 300], "y", 9)
+    x = rng.normal(size=(3, 300)).astype(np.float32)
+    ex = Explainer(model, device="cpu")
+    assert ex.proto.ByteSize() < model.ByteSize() - 70_000  # the explainer keeps no copy of w1's data
+    a = np.maximum(x.astype(np.float64) @ w1.astype(np.float64), 0)
+    _check_exact(model, x, a @ w2.astype(np.float64))
+    np.testing.assert_allclose(ex.record(x).scores, _ort(model, x), rtol=1e-5, atol=1e-5)
