@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import networkx as nx
 import numpy as np
 
 from . import graph as graph_mod
@@ -112,6 +111,8 @@ def decompose(
     g_cut = sweep.layer_graph.copy()
     g_cut.remove_node(name)
     out_node = next(v for v, d in sweep.layer_graph.nodes(data=True) if sweep.ir.output_name in d["outputs"])
+    import networkx as nx  # only here: a plain explanation imports none
+
     crosses_all = out_node != name and not nx.has_path(g_cut, graph_mod.INPUT_NODE, out_node)
     return Decomposition(
         crosses_all=crosses_all,

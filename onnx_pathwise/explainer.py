@@ -19,7 +19,6 @@ import os
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-import networkx as nx
 import numpy as np
 
 from . import baselines, frontend, limits, runtime
@@ -40,6 +39,7 @@ from .sweep import Sweep
 from .unwrap import UnwrapResult
 
 if TYPE_CHECKING:
+    import networkx as nx
     import onnx
 
 __all__ = ["Attribution", "Decomposition", "Explainer", "Explanation", "RadiusResult", "UnwrapResult"]

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import numpy as np
 
 from .ir import AFFINE, GATE, MERGE, ROUTING, SHAPE, ModelIR, Node
+
+if TYPE_CHECKING:  # networkx is imported where a graph is built: a plain explanation needs none
+    import networkx as nx
 
 INPUT_NODE = "<input>"
 
@@ -51,6 +54,8 @@ def layer_graph(ir: ModelIR) -> nx.DiGraph:
     Node attributes: op_type, role, inputs, outputs, shapes (per-sample, of the outputs),
     weights (constant inputs by name). Edge attribute: tensor.
     """
+    import networkx as nx
+
     g = nx.DiGraph()
     g.add_node(INPUT_NODE, op_type="Input", role="input", inputs=(), outputs=(ir.input_name,),
                shapes=(ir.input_shape,), weights={})
@@ -92,6 +97,8 @@ def _weights(node: Node, ir: ModelIR) -> dict[str, np.ndarray]:
 
 def segments(ir: ModelIR) -> list[Segment]:
     """ReLU-linear segments: weakly connected components of the affine/shape/merge nodes."""
+    import networkx as nx
+
     linear = [n for n in ir.nodes if n.role in (AFFINE, SHAPE, MERGE)]
     names = {n.name for n in linear}
     g = nx.Graph()

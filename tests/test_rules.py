@@ -732,7 +732,8 @@ def test_max_pool_routing_and_adjoint_match_sequential_loops(geometry: tuple, ki
 def test_plain_explanations_never_load_numba(tmp_path: Path) -> None:
     """numba costs about a second per process (import and first dispatch) and more after an
     install (compilation): an explanation of a max-pool CNN, its unwrapping and gradient, and the
-    command line, run without it; it loads for exact IG (and class chunks, and once a process
+    command line, run without it (and without networkx, 60–100 ms, needed for segments, the
+    layer graph and decompositions); it loads for exact IG (and class chunks, and once a process
     has done enough work: test_kernels_load_once_the_work_pays_and_change_no_bit)."""
     import subprocess
     import sys
@@ -746,9 +747,12 @@ def test_plain_explanations_never_load_numba(tmp_path: Path) -> None:
         f"{str(repo / 'samples/cnn_inputs.npy')!r}, '--out', 'out', '--device', 'cpu']\n"
         "try:\n    main()\nexcept SystemExit as stop:\n    assert not stop.code, stop.code\n"
         "assert 'numba' not in sys.modules, 'the command line loaded numba'\n"
+        "assert 'networkx' not in sys.modules, 'the command line loaded networkx'\n"
         f"ex = Explainer({str(repo / 'samples/cnn.onnx')!r}, device='cpu')\n"
         f"x = np.load({str(repo / 'samples/cnn_inputs.npy')!r})[:2]\n"
-        "ex.explain(x); ex.unwrap(x); ex.attribute(x, 'gradient'); ex.decompose(x)\n"
+        "ex.explain(x); ex.unwrap(x); ex.attribute(x, 'gradient')\n"
+        "assert 'networkx' not in sys.modules, 'networkx was loaded'\n"
+        "ex.decompose(x)\n"
         "assert 'numba' not in sys.modules, 'numba was loaded'\n"
         "ex.attribute(x[:1], 'integrated_gradients', exact=True)\n"
         "assert 'numba' in sys.modules\n"
