@@ -64,9 +64,16 @@ def _as_picture(x: Array) -> tuple[Array, str | None]:
     return img, ("gray" if img.ndim == 2 else None)
 
 
-def _heat(ax: Any, a: Array, title: str) -> None:
+def _channel_sum(a: Array) -> tuple[Array, float]:
+    """A heatmap's 2-D map (an attribution summed over its channel axis, first) and its
+    symmetric colour limit max|m| (1 for an all-zero map): the grids' panels and
+    :func:`input_and_heatmap`."""
     m = a if a.ndim == 2 else a.sum(axis=0)
-    lim = float(np.abs(m).max()) or 1.0
+    return m, float(np.abs(m).max()) or 1.0
+
+
+def _heat(ax: Any, a: Array, title: str) -> None:
+    m, lim = _channel_sum(a)
     im = ax.imshow(m, cmap=CMAP, vmin=-lim, vmax=lim)
     ax.set_title(title, fontsize=8)
     ax.axis("off")
@@ -158,9 +165,7 @@ def input_and_heatmap(x: Array, attribution: Array, title: str) -> bytes:
     img = img.mean(axis=2) if img.ndim == 3 and img.shape[2] != 3 else img  # 2 channels: grey
     pic = np.round(np.clip(img, 0.0, 1.0) * 255).astype(np.uint8)
     pic = np.repeat(pic[..., None], 3, axis=2) if pic.ndim == 2 else pic
-    m = np.asarray(attribution, np.float64)
-    m = m if m.ndim == 2 else m.sum(axis=0)
-    lim = float(np.abs(m).max()) or 1.0
+    m, lim = _channel_sum(np.asarray(attribution, np.float64))
     return _canvas([(_enlarged(pic), "input"), (_enlarged(_signed_colours(m, lim)), title)], lim)
 
 
