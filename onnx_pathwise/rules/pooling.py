@@ -198,6 +198,14 @@ def _window_table(spatial: tuple[int, ...], out: tuple[int, ...], kernel: tuple[
     return table
 
 
+@functools.lru_cache(maxsize=64)
+def _windows_disjoint(*geometry: tuple[int, ...]) -> bool:
+    """No input element lies in two windows of this geometry (:func:`_window_table`'s): once per
+    geometry, not at every record."""
+    used = _window_table(*geometry)
+    return bool(np.bincount(used[used >= 0]).max(initial=0) <= 1)
+
+
 def _gather(x: Array, state: Routing, ctx: Ctx) -> Array:
     rows = x.shape[0]
     flat = ctx.per_sample(x.reshape(rows, -1))  # (m, n, size)
@@ -271,11 +279,11 @@ class MaxPool:
         spatial, out, kernel, strides, dilations, pads = _geometry(node, ctx)
         N, C = x.shape[:2]
         S = int(np.prod(spatial, dtype=np.int64))
-        table = _window_index(spatial, out, kernel, strides, dilations, pads)  # (P, K)
+        geometry = tuple(tuple(v) for v in (spatial, out, kernel, strides, dilations, pads))
+        table = _window_table(*geometry)  # (P, K)
         within = window_argmax(np.ascontiguousarray(x).reshape(N, C, S), table)  # first maximum
         flat = within + (np.arange(C, dtype=np.int64) * S)[None, :, None]
-        used = table[table >= 0]
-        return Routing(flat.reshape(N, -1), disjoint=bool(np.bincount(used).max(initial=0) <= 1))
+        return Routing(flat.reshape(N, -1), disjoint=_windows_disjoint(*geometry))
 
     @staticmethod
     def forward(node: Node, inputs: list[Array | None], ctx: Ctx) -> list[Array]:
