@@ -90,6 +90,11 @@ def run(explainer: Any, source: InputSource, out: str | os.PathLike[str], *, add
         kwargs = {"model": model_ref, "device": device, "input_name": input_name, "output_name": output_name,
                   "method": method, "target": stream_kw.get("target"), "options": stream_kw.get("options") or {}}
 
+        def explain_shard(samples: list[Sample]) -> tuple[list[Sample], dict[str, np.ndarray], list[dict[str, Any]]]:
+            if not actors:  # started with the first shard, kept for the others
+                actors.extend(_start_actors(ray, workers, kwargs))
+            return _explain_on_ray(ray, actors, samples, source.batch_size, method)
+
         def compute(batches: Iterator[list[Sample]]) -> Iterator[tuple[list[Sample], dict[str, np.ndarray],
                                                                         list[dict[str, Any]]]]:
             shard = _shard_samples(explainer, source, stream_kw)
@@ -97,12 +102,10 @@ def run(explainer: Any, source: InputSource, out: str | os.PathLike[str], *, add
             for batch in batches:
                 pending += batch
                 if len(pending) >= shard:
-                    actors[:] = actors or _start_actors(ray, workers, kwargs)
-                    yield _explain_on_ray(ray, actors, pending, source.batch_size, method)
+                    yield explain_shard(pending)
                     pending = []
             if pending:
-                actors[:] = actors or _start_actors(ray, workers, kwargs)
-                yield _explain_on_ray(ray, actors, pending, source.batch_size, method)
+                yield explain_shard(pending)
 
         return run_stream(explainer, source, out, compute=compute, engine="ray", **stream_kw)
     finally:
