@@ -18,7 +18,8 @@ round after round (median of ``--repeat``), so drift of a shared machine cancels
 * ``cli``      — a warm ``python -m onnx_pathwise explain`` ÷ the same explanation through the API,
   and its breakdown (imports, load and analysis, explain, writing);
 * ``devices``  — full-depth pathwise on the CPU and on CUDA: same kept units and attributions,
-  and the speed-up (skipped without a usable GPU; ``benchmarks/gpu_session.sh`` runs it);
+  and the speed-up, with CUDA's selection graph and with its host sweep side by side (skipped
+  without a usable GPU; ``benchmarks/gpu_session.sh`` runs it);
 * ``pathwise_rss`` — full-depth pathwise alone in its own process (no torch) under ``--budget``
   (default 8G): its time and peak RSS, the "K = 1,000, batch 8, within 8 GB" check;
 * ``overlap``  — competing classes (``classes=N``, N = 10 and 100) against ``all``: the mean Jaccard
@@ -223,15 +224,26 @@ def devices(path: str, x: np.ndarray, repeat: int) -> dict[str, Any]:
     attributions to float32 round-off, and the time of each (timed in turn)."""
     from bench_devices import compare
 
-    from onnx_pathwise import runtime
+    from onnx_pathwise import graphsweep, runtime
 
     if not runtime.cuda_available():
         return {"skipped": "no usable CUDA GPU"}
     cpu, cuda = Explainer(path, device="cpu"), Explainer(path, device="cuda")
     same_targets, differ, total, rel = compare(cpu.explain(x), cuda.explain(x))
+    graph = cuda.sweep.selection_problem or "used"
     t_cpu, t_cuda = _median_pair(lambda: cpu.explain(x), lambda: cuda.explain(x), repeat)
+
+    def host_selection() -> Any:  # CUDA with the host sweep (the path before the selection graph)
+        os.environ[graphsweep.ENV_VAR] = "host"
+        try:
+            return cuda.explain(x)
+        finally:
+            os.environ.pop(graphsweep.ENV_VAR)
+
+    t_graph, t_host = _median_pair(lambda: cuda.explain(x), host_selection, repeat)
     return {"same_targets": same_targets, "kept_lists_differ": f"{differ}/{total}", "attribution_max_rel": rel,
-            "cpu_s": t_cpu, "cuda_s": t_cuda, "speedup": t_cpu / t_cuda}
+            "selection_graph": graph, "cpu_s": t_cpu, "cuda_s": t_cuda, "speedup": t_cpu / t_cuda,
+            "cuda_host_selection_s": t_host, "graph_over_host_selection": t_host / t_graph}
 
 
 def measure(ex: Explainer, model: torch.nn.Module, x: np.ndarray, path: str, name: str, K: int, repeat: int,

@@ -52,8 +52,9 @@ def path_sweep(sweep: Sweep, rec: Record, target: Any, width: Any, depth: int | 
     tgt = resolve_targets(target, rec.scores)
     competing = competing_set(rec.scores, tgt, classes)
     _, chunk, store = sweep._sweep_plan(competing.rows, rec.n)
+    graph = sweep.selection_graph(widths, competing.rows) if in_width is None and keep_at is None else None
     path = PathSweep(sweep.engine, layers, rec, tgt, competing, widths, in_width, keep_at=keep_at,
-                     chunk=chunk, store_bytes=store, progress=progress)
+                     chunk=chunk, store_bytes=store, progress=progress, graph=graph)
     W, b = path.run()
     return layers, path, W, b
 

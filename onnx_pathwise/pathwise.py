@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from .engine import Engine, Record, Through
 from .errors import PathwiseError
 from .graph import GateLayer
 from .ir import Node
+
+if TYPE_CHECKING:
+    from .graphsweep import SelectionGraph
 
 Width = int | str | None
 
@@ -424,13 +427,17 @@ class PathSweep:
     from the output (docs/design.md §4, "Bounded memory at any K"): each chunk is swept down to the
     layer with the masks chosen so far, from the nearest cut kept in memory (a checkpoint,
     stored when all its rows fit ``store_bytes``) or else from the scores, and feeds the
-    layer's per-unit sums; then one sweep of the target's row gives W_p and b_p.
+    layer's per-unit sums; then one sweep of the target's row gives W_p and b_p. With a
+    ``graph`` (:class:`onnx_pathwise.graphsweep.SelectionGraph`) the masks come from it, run in
+    onnxruntime on the device, and that last sweep follows.
     """
 
     def __init__(self, engine: Engine, layers: Sequence[GateLayer], record: Record, target: np.ndarray,
                  competing: Competing, widths: dict[str, int], input_width: int | None, keep_at: str | None = None,
-                 chunk: int | None = None, store_bytes: float = 0.0, progress: bool = False) -> None:
+                 chunk: int | None = None, store_bytes: float = 0.0, progress: bool = False,
+                 graph: SelectionGraph | None = None) -> None:
         self.engine, self.record, self.competing = engine, record, competing
+        self.graph = graph
         self.progress = progress
         self.target = target  # the explained class (side) of each sample
         self.widths = widths
@@ -491,7 +498,11 @@ class PathSweep:
     def run(self) -> tuple[np.ndarray, np.ndarray]:
         """W_p (n, *in) and b_p (n,) of each sample's target (its side's log-odds for a
         single score)."""
-        if self.chunk is None or self.chunk >= self.competing.rows:
+        if self.graph is not None:
+            comp = self.competing
+            self.masks = self.graph.masks(self.record, comp.classes, comp.count, comp.target_row)
+            W, b = self._final_sweep()
+        elif self.chunk is None or self.chunk >= self.competing.rows:
             W, b = self._run_whole()
         else:
             W, b = self._run_chunked()

@@ -348,6 +348,56 @@ class Recorder:
         return {k: np.asarray(v) for k, v in zip(self.names, values)}
 
 
+def adjoint_geometry(
+    w_shape: Sequence[int],
+    y_spatial: Sequence[int],
+    in_spatial: Sequence[int],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+    pads: Sequence[int],
+    group: int,
+) -> tuple[str, dict[str, Any]]:
+    """How onnxruntime runs the adjoint of a Conv (weights of shape ``w_shape``, output spatial
+    size ``y_spatial``) with respect to its input: ``("Conv", attrs)`` on the weights
+    :func:`flipped` at stride 1, which onnxruntime runs faster than ConvTranspose, else
+    ``("ConvTranspose", attrs)`` on the weights themselves. Raises ValueError when the geometry
+    is not expressible as either. The one home of this geometry: the host sweep's kernels and
+    the device-resident selection graph (:mod:`onnx_pathwise.graphsweep`) both read it."""
+    n = len(in_spatial)
+    kernel = list(w_shape[2:])
+    flip_pads = [d * (k - 1) - p for d, k, p in zip(list(dilations) * 2, kernel * 2, pads)]
+    if all(s == 1 for s in strides) and min(flip_pads) >= 0 and w_shape[1] * group >= 8:
+        # stride 1: the adjoint is a plain Conv with the kernel flipped and the channel
+        # roles swapped
+        return "Conv", dict(strides=list(strides), dilations=list(dilations), pads=flip_pads, group=group)
+    natural = [
+        s * (o - 1) + (k - 1) * d + 1 - pb - pe
+        for s, o, k, d, pb, pe in zip(strides, y_spatial, kernel, dilations, pads[:n], pads[n:])
+    ]
+    extra = [L - m for L, m in zip(in_spatial, natural)]
+    pads_l = list(pads)
+    output_padding = []
+    for i, e in enumerate(extra):
+        # output_padding must stay below the stride (and dilation): move the rest into a
+        # negative end pad, which ConvTranspose expresses as less cropping.
+        lim = max(strides[i], dilations[i]) - 1
+        op = min(max(e, 0), lim)
+        output_padding.append(op)
+        pads_l[n + i] -= e - op
+    if any(p < 0 for p in pads_l):
+        raise ValueError("conv adjoint geometry not expressible as ConvTranspose")
+    return "ConvTranspose", dict(strides=list(strides), dilations=list(dilations), pads=pads_l, group=group,
+                                 output_padding=output_padding)
+
+
+def flipped(w: np.ndarray, group: int) -> np.ndarray:
+    """The weights of the stride-1 adjoint Conv: each kernel flipped, channel roles swapped."""
+    M, Cg = w.shape[:2]
+    k = w.shape[2:]
+    wf = w.reshape((group, M // group, Cg) + k).swapaxes(1, 2).reshape((group * Cg, M // group) + k)
+    return np.ascontiguousarray(wf[(slice(None), slice(None)) + (slice(None, None, -1),) * len(k)])
+
+
 class OpKernels:
     """Single-op onnxruntime sessions for the heavy linear maps of the backward sweep.
 
@@ -393,34 +443,10 @@ class OpKernels:
         pads: Sequence[int],
         group: int,
     ) -> np.ndarray:
-        n = len(in_spatial)
-        kernel = w.shape[2:]
-        flip_pads = [d * (k - 1) - p for d, k, p in zip(list(dilations) * 2, list(kernel) * 2, pads)]
-        if all(s == 1 for s in strides) and min(flip_pads) >= 0 and w.shape[1] * group >= 8:
-            # stride 1: the adjoint is a plain Conv with the kernel flipped and the channel
-            # roles swapped, which onnxruntime runs faster than ConvTranspose.
-            return self.conv(y, self._flip(w, group), strides, dilations, flip_pads, group)
-        natural = [
-            s * (o - 1) + (k - 1) * d + 1 - pb - pe
-            for s, o, k, d, pb, pe in zip(strides, y.shape[2:], kernel, dilations, pads[:n], pads[n:])
-        ]
-        extra = [L - m for L, m in zip(in_spatial, natural)]
-        pads_l = list(pads)
-        output_padding = []
-        for i, e in enumerate(extra):
-            # output_padding must stay below the stride (and dilation): move the rest into a
-            # negative end pad, which ConvTranspose expresses as less cropping.
-            lim = max(strides[i], dilations[i]) - 1
-            op = min(max(e, 0), lim)
-            output_padding.append(op)
-            pads_l[n + i] -= e - op
-        if any(p < 0 for p in pads_l):
-            raise ValueError("conv adjoint geometry not expressible as ConvTranspose")
-        attrs = dict(
-            strides=list(strides), dilations=list(dilations), pads=pads_l, group=group,
-            output_padding=output_padding,
-        )
-        key = ("ConvTranspose", id(w), tuple(strides), tuple(dilations), tuple(pads_l), group, tuple(output_padding))
+        op, attrs = adjoint_geometry(w.shape, y.shape[2:], in_spatial, strides, dilations, pads, group)
+        if op == "Conv":
+            return self.conv(y, self._flip(w, group), strides, dilations, attrs["pads"], group)
+        key = ("ConvTranspose", id(w)) + tuple(tuple(v) if isinstance(v, list) else v for v in attrs.values())
         sess = self._single(key, "ConvTranspose", w, y.ndim, attrs)
         return _run_kernel(sess, "ConvTranspose", y, w)
 
@@ -428,10 +454,7 @@ class OpKernels:
         hit = self._flipped.get(id(w))
         if hit is not None and hit[0] is w:
             return hit[1]
-        M, Cg = w.shape[:2]
-        k = w.shape[2:]
-        wf = w.reshape((group, M // group, Cg) + k).swapaxes(1, 2).reshape((group * Cg, M // group) + k)
-        wf = np.ascontiguousarray(wf[(slice(None), slice(None)) + (slice(None, None, -1),) * len(k)])
+        wf = flipped(w, group)
         self._flipped[id(w)] = (w, wf)
         return wf
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import graph as graph_mod
-from . import limits, runtime
+from . import graphsweep, limits, runtime
 from .engine import Engine, Record
 from .errors import InputError, ModelError
 from .ir import ModelIR
@@ -118,6 +118,9 @@ class Sweep:
         self.kernels = runtime.OpKernels(self.device)
         self.engine = Engine(self.ir, kernels=self.kernels)
         self._recorders: dict[bool, runtime.Recorder] = {}
+        self._selection: dict[tuple[tuple[str, int], ...], graphsweep.SelectionGraph | None] = {}
+        #: why the last selection graph asked for could not be built ("" when it could)
+        self.selection_problem = ""
 
     @cached_property
     def gate_layers(self) -> list[graph_mod.GateLayer]:
@@ -237,6 +240,26 @@ class Sweep:
         if chunk < 1:
             limits.check_fits(fixed + per_row, f"a pathwise sweep ({rows} competing classes, one per chunk)")
         return samples, chunk, budget - samples * (fixed + chunk * per_row)
+
+    def selection_graph(self, widths: Mapping[str, int], rows: int) -> graphsweep.SelectionGraph | None:
+        """The device-resident selection of these path layers (:mod:`onnx_pathwise.graphsweep`),
+        built once per set of widths, or None where the host sweep selects: on the CPU (unless
+        ``ONNX_PATHWISE_SELECTION=graph``), with ``ONNX_PATHWISE_SELECTION=host``, where some op
+        on the way has no graph form (``selection_problem`` says which), or where one sample's
+        ``rows`` competing rows would not fit the memory budget in the graph."""
+        mode = graphsweep.mode()
+        if not widths or mode == "host" or (mode == "auto" and self.device != "cuda"):
+            return None
+        key = tuple(sorted(widths.items()))
+        if key not in self._selection:
+            try:
+                self._selection[key] = graphsweep.SelectionGraph(self.engine, widths, self.device)
+                self.selection_problem = ""
+            except NotImplementedError as exc:
+                self._selection[key] = None
+                self.selection_problem = str(exc)
+        built = self._selection[key]
+        return built if built is not None and built.fits(rows) else None
 
     def _sample_chunk(self, rows_per_sample: int) -> int:
         """Samples per sweep so that rows × largest tensor stays within MAX_SWEEP_ELEMENTS."""

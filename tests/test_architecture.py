@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("errors", "limits", "text", "io", "preprocess", "data")),
     ("loader", ("load", "runtime", "kernels", "tiers")),  # runtime: the onnxruntime boundary, reads no file
     ("analysis", ("analysis", "frontend", "ir", "rules", "passes", "graph")),
-    ("engine", ("engine", "sweep")),
+    ("engine", ("engine", "sweep", "graphsweep")),
     ("methods", ("pathwise", "scores", "explain", "decompose", "unwrap", "baselines", "metrics", "radius")),
     ("api", ("", "explainer", "audit", "audit_edits", "stream", "ray_engine", "samples")),  # "": onnx_pathwise/__init__
     ("render", ("render", "plots", "report")),

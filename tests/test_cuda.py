@@ -52,6 +52,33 @@ def test_cuda_matches_cpu(name: str) -> None:
 
 
 @needs_cuda
+@pytest.mark.parametrize("name", ["cnn", "residual", "activations"])
+def test_the_selection_graph_runs_on_cuda_and_matches_the_cpu(name: str, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """With device="cuda" the selection runs as one graph on the device (docs/design.md §4): the
+    same kept units as the CPU's host sweep and as CUDA's own host sweep."""
+    import zoo
+
+    from onnx_pathwise import graphsweep
+
+    path, _ = zoo.BUILDERS[name](tmp_path / f"{name}.onnx")
+    cpu, gpu = Explainer(path, device="cpu"), Explainer(path, device="cuda")
+    x = np.random.default_rng(1).normal(size=(3,) + cpu.input_shape).astype(np.float32)
+    for kw in ({}, {"width": "10%"}):
+        a, b = cpu.explain(x, **kw), gpu.explain(x, **kw)
+        assert gpu.sweep.selection_problem == "" and any(gpu.sweep._selection.values())
+        monkeypatch.setenv(graphsweep.ENV_VAR, "host")
+        c = gpu.explain(x, **kw)
+        monkeypatch.delenv(graphsweep.ENV_VAR)
+        for other in (b, c):
+            assert a.target.tolist() == other.target.tolist()
+            for pa, pb in zip(a.path, other.path):
+                assert [p.kept.tolist() for p in pa] == [p.kept.tolist() for p in pb]
+            np.testing.assert_allclose(other.attribution, a.attribution, rtol=1e-3,
+                                       atol=1e-4 * np.abs(a.attribution).max())
+
+
+@needs_cuda
 def test_class_chunked_pathwise_on_cuda_matches_the_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Many classes in class chunks (a budget that forces them) on CUDA and on the CPU: the same
     kept units, attributions to float32 round-off (issue 13)."""

@@ -29,11 +29,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_pathwise import frontend, runtime
+from onnx_pathwise import frontend, graphsweep, runtime
 from onnx_pathwise.engine import Engine, Record
 from onnx_pathwise.errors import UnsupportedModelError
 from onnx_pathwise.ir import TERMINAL
 from onnx_pathwise.rules import RULES, supported_table
+from onnx_pathwise.sweep import slice_record
 
 FLOAT = TensorProto.FLOAT
 BATCH = 2
@@ -536,6 +537,43 @@ def test_at_zero_equals_forward_on_zeros(case_id: str) -> None:
             np.testing.assert_array_equal(g, e)
         checked += 1
     assert checked
+
+
+EMIT_IDS = [c.id for c in CASES if any(RULES[n.op_type].emit for n in c.model.graph.node if n.op_type in RULES)]
+
+
+@pytest.mark.parametrize("case_id", EMIT_IDS)
+def test_emitted_transpose_equals_the_rule(case_id: str) -> None:
+    """A rule's transpose written as ONNX nodes (``emit``, run by onnxruntime in float32 with
+    each sample's recorded state fed in) equals its numpy transpose on random cotangents."""
+    lo = loaded(case_id)
+    engine, rng = lo.engine, seeded(case_id, "emit")
+    checked, refused = 0, []
+    for node in engine.nodes:
+        rule = RULES[node.op_type]
+        if rule.emit is None or len(node.outputs) != 1:
+            continue
+        b = graphsweep.Builder()
+        try:
+            ins = rule.emit(node, ["g"], engine._ctx(node, 1), b)
+        except NotImplementedError as exc:
+            refused.append(str(exc))  # these attributes stay on the host sweep
+            continue
+        outs = [(i, c) for i, (d, c) in enumerate(zip(node.data, ins)) if d and c is not None]
+        sess = runtime.session(b.model([("g", onnx.TensorProto.FLOAT)], [c for _, c in outs]), "cpu", shared=b.shared)
+        for i in range(lo.record.n):
+            g = rng.standard_normal((3,) + engine.ir.shapes[node.outputs[0]]).astype(np.float32)
+            states = slice_record(lo.record, i, i + 1).states
+            feeds = {"g": g} | {f.name: np.asarray(f.get(states[f.node]), f.dtype) for f in b.feeds}
+            got = sess.run([c for _, c in outs], feeds)
+            want = rule.transpose(node, [g.astype(np.float64)], engine._ctx(node, 1, states.get(node.name)))
+            for (k, _), value in zip(outs, got):
+                expected = want[k]
+                assert expected is not None and value.shape == expected.shape, (node.name, k)
+                np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-5 * (np.abs(expected).max() + 1e-30),
+                                           err_msg=f"{node.name} input {k}")
+        checked += 1
+    assert checked or all(refused)
 
 
 def test_every_registered_op_has_a_case() -> None:

@@ -17,6 +17,12 @@ loader canonicalises attributes) and never guess defaults (the schema fills them
   without running their product: the engine's static offsets otherwise run ``forward`` on
   zeros in float64, which for a Gemm or Conv widens the weights to float64 and multiplies them
   by zero (VGG-16: 3.2 s and 0.8 GB at every load). Equal, bit for bit, to ``forward`` on zeros.
+* ``emit(node, cotangents, ctx, builder) -> one cotangent per ONNX input`` — optional: the
+  transpose as ONNX nodes, for the selection graph that runs a pathwise sweep inside
+  onnxruntime on the device (:mod:`onnx_pathwise.graphsweep`). Cotangents are tensor names of
+  shape (rows, *s) for one sample; ``ctx.state`` is None, and the recorded state comes in as
+  graph inputs (``builder.state``). An op without it (or an emit that raises
+  NotImplementedError for some attributes) keeps its models on the host sweep.
 
 Each entry of :data:`RULES` also says what the loader needs to know about the op
 (docs/design.md §9): its ``role`` (and whether it becomes a merge when two or more of its
@@ -45,6 +51,9 @@ Forward = Callable[[Node, "list[Array | None]", "Ctx"], "list[Array]"]
 Transpose = Callable[[Node, "list[Array | None]", "Ctx"], "list[Array | None]"]
 Record = Callable[[Node, "list[Array | None]", "Ctx"], Any]
 AtZero = Callable[[Node, "Ctx"], "list[Array]"]
+#: ``emit(node, cotangent names, ctx, builder) -> one cotangent name per input``: the transpose
+#: written as ONNX nodes into a :class:`onnx_pathwise.graphsweep.Builder` (duck-typed here).
+Emit = Callable[[Node, "list[str | None]", "Ctx", Any], "list[str | None]"]
 #: ``check(node) -> problem``: ``node.attrs`` holds the node's own (int, float, string) attributes
 #: without schema defaults, ``node.data`` which inputs are computed; "" when nothing is wrong.
 Check = Callable[[Node], str]
@@ -89,6 +98,7 @@ class Rule:
     canonical: Canonical | None = None
     notes: str = ""
     at_zero: AtZero | None = None
+    emit: Emit | None = None
 
     def node_role(self, data: Sequence[bool]) -> str:
         """The role of a node of this op whose computed inputs are ``data``."""
@@ -118,7 +128,8 @@ def register(
                 raise ValueError(f"{op} is registered twice")
             RULES[op] = Rule(getattr(cls, "forward"), getattr(cls, "transpose"),  # noqa: B009 (classes, not instances)
                              getattr(cls, "record", None) or record, cls.__doc__ or "", op, role, since,
-                             merges, check, canonical, notes, getattr(cls, "at_zero", None))
+                             merges, check, canonical, notes, getattr(cls, "at_zero", None),
+                             getattr(cls, "emit", None))
         return cls
 
     return wrap

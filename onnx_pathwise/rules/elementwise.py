@@ -60,6 +60,16 @@ class AddSub:
             out.append(unbroadcast(gi, _full(ctx, i, g.shape[0])))
         return out
 
+    @staticmethod
+    def emit(node: Node, cots: list[str | None], ctx: Ctx, b: Any) -> list[str | None]:
+        (g,) = cots
+        assert g is not None
+        out: list[str | None] = []
+        for i, d in enumerate(node.data):
+            gi = b.op("Neg", [g]) if d and node.op_type == "Sub" and i == 1 else g
+            out.append(b.unbroadcast(gi, ctx.out_shapes[0], ctx.in_shapes[i]) if d else None)
+        return out
+
 
 def _div_check(node: Node) -> str:
     if sum(node.data) > 1 or not is_data(node, 0):
@@ -92,6 +102,18 @@ class MulDiv:
         gi = g * c if node.op_type == "Mul" else g / c
         out: list[Array | None] = [None, None]
         out[i] = unbroadcast(gi, _full(ctx, i, g.shape[0]))
+        return out
+
+    @staticmethod
+    def emit(node: Node, cots: list[str | None], ctx: Ctx, b: Any) -> list[str | None]:
+        (g,) = cots
+        assert g is not None
+        i = 0 if node.data[0] else 1
+        c = ctx.const[1 - i]
+        assert c is not None
+        gi = b.op(node.op_type, [g, b.const(np.asarray(c, np.float32))])
+        out: list[str | None] = [None, None]
+        out[i] = b.unbroadcast(gi, ctx.out_shapes[0], ctx.in_shapes[i])
         return out
 
 
@@ -130,6 +152,10 @@ class PassThrough:
 
     @staticmethod
     def transpose(node: Node, cots: list[Array | None], ctx: Ctx) -> list[Array | None]:
+        return [cots[0]] + [None] * (len(node.inputs) - 1)
+
+    @staticmethod
+    def emit(node: Node, cots: list[str | None], ctx: Ctx, b: Any) -> list[str | None]:
         return [cots[0]] + [None] * (len(node.inputs) - 1)
 
 
@@ -265,4 +291,12 @@ class Gate:
         st: GateState = ctx.state
         out: list[Array | None] = [None] * len(node.inputs)
         out[_data_index(node)] = (ctx.per_sample(g) * st.slope).reshape(g.shape)
+        return out
+
+    @staticmethod
+    def emit(node: Node, cots: list[str | None], ctx: Ctx, b: Any) -> list[str | None]:
+        (g,) = cots
+        assert g is not None
+        out: list[str | None] = [None] * len(node.inputs)
+        out[_data_index(node)] = b.op("Mul", [g, b.state(node.name, "slope", lambda st: st.slope)])
         return out

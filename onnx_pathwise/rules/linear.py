@@ -103,6 +103,18 @@ class Gemm:
             out[2] = unbroadcast(float(node.attrs.get("beta", 1.0)) * g, shape)
         return out
 
+    @staticmethod
+    def emit(node: Node, cots: list[str | None], ctx: Ctx, b: Any) -> list[str | None]:
+        (g,) = cots
+        assert g is not None
+        if len(node.inputs) > 2 and node.data[2]:
+            raise NotImplementedError("Gemm with a computed C")
+        da = b.op("MatMul", [g, b.const(np.ascontiguousarray(_gemm_b(node, ctx).T, np.float32))])
+        alpha = float(node.attrs.get("alpha", 1.0))
+        if alpha != 1.0:
+            da = b.op("Mul", [da, b.const(np.float32(alpha))])
+        return [da] + [None] * (len(node.inputs) - 1)
+
 
 @register("MatMul", role=AFFINE, check=not_bilinear, notes="one operand constant")
 class MatMul:
@@ -149,6 +161,15 @@ class MatMul:
         else:
             dx = np.matmul(np.swapaxes(w, -1, -2), g)
         return [None, unbroadcast(dx, shape)]
+
+    @staticmethod
+    def emit(node: Node, cots: list[str | None], ctx: Ctx, b: Any) -> list[str | None]:
+        (g,) = cots
+        w = ctx.const[1]
+        if not node.data[0] or w is None or w.ndim != 2 or len(ctx.in_shapes[0] or ()) != 1:
+            raise NotImplementedError("MatMul other than (rows, k) · constant (k, j)")
+        assert g is not None
+        return [b.op("MatMul", [g, b.const(np.ascontiguousarray(w.T, np.float32))]), None]
 
 
 def _conv_geometry(node: Node) -> tuple[list[int], list[int], list[int], int]:
@@ -211,6 +232,16 @@ class Conv:
                 dx = None
         if dx is None:
             dx = conv_nd_adjoint(g, w.astype(g.dtype, copy=False), spatial, strides, dilations, pads, group)
+        return [dx] + [None] * (len(node.inputs) - 1)
+
+    @staticmethod
+    def emit(node: Node, cots: list[str | None], ctx: Ctx, b: Any) -> list[str | None]:
+        (g,) = cots
+        w = ctx.const[1]
+        assert g is not None and w is not None
+        strides, dilations, pads, group = _conv_geometry(node)
+        dx = b.conv_adjoint(g, np.asarray(w, np.float32), tuple(ctx.out_shapes[0] or ())[1:],
+                            tuple(ctx.in_shapes[0] or ())[1:], strides, dilations, pads, group)
         return [dx] + [None] * (len(node.inputs) - 1)
 
 

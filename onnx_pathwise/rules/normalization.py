@@ -57,3 +57,11 @@ class BatchNormalization:
         a, _ = batchnorm_affine(node, ctx)
         shape = (1, -1) + (1,) * (g.ndim - 2)
         return [g * a.astype(g.dtype).reshape(shape)] + [None] * (len(node.inputs) - 1)
+
+    @staticmethod
+    def emit(node: Node, cots: list[str | None], ctx: Ctx, b: Any) -> list[str | None]:
+        g = cots[0]
+        assert g is not None
+        a, _ = batchnorm_affine(node, ctx)
+        shape = (1, -1) + (1,) * (len(ctx.in_shapes[0] or ()) - 1)
+        return [b.op("Mul", [g, b.const(a.astype(np.float32).reshape(shape))])] + [None] * (len(node.inputs) - 1)

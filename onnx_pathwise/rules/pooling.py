@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from onnx import helper as onnx_helper
 
 from .. import tiers
 from ..errors import ModelError
@@ -67,6 +68,16 @@ class AveragePool:
         xp = col2im(cols, padded_size(spatial, pads, out, kernel, strides, dilations), strides, dilations)
         return [crop(xp, pads, spatial)]
 
+    @staticmethod
+    def emit(node: Node, cots: list[str | None], ctx: Ctx, b: Any) -> list[str | None]:
+        (g,) = cots
+        assert g is not None
+        spatial, out, kernel, strides, dilations, pads = _geometry(node, ctx)
+        scaled = b.op("Div", [g, b.const(_avg_divisor(node, ctx, np.dtype(np.float32)))])
+        C = int((ctx.in_shapes[0] or (0,))[0])
+        ones = np.ones((C, 1) + tuple(kernel), np.float32)  # each channel's window summed alone
+        return [b.conv_adjoint(scaled, ones, out, spatial, strides, dilations, pads, C)]
+
 
 @register("GlobalAveragePool", role=AFFINE, notes="1D/2D/3D")
 class GlobalAveragePool:
@@ -86,6 +97,15 @@ class GlobalAveragePool:
         shape = (g.shape[0],) + tuple(ctx.in_shapes[0] or ())
         size = int(np.prod(shape[2:], dtype=np.int64))
         return [np.broadcast_to(g / size, shape).copy()]
+
+    @staticmethod
+    def emit(node: Node, cots: list[str | None], ctx: Ctx, b: Any) -> list[str | None]:
+        (g,) = cots
+        assert g is not None
+        shape = tuple(ctx.in_shapes[0] or ())
+        size = int(np.prod(shape[1:], dtype=np.int64))
+        scaled = b.op("Div", [g, b.const(np.float32(size))])
+        return [b.op("Expand", [scaled, b.const(np.array((1,) + shape, np.int64))])]
 
 
 def _reduce_canonical(
@@ -140,6 +160,21 @@ class Reduce:
         if node.op_type == "ReduceMean":
             g = g / int(np.prod([shape[a] for a in axes], dtype=np.int64))
         return [np.broadcast_to(g, shape).copy()] + [None] * (len(node.inputs) - 1)
+
+    @staticmethod
+    def emit(node: Node, cots: list[str | None], ctx: Ctx, b: Any) -> list[str | None]:
+        (g,) = cots
+        assert g is not None
+        shape = (1,) + tuple(ctx.in_shapes[0] or ())
+        axes = tuple(node.attrs["axes"])
+        rest: list[str | None] = [None] * (len(node.inputs) - 1)
+        if not axes:
+            return [g] + rest
+        if not node.attrs.get("keepdims", 1):
+            g = b.op("Unsqueeze", [g, b.const(np.array(axes, np.int64))])
+        if node.op_type == "ReduceMean":
+            g = b.op("Div", [g, b.const(np.float32(int(np.prod([shape[a] for a in axes], dtype=np.int64))))])
+        return [b.op("Expand", [g, b.const(np.array(shape, np.int64))])] + rest
 
 
 @dataclass(frozen=True)
@@ -239,6 +274,22 @@ def _scatter(g: Array, state: Routing, ctx: Ctx) -> Array:
         return dx.reshape(in_shape)
 
 
+def _emit_scatter(node: Node, g: str | None, ctx: Ctx, b: Any) -> str:
+    """:func:`_scatter` as ONNX nodes: a ScatterElements that adds each row's cotangents at the
+    recorded argmax of the sample (one sample per graph run)."""
+    assert g is not None
+    in_shape = tuple(ctx.in_shapes[0] or ())
+    P = int(np.prod(ctx.out_shapes[0] or (), dtype=np.int64))
+    size = int(np.prod(in_shape, dtype=np.int64))
+    flat = b.op("Reshape", [g, b.shape((P,))])
+    argmax = b.state(node.name, "argmax", lambda st: st.argmax, np.int64)  # (1, P)
+    index = b.op("Expand", [argmax, b.rows_shape(flat, (P,))])
+    zeros = b.op("ConstantOfShape", [b.rows_shape(flat, (size,))],
+                 value=onnx_helper.make_tensor("", onnx_helper.np_dtype_to_tensor_dtype(np.dtype(np.float32)), [1], [0.0]))
+    dx = b.op("ScatterElements", [zeros, index, flat], axis=1, reduction="add")
+    return b.op("Reshape", [dx, b.shape(in_shape)])
+
+
 def window_argmax(x: Array, table: Array) -> Array:
     """Max-pool routing: x (N, C, S) flattened spatial, table (P, W) the flat index of each
     window's elements (-1 in padding) → (N, C, P) the flat index of each window's first
@@ -299,6 +350,10 @@ class MaxPool:
         assert g is not None
         return [_scatter(g, ctx.state, ctx)]
 
+    @staticmethod
+    def emit(node: Node, cots: list[str | None], ctx: Ctx, b: Any) -> list[str | None]:
+        return [_emit_scatter(node, cots[0], ctx, b)]
+
 
 @register("GlobalMaxPool", role=ROUTING, notes="argmax recorded; ties go to the first maximum")
 class GlobalMaxPool:
@@ -327,3 +382,7 @@ class GlobalMaxPool:
         (g,) = cots
         assert g is not None
         return [_scatter(g, ctx.state, ctx)]
+
+    @staticmethod
+    def emit(node: Node, cots: list[str | None], ctx: Ctx, b: Any) -> list[str | None]:
+        return [_emit_scatter(node, cots[0], ctx, b)]

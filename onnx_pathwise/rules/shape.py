@@ -62,6 +62,12 @@ class Reshape:
         assert g is not None
         return _none_after(g.reshape(_in(ctx, g.shape[0])), node)
 
+    @staticmethod
+    def emit(node: Node, cots: list[str | None], ctx: Ctx, b: Any) -> list[str | None]:
+        (g,) = cots
+        assert g is not None
+        return [b.op("Reshape", [g, b.shape(ctx.in_shapes[0])])] + [None] * (len(node.inputs) - 1)
+
 
 def _transpose_canonical(
     node: Node, a: dict[str, Any], consts: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]
@@ -90,6 +96,12 @@ class Transpose:
         (g,) = cots
         assert g is not None
         return [g.transpose(np.argsort(node.attrs["perm"]))]
+
+    @staticmethod
+    def emit(node: Node, cots: list[str | None], ctx: Ctx, b: Any) -> list[str | None]:
+        (g,) = cots
+        assert g is not None
+        return [b.op("Transpose", [g], perm=[int(p) for p in np.argsort(node.attrs["perm"])])]
 
 
 @register("Concat", role=SHAPE, merges=True, canonical=axis_canonical,
@@ -127,6 +139,16 @@ class Concat:
                 out.append(None)
             start += size
         return out
+
+    @staticmethod
+    def emit(node: Node, cots: list[str | None], ctx: Ctx, b: Any) -> list[str | None]:
+        (g,) = cots
+        assert g is not None
+        axis = node.attrs["axis"]
+        sizes = [(ctx.in_shapes[i] or ())[axis - 1] if d else ctx.const[i].shape[axis]  # type: ignore[union-attr]
+                 for i, d in enumerate(node.data)]
+        parts = b.ops("Split", [g, b.const(np.array(sizes, np.int64))], len(sizes), axis=axis)
+        return [p if d else None for p, d in zip(parts, node.data)]
 
 
 def _split_canonical(
@@ -373,3 +395,12 @@ class Pad:
         src, dst = _pad_index(list(node.attrs["pads"]), shape)
         dx[src] = g[dst]
         return _none_after(dx, node)
+
+    @staticmethod
+    def emit(node: Node, cots: list[str | None], ctx: Ctx, b: Any) -> list[str | None]:
+        (g,) = cots
+        assert g is not None
+        # the adjoint of padding by p is padding by −p with zeros (negative pads crop)
+        pads = b.const(-np.array(node.attrs["pads"], np.int64))
+        dx = b.op("Pad", [g, pads, b.const(np.zeros((), np.float32))], mode="constant")
+        return [dx] + [None] * (len(node.inputs) - 1)

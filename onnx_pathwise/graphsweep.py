@@ -1,0 +1,291 @@
+"""The pathwise selection as one onnxruntime graph, resident on the device (docs/design.md §4,
+"The selection on the device").
+
+The host sweep (:class:`onnx_pathwise.pathwise.PathSweep`) runs each op's adjoint as its own
+onnxruntime or numpy call and selects units in numpy, so on CUDA every layer's K cotangents go
+to the host and back. Here one ONNX graph, built once per model and set of path layers, does
+the whole selection in onnxruntime: from the score seeds of one sample it carries every
+competing row down to the lowest path layer, each op's adjoint written by its rule (``emit``,
+:mod:`onnx_pathwise.rules`), and at each path layer it scores the units in float64 and keeps
+them as :func:`onnx_pathwise.pathwise.select_units` does: P_i = softmax_k(h_i·J_ik)[c] > 1/K,
+the first ``width`` by P (ties to the lower index), or the first unit by P when none favours the
+target. Its inputs are the sample's seeds and recorded state (gate slopes, path-layer outputs,
+max-pool argmax), copied to the device once; its outputs are the kept-unit masks, copied back.
+W_p and b_p then come from the host's sweep of the target's row alone with those masks, so for
+the same masks the explanation is the host's, bit for bit.
+
+The scores are the same quantity by another formula (log-sum-exp with the maximum shifted
+out, where the host uses log1p of the mean expm1): a unit whose P lies within ~1e-16 of 1/K
+could be decided differently. The tests compare the kept units with the host's.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from . import limits, runtime
+from .engine import Engine, Record
+from .rules import RULES
+
+#: ``auto`` (the graph on CUDA, the host sweep on the CPU), ``graph`` or ``host``: which selection
+#: a pathwise sweep runs; read at each sweep (tests and benchmarks set it).
+ENV_VAR = "ONNX_PATHWISE_SELECTION"
+MODES = ("auto", "graph", "host")
+#: Constants at least this large are handed to onnxruntime from the arrays, not copied into the graph.
+SHARED_BYTES = 1 << 16
+#: Bytes per competing row and unit of the largest layer while the graph runs: the float32
+#: cotangents and their masked copy, the float64 scores and their exponentials.
+BYTES_PER_ROW_UNIT = 4 * 3 + 8 * 3
+OPSET = 17
+_FLOAT = onnx.TensorProto.FLOAT
+_DOUBLE = onnx.TensorProto.DOUBLE
+
+
+def mode() -> str:
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in MODES:
+        raise ValueError(f"{ENV_VAR}={value!r}: choose one of {', '.join(MODES)}")
+    return value
+
+
+@dataclass(frozen=True)
+class _Feed:
+    """A graph input fed, per sample, from a node's recorded state."""
+
+    name: str
+    node: str
+    get: Callable[[Any], np.ndarray]
+    dtype: np.dtype
+
+
+class Builder:
+    """What a rule's ``emit`` writes into: the nodes, constants and state inputs of one graph
+    whose tensors hold the rows of one sample, (rows, *per-sample shape)."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.shared: dict[str, np.ndarray] = {}
+        self.feeds: list[_Feed] = []
+        self._ids = itertools.count()
+
+    def _name(self, hint: str) -> str:
+        return f"{hint}_{next(self._ids)}"
+
+    def ops(self, op_type: str, inputs: Sequence[str], count: int, **attrs: Any) -> list[str]:
+        outs = [self._name(op_type) for _ in range(count)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, **attrs))
+        return outs
+
+    def op(self, op_type: str, inputs: Sequence[str], **attrs: Any) -> str:
+        return self.ops(op_type, inputs, 1, **attrs)[0]
+
+    def const(self, value: Any, hint: str = "const") -> str:
+        a = np.array(value, order="C", copy=None)  # ascontiguousarray would make scalars 1-D
+        name = self._name(hint)
+        if a.nbytes >= SHARED_BYTES:
+            self.shared[name] = a
+            self.initializers.append(runtime.shared_initializer(name, a))
+        else:
+            self.initializers.append(numpy_helper.from_array(a, name))
+        return name
+
+    def state(self, node: str, key: str, get: Callable[[Any], np.ndarray], dtype: Any = np.float32) -> str:
+        """A graph input holding ``get(state)`` of ``node``'s recorded state, for one sample."""
+        name = f"{key}:{node}"
+        self.feeds.append(_Feed(name, node, get, np.dtype(dtype)))
+        return name
+
+    def shape(self, per_sample: Sequence[int] | None) -> str:
+        """The shape (-1, *per_sample) as a constant, for Reshape."""
+        return self.const(np.array((-1,) + tuple(per_sample or ()), np.int64), "shape")
+
+    def rows_shape(self, like: str, per_sample: Sequence[int]) -> str:
+        """The shape (rows of ``like``, *per_sample), computed in the graph."""
+        rows = self.op("Slice", [self.op("Shape", [like]), self.const(np.array([0])), self.const(np.array([1]))])
+        return self.op("Concat", [rows, self.const(np.array(per_sample, np.int64))], axis=0)
+
+    def unbroadcast(self, g: str, have: Sequence[int] | None, want: Sequence[int] | None) -> str:
+        """Sum ``g`` (rows, *have) over the axes an input of per-sample shape ``want`` was
+        broadcast along (same rank: every computed tensor has the rows axis)."""
+        have, want = tuple(have or ()), tuple(want or ())
+        if have == want:
+            return g
+        if len(have) != len(want):
+            raise NotImplementedError("broadcasting across ranks")
+        axes = [i + 1 for i, (h, w) in enumerate(zip(have, want)) if w == 1 and h != 1]
+        return self.op("ReduceSum", [g, self.const(np.array(axes, np.int64))], keepdims=1)
+
+    def conv_adjoint(self, g: str, w: np.ndarray, out_spatial: Sequence[int], in_spatial: Sequence[int],
+                     strides: Sequence[int], dilations: Sequence[int], pads: Sequence[int], group: int) -> str:
+        """The adjoint of a Conv with weights ``w`` with respect to its input, as the host's
+        kernels run it (:func:`onnx_pathwise.runtime.adjoint_geometry`)."""
+        try:
+            op, attrs = runtime.adjoint_geometry(w.shape, out_spatial, in_spatial, strides, dilations, pads, group)
+        except ValueError as exc:
+            raise NotImplementedError(str(exc)) from None
+        weights = runtime.flipped(w, group) if op == "Conv" else w
+        return self.op(op, [g, self.const(weights, "w")], **attrs)
+
+    def model(self, inputs: Sequence[tuple[str, int]], outputs: Sequence[str], output_type: int = _FLOAT,
+              ) -> onnx.ModelProto:
+        """The graph written so far: ``inputs`` (name, element type), then the state inputs."""
+        values = [helper.make_tensor_value_info(name, kind, None) for name, kind in inputs]
+        values += [helper.make_tensor_value_info(f.name, helper.np_dtype_to_tensor_dtype(f.dtype), None)
+                   for f in self.feeds]
+        results = [helper.make_tensor_value_info(name, output_type, None) for name in outputs]
+        graph = helper.make_graph(self.nodes, "pathwise_selection", values, results, initializer=self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+        model.ir_version = 8
+        return model
+
+    # ------------------------------------------------------------------ selection
+
+    def select(self, g: str, node: str, units: int, width: int, target: str) -> tuple[str, str]:
+        """The kept-unit mask (1, u) of a path layer from the cotangents g (rows, *s) arriving
+        at its gate, and those cotangents with the other units cut (rows, u)."""
+        G = self.op("Reshape", [g, self.const(np.array([-1, units], np.int64))])
+        h = self.op("Reshape", [self.state(node, "value", lambda st: st.value),
+                                self.const(np.array([1, units], np.int64))])
+        C = self.op("Mul", [self.op("Cast", [G], to=_DOUBLE), self.op("Cast", [h], to=_DOUBLE)])  # exact
+        at = self.op("Expand", [target, self.const(np.array([1, units], np.int64))])
+        rows = self.op("Cast", [self.op("Shape", [G], start=0, end=1)], to=_DOUBLE)  # K, as a (1,) tensor
+        axis0 = self.const(np.array([0], np.int64))
+        # necessary test (Jensen): P > 1/K needs C_c above the mean over the rows
+        mean = self.op("Div", [self.op("ReduceSum", [C, axis0], keepdims=1), rows])
+        test = self.op("Greater", [self.op("Sub", [self.op("GatherElements", [C, at], axis=0), mean]),
+                                   self.const(np.zeros(1))])
+        # e = log(K·P) = d_c − log1p(mean_k expm1(d_k)), d = C − mean C, as the host computes it
+        # (onnx_pathwise.scores.unit_excess): exact for every spread of d, where log-sum-exp
+        # loses units whose P sits within round-off of 1/K (tiny cotangents: MobileNet-V2)
+        d = self.op("Sub", [C, mean])
+        total = self.op("Div", [self.op("ReduceSum", [self._expm1(d), axis0], keepdims=1), rows])
+        e = self.op("Sub", [self.op("GatherElements", [d, at], axis=0), self._log1p(total)])
+        # log softmax with the maximum shifted out: where some d is past exp's range, and
+        # for the first unit by P when none favours the target
+        D = self.op("Sub", [C, self.op("ReduceMax", [C], axes=[0], keepdims=1)])
+        lse = self.op("Log", [self.op("ReduceSum", [self.op("Exp", [D]), axis0], keepdims=1)])
+        log_p = self.op("Sub", [self.op("GatherElements", [D, at], axis=0), lse])  # (1, u)
+        far = self.op("Or", [self.op("IsNaN", [e]), self.op("IsInf", [e])])
+        e = self.op("Where", [far, self.op("Add", [log_p, self.op("Log", [rows])]), e])
+        candidate = self.op("And", [test, self.op("Greater", [e, self.const(np.zeros(1))])])
+        if width < units:
+            scores = self.op("Where", [candidate, e, self.const(np.array([-np.inf]))])
+            values, index = self.ops("TopK", [scores, self.const(np.array([width], np.int64))], 2,
+                                     axis=1, largest=1, sorted=1)
+            kept = self.op("Cast", [self.op("Greater", [values, self.const(np.zeros(1))])], to=_FLOAT)
+            zeros = self.op("ConstantOfShape", [self.const(np.array([1, units], np.int64))],
+                            value=helper.make_tensor("", _FLOAT, [1], [0.0]))
+            keep = self.op("ScatterElements", [zeros, index, kept], axis=1)
+        else:
+            keep = self.op("Cast", [candidate], to=_FLOAT)
+        # nobody favours the target: the first unit by P alone
+        first = self.op("ArgMax", [log_p], axis=1, keepdims=1)
+        span = self.op("Range", [self.const(np.array(0)), self.const(np.array(units)), self.const(np.array(1))])
+        onehot = self.op("Cast", [self.op("Equal", [self.op("Unsqueeze", [span, axis0]), first])], to=_FLOAT)
+        some = self.op("Greater", [self.op("ReduceMax", [keep], axes=[1], keepdims=1), self.const(np.zeros(1, np.float32))])
+        keep = self.op("Where", [some, keep, onehot])
+        return self.op("Cast", [keep], to=onnx.TensorProto.BOOL), self.op("Mul", [G, keep])
+
+    def _expm1(self, x: str) -> str:
+        """exp(x) − 1 to a few ulps for every x (Kahan: (u − 1)·x / log u with u = exp(x)),
+        ONNX having no expm1."""
+        u = self.op("Exp", [x])
+        um1 = self.op("Sub", [u, self.const(np.ones(1))])
+        r = self.op("Div", [self.op("Mul", [um1, x]), self.op("Log", [u])])
+        r = self.op("Where", [self.op("Equal", [u, self.const(np.ones(1))]), x, r])
+        return self.op("Where", [self.op("Equal", [um1, self.const(-np.ones(1))]), um1, r])
+
+    def _log1p(self, y: str) -> str:
+        """log(1 + y) to a few ulps for every y > −1 (y·log v / (v − 1) with v = 1 + y)."""
+        v = self.op("Add", [y, self.const(np.ones(1))])
+        r = self.op("Div", [self.op("Mul", [y, self.op("Log", [v])]), self.op("Sub", [v, self.const(np.ones(1))])])
+        return self.op("Where", [self.op("Equal", [v, self.const(np.ones(1))]), y, r])
+
+
+class SelectionGraph:
+    """The selection graph of one engine and one set of path layers (``widths``: gate node →
+    units kept), on ``device``. Raises NotImplementedError, with the op, where some op on the
+    way has no ``emit``."""
+
+    def __init__(self, engine: Engine, widths: Mapping[str, int], device: str) -> None:
+        self.engine, self.widths = engine, dict(widths)
+        ir = engine.ir
+        b = Builder()
+        env: dict[str, str] = {ir.output_name: "seeds"}
+        self.outputs: dict[str, str] = {}
+        remaining = set(self.widths)
+        for node in reversed(engine.nodes):
+            if not remaining:
+                break  # below the lowest path layer nothing is selected
+            cots: list[str | None] = [env.pop(o, None) for o in node.outputs]
+            if all(c is None for c in cots):
+                continue
+            if node.name in remaining and cots[0] is not None:
+                units = int(np.prod(ir.shapes[node.outputs[0]], dtype=np.int64))
+                mask, cut = b.select(cots[0], node.name, units, self.widths[node.name], "target")
+                self.outputs[node.name] = mask
+                cots[0] = b.op("Reshape", [cut, b.shape(ir.shapes[node.outputs[0]])])
+                remaining.discard(node.name)
+                if not remaining:
+                    break
+            rule = RULES[node.op_type]
+            if rule.emit is None:
+                raise NotImplementedError(f"no graph form of {node.op_type} (node {node.name!r})")
+            ins = rule.emit(node, cots, engine.ctx[node.name], b)
+            for t, d, c in zip(node.inputs, node.data, ins):
+                if d and c is not None:
+                    env[t] = b.op("Add", [env[t], c]) if t in env else c
+        if remaining:
+            raise NotImplementedError(f"path layers {sorted(remaining)} not reached from the scores")
+        model = b.model([("seeds", _FLOAT), ("target", onnx.TensorProto.INT64)], list(self.outputs.values()),
+                        onnx.TensorProto.BOOL)
+        self.feeds = b.feeds
+        self.session = runtime.session(model, device, what="creating the pathwise selection graph's session",
+                                       shared=b.shared)
+        self.units = {name: int(np.prod(ir.shapes[next(n for n in engine.nodes if n.name == name).outputs[0]],
+                                        dtype=np.int64)) for name in self.widths}
+        self._largest = max(int(np.prod(ir.shapes[t], dtype=np.int64)) for t in ir.shapes)
+
+    def fits(self, rows: int) -> bool:
+        """Whether one sample's ``rows`` competing rows fit the memory budget in the graph."""
+        return rows * self._largest * BYTES_PER_ROW_UNIT <= limits.memory_budget()
+
+    def masks(self, record: Record, classes: np.ndarray, count: np.ndarray, target_row: np.ndarray,
+              ) -> dict[str, np.ndarray]:
+        """The kept-unit masks {path layer: (n, u)}: one run per sample. ``classes`` (M, n): the
+        competing rows' classes (−1: a zero seed), of which the first ``count[i]`` compete in
+        sample i; ``target_row`` the target's row."""
+        ir = self.engine.ir
+        n = record.n
+        K = ir.num_classes
+        out = {name: np.zeros((n, u), bool) for name, u in self.units.items()}
+        names = list(self.outputs.values())
+        for i in range(n):
+            cls = classes[: int(count[i]), i]
+            seeds = np.zeros((cls.size, K), np.float32)
+            live = np.flatnonzero(cls >= 0)
+            seeds[live, cls[live]] = 1.0
+            feeds: dict[str, np.ndarray] = {
+                "seeds": seeds.reshape((cls.size,) + ir.shapes[ir.output_name]),
+                "target": np.array([[int(target_row[i])]], np.int64),
+            }
+            for f in self.feeds:
+                feeds[f.name] = np.ascontiguousarray(f.get(record.states[f.node])[i : i + 1], f.dtype)
+            try:
+                results = self.session.run(names, feeds)
+            except Exception as exc:
+                raise runtime.failure(exc, "running the pathwise selection graph") from None
+            for name, mask in zip(self.outputs, results):
+                out[name][i] = mask.reshape(-1)
+        return out
+
+

@@ -1,0 +1,127 @@
+"""The selection graph (docs/design.md §4, "The selection on the device"): the pathwise sweep and
+selection run as one onnxruntime graph give the host sweep's kept units and explanations on
+every model of the zoo whose ops have a graph form, at every width, depth and competing set;
+a model with an op without one stays on the host, saying which. On the CPU provider here, on
+CUDA in tests/test_cuda.py (the default selection there)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zoo
+from test_class_chunks import explainer_for, inputs, mlp_many, same
+from test_single_score import inputs_both_sides, sigmoid_mlp
+
+from onnx_pathwise import Explainer, graphsweep, rules
+from onnx_pathwise import sweep as sweep_mod
+
+#: zoo models with an op that has no graph form yet, and that op
+HOST_ONLY = {"pixel_shuffle": "DepthToSpace", "space_to_depth": "DepthToSpace"}
+MODELS = [name for name in zoo.BUILDERS if name != "unsupported"]
+
+
+def both(ex: Explainer, monkeypatch: pytest.MonkeyPatch, x: np.ndarray, **kw: object) -> tuple[object, object]:
+    """(graph, host) explanations of x."""
+    with monkeypatch.context() as m:
+        m.setenv(graphsweep.ENV_VAR, "graph")
+        got = ex.explain(x, **kw)
+    with monkeypatch.context() as m:
+        m.setenv(graphsweep.ENV_VAR, "host")
+        ref = ex.explain(x, **kw)
+    return got, ref
+
+
+def graph_used(ex: Explainer) -> bool:
+    return any(g is not None for g in ex.sweep._selection.values())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_graph_selection_equals_the_host_sweep_on_the_zoo(name: str, tmp_path_factory: pytest.TempPathFactory,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    ex = explainer_for(name, tmp_path_factory.mktemp(name))
+    x = inputs(ex)
+    for kw in ({}, {"width": 1}, {"width": "30%", "depth": 2}, {"classes": 2}):
+        got, ref = both(ex, monkeypatch, x, **kw)
+        same(got, ref, f"{name} {kw}")
+    if name in HOST_ONLY:
+        assert HOST_ONLY[name] in ex.sweep.selection_problem
+        with monkeypatch.context() as m:
+            m.setenv(graphsweep.ENV_VAR, "graph")
+            ex.explain(x)
+            assert not graph_used(ex) or ex.sweep.selection_problem == ""
+    else:
+        assert ex.sweep.selection_problem == "" and graph_used(ex), name
+
+
+def test_single_score_and_many_classes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ex = Explainer(sigmoid_mlp(tmp_path / "binary.onnx"), device="cpu")
+    x = inputs_both_sides(ex)
+    for width in (None, 2):
+        got, ref = both(ex, monkeypatch, x, width=width)
+        same(got, ref, f"single score width {width}")
+    assert graph_used(ex)
+    many = Explainer(mlp_many(tmp_path / "many.onnx", 300), device="cpu")
+    x = inputs(many, 4, seed=3)
+    for kw in ({}, {"width": 3}, {"classes": 5}):
+        got, ref = both(many, monkeypatch, x, **kw)
+        same(got, ref, f"K 300 {kw}")
+
+
+def test_input_width_a_budget_too_small_and_the_cpu_stay_on_the_host(tmp_path_factory: pytest.TempPathFactory,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    ex = explainer_for("cnn", tmp_path_factory.mktemp("cnn"))
+    x = inputs(ex)
+    got, ref = both(ex, monkeypatch, x, width="30%", input_width="50%")
+    same(got, ref, "input_width")
+    assert np.array_equal(got.input_kept, ref.input_kept)
+    widths = {layer.name: layer.units for layer in ex.sweep.gate_layers}
+    with monkeypatch.context() as m:
+        m.setenv(graphsweep.ENV_VAR, "graph")
+        assert ex.sweep.selection_graph(widths, ex.num_classes) is not None
+        m.setattr(sweep_mod.limits, "memory_budget", lambda: 1)
+        assert ex.sweep.selection_graph(widths, ex.num_classes) is None  # one sample's rows do not fit
+    with monkeypatch.context() as m:
+        m.setenv(graphsweep.ENV_VAR, "auto")
+        assert ex.sweep.selection_graph(widths, ex.num_classes) is None  # the CPU: the host sweep
+        m.setenv(graphsweep.ENV_VAR, "sideways")
+        with pytest.raises(ValueError, match="ONNX_PATHWISE_SELECTION"):
+            ex.explain(x)
+
+
+def test_the_selection_graph_cuts_what_the_host_cuts(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The graph's masks themselves, against select_units on the host sweep's cotangents: the
+    residual net's last path layer at width 3 (a TopK cut) and at every favouring unit."""
+    ex = explainer_for("residual", tmp_path_factory.mktemp("residual"))
+    x = inputs(ex, 2, seed=5)
+    rec = ex.sweep.record(x)
+    last = ex.sweep.gate_layers[-1]
+    from onnx_pathwise import pathwise
+
+    hooks_seen: dict[str, np.ndarray] = {}
+
+    def grab(node: object, g: np.ndarray) -> np.ndarray:
+        hooks_seen["g"] = g.reshape(g.shape[0], g.shape[1], -1).copy()
+        return g
+
+    K = ex.num_classes
+    seeds = {ex.sweep.ir.output_name: np.broadcast_to(np.eye(K, dtype=np.float32)[:, None], (K, 2, K)).copy()}
+    ex.sweep.engine.backward(seeds, rec, hooks={last.name: grab})
+    target = rec.scores.argmax(axis=1)
+    h = rec.states[last.name].value.reshape(2, -1)
+    for width in (3, last.units):
+        graph = graphsweep.SelectionGraph(ex.sweep.engine, {last.name: width}, "cpu")
+        masks = graph.masks(rec, np.broadcast_to(np.arange(K)[:, None], (K, 2)), np.full(2, K), target)
+        want = pathwise.select_units(h, hooks_seen["g"], target, width)
+        assert np.array_equal(masks[last.name], want), width
+        assert masks[last.name].sum() <= 2 * width
+
+
+def test_the_design_names_every_op_without_a_graph_form() -> None:
+    design = (Path(__file__).parent.parent / "docs" / "design.md").read_text()
+    section = design.split("**The selection on the device.**")[1].split("\n**")[0]
+    host_only = sorted(op for op, rule in rules.RULES.items() if rule.emit is None and rule.role != "terminal")
+    assert host_only, "every op has a graph form: say so in the design and drop this test"
+    for op in host_only:
+        assert f"`{op}`" in section, op
