@@ -14,9 +14,12 @@ max-pool argmax), copied to the device once; its outputs are the kept-unit masks
 W_p and b_p then come from the host's sweep of the target's row alone with those masks, so for
 the same masks the explanation is the host's, bit for bit.
 
-The scores are the same quantity by another formula (log-sum-exp with the maximum shifted
-out, where the host uses log1p of the mean expm1): a unit whose P lies within ~1e-16 of 1/K
-could be decided differently. The tests compare the kept units with the host's.
+The scores follow the host's formula (:func:`onnx_pathwise.scores.unit_excess`: log1p of the
+mean expm1, exact near P = 1/K), with expm1 and log1p written by Kahan's forms since ONNX has
+neither; they agree with numpy's to a few ulps, so only a unit whose P lies that close to 1/K
+could be decided differently. The tests compare the kept units with the host's on every model.
+On the CPU provider the graph is several times slower than the host sweep (onnxruntime's
+float64 element-wise kernels; benchmarks/README.md), so ``auto`` uses it on CUDA only.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from onnx import helper, numpy_helper
 
 from . import limits, runtime
 from .engine import Engine, Record
+from .errors import PathwiseError
 from .rules import RULES
 
 #: ``auto`` (the graph on CUDA, the host sweep on the CPU), ``graph`` or ``host``: which selection
@@ -52,7 +56,7 @@ _DOUBLE = onnx.TensorProto.DOUBLE
 def mode() -> str:
     value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if value not in MODES:
-        raise ValueError(f"{ENV_VAR}={value!r}: choose one of {', '.join(MODES)}")
+        raise PathwiseError(f"{ENV_VAR}={value!r}: expected one of {', '.join(MODES)}")
     return value
 
 
@@ -163,19 +167,12 @@ class Builder:
         mean = self.op("Div", [self.op("ReduceSum", [C, axis0], keepdims=1), rows])
         test = self.op("Greater", [self.op("Sub", [self.op("GatherElements", [C, at], axis=0), mean]),
                                    self.const(np.zeros(1))])
-        # e = log(K·P) = d_c − log1p(mean_k expm1(d_k)), d = C − mean C, as the host computes it
-        # (onnx_pathwise.scores.unit_excess): exact for every spread of d, where log-sum-exp
-        # loses units whose P sits within round-off of 1/K (tiny cotangents: MobileNet-V2)
-        d = self.op("Sub", [C, mean])
+        # e = log(K·P) = d_c − log1p(mean_k expm1(d_k)) with d = C − max_k C ≤ 0, so that exp
+        # never overflows: exact for every spread of d, where log-sum-exp loses the units
+        # whose P sits within round-off of 1/K (tiny cotangents: MobileNet-V2's early layers)
+        d = self.op("Sub", [C, self.op("ReduceMax", [C], axes=[0], keepdims=1)])
         total = self.op("Div", [self.op("ReduceSum", [self._expm1(d), axis0], keepdims=1), rows])
-        e = self.op("Sub", [self.op("GatherElements", [d, at], axis=0), self._log1p(total)])
-        # log softmax with the maximum shifted out: where some d is past exp's range, and
-        # for the first unit by P when none favours the target
-        D = self.op("Sub", [C, self.op("ReduceMax", [C], axes=[0], keepdims=1)])
-        lse = self.op("Log", [self.op("ReduceSum", [self.op("Exp", [D]), axis0], keepdims=1)])
-        log_p = self.op("Sub", [self.op("GatherElements", [D, at], axis=0), lse])  # (1, u)
-        far = self.op("Or", [self.op("IsNaN", [e]), self.op("IsInf", [e])])
-        e = self.op("Where", [far, self.op("Add", [log_p, self.op("Log", [rows])]), e])
+        e = self.op("Sub", [self.op("GatherElements", [d, at], axis=0), self._log1p(total)])  # (1, u)
         candidate = self.op("And", [test, self.op("Greater", [e, self.const(np.zeros(1))])])
         if width < units:
             scores = self.op("Where", [candidate, e, self.const(np.array([-np.inf]))])
@@ -187,8 +184,8 @@ class Builder:
             keep = self.op("ScatterElements", [zeros, index, kept], axis=1)
         else:
             keep = self.op("Cast", [candidate], to=_FLOAT)
-        # nobody favours the target: the first unit by P alone
-        first = self.op("ArgMax", [log_p], axis=1, keepdims=1)
+        # nobody favours the target: the first unit by P alone (e = log P + log K)
+        first = self.op("ArgMax", [e], axis=1, keepdims=1)
         span = self.op("Range", [self.const(np.array(0)), self.const(np.array(units)), self.const(np.array(1))])
         onehot = self.op("Cast", [self.op("Equal", [self.op("Unsqueeze", [span, axis0]), first])], to=_FLOAT)
         some = self.op("Greater", [self.op("ReduceMax", [keep], axes=[1], keepdims=1), self.const(np.zeros(1, np.float32))])
@@ -196,8 +193,8 @@ class Builder:
         return self.op("Cast", [keep], to=onnx.TensorProto.BOOL), self.op("Mul", [G, keep])
 
     def _expm1(self, x: str) -> str:
-        """exp(x) − 1 to a few ulps for every x (Kahan: (u − 1)·x / log u with u = exp(x)),
-        ONNX having no expm1."""
+        """exp(x) − 1 to a few ulps for every x ≤ 0 (Kahan: (u − 1)·x / log u with u = exp(x);
+        x itself where u = 1, −1 where u = 0), ONNX having no expm1."""
         u = self.op("Exp", [x])
         um1 = self.op("Sub", [u, self.const(np.ones(1))])
         r = self.op("Div", [self.op("Mul", [um1, x]), self.op("Log", [u])])
@@ -254,16 +251,18 @@ class SelectionGraph:
         self.units = {name: int(np.prod(ir.shapes[next(n for n in engine.nodes if n.name == name).outputs[0]],
                                         dtype=np.int64)) for name in self.widths}
         self._largest = max(int(np.prod(ir.shapes[t], dtype=np.int64)) for t in ir.shapes)
+        #: why a run failed ("" while none has): the sweep then selects on the host
+        self.failed = ""
 
     def fits(self, rows: int) -> bool:
         """Whether one sample's ``rows`` competing rows fit the memory budget in the graph."""
         return rows * self._largest * BYTES_PER_ROW_UNIT <= limits.memory_budget()
 
     def masks(self, record: Record, classes: np.ndarray, count: np.ndarray, target_row: np.ndarray,
-              ) -> dict[str, np.ndarray]:
-        """The kept-unit masks {path layer: (n, u)}: one run per sample. ``classes`` (M, n): the
-        competing rows' classes (−1: a zero seed), of which the first ``count[i]`` compete in
-        sample i; ``target_row`` the target's row."""
+              advance: Callable[[], None] = lambda: None) -> dict[str, np.ndarray]:
+        """The kept-unit masks {path layer: (n, u)}: one run per sample (``advance`` after each).
+        ``classes`` (M, n): the competing rows' classes (−1: a zero seed), of which the first
+        ``count[i]`` compete in sample i; ``target_row`` the target's row."""
         ir = self.engine.ir
         n = record.n
         K = ir.num_classes
@@ -286,6 +285,7 @@ class SelectionGraph:
                 raise runtime.failure(exc, "running the pathwise selection graph") from None
             for name, mask in zip(self.outputs, results):
                 out[name][i] = mask.reshape(-1)
+            advance()
         return out
 
 

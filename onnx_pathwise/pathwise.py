@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ import numpy as np
 
 from . import limits, scores, tiers
 from .engine import Engine, Record, Through
-from .errors import PathwiseError
+from .errors import ModelError, PathwiseError
 from .graph import GateLayer
 from .ir import Node
 
@@ -498,9 +499,7 @@ class PathSweep:
     def run(self) -> tuple[np.ndarray, np.ndarray]:
         """W_p (n, *in) and b_p (n,) of each sample's target (its side's log-odds for a
         single score)."""
-        if self.graph is not None:
-            comp = self.competing
-            self.masks = self.graph.masks(self.record, comp.classes, comp.count, comp.target_row)
+        if self.graph is not None and self._select_on_device():
             W, b = self._final_sweep()
         elif self.chunk is None or self.chunk >= self.competing.rows:
             W, b = self._run_whole()
@@ -510,6 +509,22 @@ class PathSweep:
         if np.all(sign == 1):
             return W, b
         return (W * sign.reshape((-1,) + (1,) * (W.ndim - 1)).astype(W.dtype)), b * sign
+
+    def _select_on_device(self) -> bool:
+        """The masks from the selection graph, sample by sample (a progress bar when asked for);
+        False, after one line on stderr, when onnxruntime fails to run it (the device's memory
+        exhausted, say): the host sweep then selects, in this sweep and the model's later ones."""
+        assert self.graph is not None
+        comp, n = self.competing, self.record.n
+        try:
+            with _progress(self.progress, n, f"pathwise selection on the device, {comp.rows} classes") as advance:
+                self.masks = self.graph.masks(self.record, comp.classes, comp.count, comp.target_row, advance)
+        except ModelError as exc:
+            print(f"onnx-pathwise: {exc}; selecting on the host instead", file=sys.stderr)
+            self.graph.failed = str(exc)  # the model's later sweeps go to the host at once
+            self.masks = {}
+            return False
+        return True
 
     def _run_whole(self) -> tuple[np.ndarray, np.ndarray]:
         """The single sweep: all competing rows down to the lowest path layer (selection

@@ -245,8 +245,9 @@ class Sweep:
         """The device-resident selection of these path layers (:mod:`onnx_pathwise.graphsweep`),
         built once per set of widths, or None where the host sweep selects: on the CPU (unless
         ``ONNX_PATHWISE_SELECTION=graph``), with ``ONNX_PATHWISE_SELECTION=host``, where some op
-        on the way has no graph form (``selection_problem`` says which), or where one sample's
-        ``rows`` competing rows would not fit the memory budget in the graph."""
+        on the way has no graph form or a run of the graph failed (``selection_problem`` says
+        which), or where one sample's ``rows`` competing rows would not fit the memory budget
+        in the graph."""
         mode = graphsweep.mode()
         if not widths or mode == "host" or (mode == "auto" and self.device != "cuda"):
             return None
@@ -259,6 +260,9 @@ class Sweep:
                 self._selection[key] = None
                 self.selection_problem = str(exc)
         built = self._selection[key]
+        if built is not None and built.failed:
+            self.selection_problem = built.failed
+            return None
         return built if built is not None and built.fits(rows) else None
 
     def _sample_chunk(self, rows_per_sample: int) -> int:

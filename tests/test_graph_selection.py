@@ -16,6 +16,7 @@ from test_single_score import inputs_both_sides, sigmoid_mlp
 
 from onnx_pathwise import Explainer, graphsweep, rules
 from onnx_pathwise import sweep as sweep_mod
+from onnx_pathwise.errors import ModelError, PathwiseError
 
 #: zoo models with an op that has no graph form yet, and that op
 HOST_ONLY = {"pixel_shuffle": "DepthToSpace", "space_to_depth": "DepthToSpace"}
@@ -86,7 +87,7 @@ def test_input_width_a_budget_too_small_and_the_cpu_stay_on_the_host(tmp_path_fa
         m.setenv(graphsweep.ENV_VAR, "auto")
         assert ex.sweep.selection_graph(widths, ex.num_classes) is None  # the CPU: the host sweep
         m.setenv(graphsweep.ENV_VAR, "sideways")
-        with pytest.raises(ValueError, match="ONNX_PATHWISE_SELECTION"):
+        with pytest.raises(PathwiseError, match="ONNX_PATHWISE_SELECTION"):
             ex.explain(x)
 
 
@@ -125,3 +126,24 @@ def test_the_design_names_every_op_without_a_graph_form() -> None:
     assert host_only, "every op has a graph form: say so in the design and drop this test"
     for op in host_only:
         assert f"`{op}`" in section, op
+
+
+def test_a_graph_that_fails_on_the_device_falls_back_to_the_host_with_one_line(
+        tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    ex = explainer_for("residual", tmp_path_factory.mktemp("residual"))
+    x = inputs(ex)
+    _, ref = both(ex, monkeypatch, x)
+    capfd.readouterr()
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise ModelError("onnxruntime failed running the pathwise selection graph: out of memory")
+
+    monkeypatch.setattr(graphsweep.SelectionGraph, "masks", out_of_memory)
+    monkeypatch.setenv(graphsweep.ENV_VAR, "graph")
+    monkeypatch.setattr(sweep_mod, "MAX_SWEEP_ELEMENTS", 1)  # one sample per sweep: three sweeps
+    same(ex.explain(x), ref, "fallback")
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "out of memory" in err[0] and "on the host" in err[0]
+    assert "out of memory" in ex.sweep.selection_problem
+    ex.sweep._selection.clear()  # the cached explainer serves other tests
