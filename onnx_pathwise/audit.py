@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from . import frontend, runtime
-from .audit_edits import last_weight, randomize_initializer
+from . import runtime
+from .audit_edits import last_weight, randomized
 from .errors import PathwiseError, UnsupportedModelError
 from .explainer import Explainer
 from .load import read_model
@@ -122,10 +122,14 @@ def audit(
         return AuditReport(label, [Check("model readable", FAIL, str(exc))])
     ops = Counter(n.op_type for n in proto.graph.node)
     inventory = ", ".join(f"{k}×{v}" for k, v in sorted(ops.items()))
+    resolved = runtime.resolve_device(device)
+    held = [proto]  # the whole model, let go once the explainer holds it (its weights once)
+    del proto
+    built: list[Explainer] = []  # the model is analysed once: the checks below share it
 
     def analysable() -> tuple[str, str, dict[str, Any]]:
         try:
-            frontend.load(proto)
+            built.append(Explainer(held[0], device=resolved))
         except UnsupportedModelError as exc:
             return FAIL, "; ".join(exc.problems), {"blockers": exc.problems, "ops": dict(ops)}
         return PASS, f"ops: {inventory}", {"ops": dict(ops)}
@@ -133,14 +137,18 @@ def audit(
     checks.append(_timed("analysable", analysable))
 
     def loads() -> tuple[str, str, dict[str, Any]]:
-        runtime.session(proto, "cpu")
+        if built:  # the same model, its weights read from the explainer's arrays (not copied again)
+            runtime.session_sharing(built[0].proto, built[0].sweep.initializers or {})
+        else:
+            runtime.session(held[0], "cpu")
         return PASS, "onnxruntime creates a session", {}
 
     checks.append(_timed("onnxruntime loads", loads))
+    held.clear()
     if any(c.status == FAIL for c in checks):
         return AuditReport(label, checks)
 
-    ex = Explainer(proto, device=device)
+    ex = built[0]
     x = ex.check_input(inputs, inputs_name) if inputs is not None else generated_inputs(ex)
 
     def completeness() -> tuple[str, str, dict[str, Any]]:
@@ -177,8 +185,9 @@ def audit(
     def cuda_agreement() -> tuple[str, str, dict[str, Any]]:
         if not runtime.cuda_available():
             return SKIP, "no usable CUDA GPU", {}
-        cpu = Explainer(proto, device="cpu").explain(x, width=width)
-        gpu = Explainer(proto, device="cuda").explain(x, width=width)
+        whole = runtime.filled(ex.proto, ex.sweep.initializers or {})
+        cpu = Explainer(whole, device="cpu").explain(x, width=width)
+        gpu = Explainer(whole, device="cuda").explain(x, width=width)
         diff = _relative(gpu.attribution, cpu.attribution)
         same = _same_paths(cpu, gpu)
         ok = diff < 1e-3 and same
@@ -188,11 +197,11 @@ def audit(
     checks.append(_timed("cpu vs cuda", cuda_agreement))
 
     def randomisation() -> tuple[str, str, dict[str, Any]]:
-        name = last_weight(ex.source_ir, proto)
+        name = last_weight(ex.source_ir, ex.proto)
         if name is None:
             return SKIP, "no initializer-backed weight in the last layer", {}
-        shuffled = Explainer(randomize_initializer(proto, name, seed=1), device=ex.device)
         a = ex.explain(x, width=width).attribution.reshape(x.shape[0], -1)
+        shuffled = Explainer(randomized(ex.proto, ex.sweep.initializers or {}, name, seed=1), device=ex.device)
         b = shuffled.explain(x, width=width).attribution.reshape(x.shape[0], -1)
         corr = [_correlation(a[i], b[i]) for i in range(x.shape[0])]
         defined = [c for c in corr if np.isfinite(c)]

@@ -3,10 +3,13 @@ the last affine layer and redraw them (protobuf in, protobuf out)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from . import runtime
 from .ir import ModelIR
 
 
@@ -21,21 +24,34 @@ def last_weight(ir: ModelIR, model: onnx.ModelProto) -> str | None:
     return None
 
 
+def redrawn(w: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A draw from a normal distribution with the mean and standard deviation of ``w``."""
+    rng = np.random.default_rng(seed)
+    w64 = np.asarray(w, np.float64)  # float32 statistics of a 1e38 weight overflow
+    std = float(w64.std()) or 1.0
+    new = rng.normal(float(w64.mean()), std, size=w.shape)
+    if w.dtype.kind == "f":  # a draw beyond float32's range would cast to inf
+        new = np.clip(new, np.finfo(w.dtype).min, np.finfo(w.dtype).max)
+    return new.astype(w.dtype)
+
+
+def _redraw(model: onnx.ModelProto, name: str, seed: int) -> onnx.ModelProto:
+    for t in model.graph.initializer:
+        if t.name == name:
+            t.CopyFrom(numpy_helper.from_array(redrawn(numpy_helper.to_array(t), seed), name))
+            return model
+    raise KeyError(name)
+
+
 def randomize_initializer(model: onnx.ModelProto, name: str, seed: int = 0) -> onnx.ModelProto:
-    """A copy of ``model`` whose initializer ``name`` is redrawn from a normal distribution with
-    the same mean and standard deviation (the randomisation sanity check)."""
+    """A copy of ``model`` whose initializer ``name`` is redrawn (:func:`redrawn`)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    for i, t in enumerate(out.graph.initializer):
-        if t.name == name:
-            w = numpy_helper.to_array(t)
-            rng = np.random.default_rng(seed)
-            w64 = w.astype(np.float64)  # float32 statistics of a 1e38 weight overflow
-            std = float(w64.std()) or 1.0
-            new = rng.normal(float(w64.mean()), std, size=w.shape)
-            if w.dtype.kind == "f":  # a draw beyond float32's range would cast to inf
-                new = np.clip(new, np.finfo(w.dtype).min, np.finfo(w.dtype).max)
-            new = new.astype(w.dtype)
-            out.graph.initializer[i].CopyFrom(numpy_helper.from_array(new, name))
-            return out
-    raise KeyError(name)
+    return _redraw(out, name, seed)
+
+
+def randomized(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray], name: str, seed: int = 0,
+               ) -> onnx.ModelProto:
+    """The whole model from an Explainer's lean one and its arrays (:func:`runtime.filled`) with
+    initializer ``name`` redrawn: the audit builds it without a second copy of the original."""
+    return _redraw(runtime.filled(model, arrays), name, seed)

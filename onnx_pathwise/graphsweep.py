@@ -45,9 +45,10 @@ ENV_VAR = "ONNX_PATHWISE_SELECTION"
 MODES = ("auto", "graph", "host")
 #: Constants at least this large are handed to onnxruntime from the arrays, not copied into the graph.
 SHARED_BYTES = 1 << 16
-#: Bytes per competing row and unit of the largest layer while the graph runs: the float32
-#: cotangents and their masked copy, the float64 scores and their exponentials.
-BYTES_PER_ROW_UNIT = 4 * 3 + 8 * 3
+#: Bytes per competing row and unit of the largest layer while the graph runs (an estimate, not
+#: measured on a device yet): the float32 cotangents and their cut copy, and up to seven float64
+#: temporaries of the scores alive at once (the products, their shifted values and expm1's steps).
+BYTES_PER_ROW_UNIT = 4 * 2 + 8 * 7
 OPSET = 17
 _FLOAT = onnx.TensorProto.FLOAT
 _DOUBLE = onnx.TensorProto.DOUBLE

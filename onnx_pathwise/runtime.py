@@ -184,6 +184,14 @@ def session(
     return sess
 
 
+def session_sharing(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray], device: str = "cpu",
+                    what: str = "creating a session for the model") -> ort.InferenceSession:
+    """A :func:`session` for ``model`` (whole or :func:`lean`) that reads the initializers
+    ``arrays`` holds from the arrays themselves, copying none of them."""
+    shareable, shared = _shared(model, arrays)
+    return session(shareable, device, what=what, shared=shared)
+
+
 def shared_initializer(name: str, array: np.ndarray) -> onnx.TensorProto:
     """An initializer whose data :func:`session` hands to onnxruntime from ``array`` itself."""
     t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)

@@ -231,6 +231,27 @@ def test_audit_passes_on_the_cnn_sample() -> None:
     assert [line.split()[0] for line in lines[1:-1]].count("FAIL") == 0
 
 
+def test_audit_analyses_the_model_once_and_randomises_from_the_explainers_arrays(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One analysis for the checks (the randomised copy gets its own), and the randomised model
+    is the original with only its last weight redrawn (built from the lean model and arrays)."""
+    from onnx_pathwise import audit as audit_mod
+    from onnx_pathwise import frontend
+
+    loads: list[object] = []
+    real = frontend.load
+    monkeypatch.setattr(frontend, "load", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    report = audit_mod.audit(CNN, device="cpu")
+    assert report.passed and len(loads) == 2
+    original = onnx.load(str(CNN))
+    redrawn = loads[1]
+    assert isinstance(redrawn, onnx.ModelProto)
+    before = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in redrawn.graph.initializer}
+    changed = [name for name in before if not np.array_equal(before[name], after[name])]
+    assert set(before) == set(after) and len(changed) == 1
+
+
 def test_audit_lists_the_blockers(blocked: Path) -> None:
     result = run("audit", blocked, "--device", "cpu", code=1)
     failed = [line for line in result.stdout.splitlines() if line.split()[:1] == ["FAIL"]]
