@@ -248,7 +248,9 @@ class Engine:
         index per sample) the offset term is accumulated for those rows only and comes back
         as (1, n). With ``narrow_after`` too (a node name, or "" for the seeds themselves), the
         sweep keeps only those rows once that node is done: the rows below need no other
-        cotangent, and the input cotangent comes back as (1, n, *input shape).
+        cotangent, and the input cotangent comes back as (1, n, *input shape). A hook at that
+        node may answer with those rows alone (1, n, *s): the sweep is narrowed before the
+        node's own transpose.
         """
         rows = next(iter(seeds.values())).shape[0] * record.n
         if rows > SMALL_SWEEP_ROWS:
@@ -308,13 +310,21 @@ class Engine:
             if all(c is None for c in cots):
                 continue
             through: Array | None = None
+            narrowed = False
             if hooks is not None and node.name in hooks and cots[0] is not None:
                 g = cots[0]
                 answer = hooks[node.name](node, g.reshape((m, n) + g.shape[1:]))
+                value = answer.cotangent if isinstance(answer, Through) else answer
+                if node.name == narrow_after and m > 1 and value.shape[0] == 1:
+                    # the hook kept the ``bias_rows`` alone (all the sweep needs below): the
+                    # other pending cotangents are narrowed now, not after the node
+                    narrow()
+                    narrowed = True
+                shape = (m * n,) + g.shape[1:]  # gates keep their shape
                 if isinstance(answer, Through):
-                    through = answer.cotangent.reshape(g.shape)  # gates keep their shape
+                    through = value.reshape(shape)
                 else:
-                    cots[0] = answer.reshape(g.shape)
+                    cots[0] = value.reshape(shape)
             state = record.states.get(node.name)
             if node.role == GATE:
                 st: GateState = state  # type: ignore[assignment]
@@ -349,7 +359,7 @@ class Engine:
                         f"{c.shape} for input {t!r} of shape {want}"
                     )
                 env[t] = env[t] + c if t in env else c
-            if node.name == narrow_after:
+            if node.name == narrow_after and not narrowed:
                 narrow()
         shape = (m, n) + self.ir.input_shape
         g_in = env.get(self.ir.input_name)

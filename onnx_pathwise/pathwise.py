@@ -452,6 +452,7 @@ class PathSweep:
         self.layers = {layer.name: layer for layer in layers}
         self.sweeps = 0  # backward sweeps run (for tests of the chunked schedule)
         self._capture = chunk is None  # at_layer is taken by the sweep that carries the target's row
+        self._narrow_at: str | None = None  # the node where the single sweep narrows to the carried row
 
     def _counts(self) -> np.ndarray | None:
         return None if self.competing.every else self.competing.count
@@ -470,17 +471,23 @@ class PathSweep:
         where it has no offset); at ``keep_at`` remember the target's row."""
         K, n = g.shape[:2]
         flat = g.reshape(K, n, -1)
+        if node.name == self._narrow_at and K > 1:
+            # the lowest path layer: below it the sweep carries one row per sample, so only
+            # that row is masked (the engine narrows the rest here)
+            flat = flat[self.competing.carry_row, np.arange(n)][None]
+            K = 1
+        shape = (K, n) + g.shape[2:]
         if node.name in self.masks:
             mask = self.masks[node.name]
             state = self.record.states[node.name]
             if state.offset is None and node.name != self.keep_at:
-                return Through(keep_units(flat, mask, state.slope.reshape(n, -1)).reshape(g.shape))
+                return Through(keep_units(flat, mask, state.slope.reshape(n, -1)).reshape(shape))
             flat = keep_units(flat, mask)
         if node.name == self.keep_at and self._capture:
             rows = self.competing.carry_row if K > 1 else np.zeros(n, np.int64)  # one row once narrowed
             at = flat[rows, np.arange(n)]
             self.at_layer = at * self.competing.sign[:, None].astype(at.dtype)
-        return flat.reshape(g.shape)
+        return flat.reshape(shape)
 
     def _input_hook(self, node: Any, w: np.ndarray) -> np.ndarray:
         K, n = w.shape[:2]
@@ -539,11 +546,15 @@ class PathSweep:
             narrow_after = order[0] if order else ""
         carry = self.competing.carry_row
         self.sweeps += 1
-        W, b = self.engine.backward(
-            self._score_seeds(0, self.competing.rows), self.record, hooks=hooks,
-            input_hook=self._input_hook if self.input_width else None,
-            bias_rows=carry, narrow_after=narrow_after,
-        )
+        self._narrow_at = narrow_after
+        try:
+            W, b = self.engine.backward(
+                self._score_seeds(0, self.competing.rows), self.record, hooks=hooks,
+                input_hook=self._input_hook if self.input_width else None,
+                bias_rows=carry, narrow_after=narrow_after,
+            )
+        finally:
+            self._narrow_at = None
         n = self.record.n
         weight = W[0] if W.shape[0] == 1 and narrow_after is not None else W[carry, np.arange(n)]
         return weight, b[0]

@@ -30,8 +30,11 @@ _CPU: list[Any] = ["CPUExecutionProvider"]
 #: Gemm to 10 mantissa bits (~1e-3 relative), far outside the exactness the explanations
 #: promise and enough to flip kept units. A heuristic cuDNN algorithm choice instead of the
 #: exhaustive search: the sweep runs each adjoint at several batch shapes, and an exhaustive
-#: search per new shape costs more than it saves.
-CUDA_OPTIONS: dict[str, str] = {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
+#: search per new shape costs more than it saves. The device arena grows by what is asked, not to
+#: the next power of two: the selection graph's temporaries reach tens of GB at 1,000 classes,
+#: and doubling would reserve up to twice that (onnxruntime's option, not measured here).
+CUDA_OPTIONS: dict[str, str] = {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC",
+                                "arena_extend_strategy": "kSameAsRequested"}
 
 ort.set_default_logger_severity(3)
 
