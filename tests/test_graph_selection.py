@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import zoo
+from onnx import TensorProto, helper, numpy_helper
 from test_class_chunks import explainer_for, inputs, mlp_many, same
 from test_single_score import inputs_both_sides, sigmoid_mlp
 
@@ -18,8 +20,6 @@ from onnx_pathwise import Explainer, graphsweep, rules
 from onnx_pathwise import sweep as sweep_mod
 from onnx_pathwise.errors import ModelError, PathwiseError
 
-#: zoo models with an op that has no graph form yet, and that op
-HOST_ONLY = {"pixel_shuffle": "DepthToSpace", "space_to_depth": "DepthToSpace"}
 MODELS = [name for name in zoo.BUILDERS if name != "unsupported"]
 
 
@@ -46,14 +46,42 @@ def test_graph_selection_equals_the_host_sweep_on_the_zoo(name: str, tmp_path_fa
     for kw in ({}, {"width": 1}, {"width": "30%", "depth": 2}, {"classes": 2}):
         got, ref = both(ex, monkeypatch, x, **kw)
         same(got, ref, f"{name} {kw}")
-    if name in HOST_ONLY:
-        assert HOST_ONLY[name] in ex.sweep.selection_problem
-        with monkeypatch.context() as m:
-            m.setenv(graphsweep.ENV_VAR, "graph")
-            ex.explain(x)
-            assert not graph_used(ex) or ex.sweep.selection_problem == ""
-    else:
-        assert ex.sweep.selection_problem == "" and graph_used(ex), name
+    assert ex.sweep.selection_problem == "" and graph_used(ex), name
+
+
+def sliced_mlp(path: Path) -> Path:
+    """x (6,) → Gemm → Relu → Slice (the first 6 of 8 units) → Gemm → Relu → Gemm (3 logits):
+    a Slice, which has no graph form yet, between the scores and the lowest path layer."""
+    rng = np.random.default_rng(7)
+    w = [rng.normal(size=s).astype(np.float32) for s in ((8, 6), (5, 6), (3, 5))]
+    nodes = [
+        helper.make_node("Gemm", ["x", "w0"], ["z0"], transB=1, name="fc0"),
+        helper.make_node("Relu", ["z0"], ["h0"], name="relu0"),
+        helper.make_node("Slice", ["h0", "starts", "ends", "axes"], ["s0"], name="slice"),
+        helper.make_node("Gemm", ["s0", "w1"], ["z1"], transB=1, name="fc1"),
+        helper.make_node("Relu", ["z1"], ["h1"], name="relu1"),
+        helper.make_node("Gemm", ["h1", "w2"], ["y"], transB=1, name="fc2"),
+    ]
+    inits = [numpy_helper.from_array(a, f"w{i}") for i, a in enumerate(w)] + [
+        numpy_helper.from_array(np.array([0], np.int64), "starts"),
+        numpy_helper.from_array(np.array([6], np.int64), "ends"),
+        numpy_helper.from_array(np.array([1], np.int64), "axes")]
+    graph = helper.make_graph(nodes, "sliced", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
+def test_an_op_without_a_graph_form_keeps_the_model_on_the_host(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    ex = Explainer(sliced_mlp(tmp_path / "sliced.onnx"), device="cpu")
+    x = inputs(ex, 4)
+    got, ref = both(ex, monkeypatch, x)
+    same(got, ref, "sliced")
+    assert "Slice" in ex.sweep.selection_problem and not graph_used(ex)
+    got, ref = both(ex, monkeypatch, x, depth=1)  # the last path layer lies above the Slice
+    same(got, ref, "sliced, depth 1")
+    assert graph_used(ex)
 
 
 def test_single_score_and_many_classes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -73,3 +73,12 @@ class DepthSpace:
         six, perm = _view(node, g.shape[0], tuple(ctx.in_shapes[0] or ()))
         permuted = tuple(six[p] for p in perm)
         return [g.reshape(permuted).transpose(np.argsort(perm)).reshape(rows_shape(g, ctx.in_shapes[0]))]
+
+    @staticmethod
+    def emit(node: Node, cots: list[str | None], ctx: Ctx, b: Any) -> list[str | None]:
+        (g,) = cots
+        assert g is not None
+        six, perm = _view(node, -1, tuple(ctx.in_shapes[0] or ()))
+        permuted = b.op("Reshape", [g, b.const(np.array([six[p] for p in perm], np.int64))])
+        back = b.op("Transpose", [permuted], perm=[int(p) for p in np.argsort(perm)])
+        return [b.op("Reshape", [back, b.shape(ctx.in_shapes[0])])]
