@@ -7,7 +7,7 @@ to the host and back. Here one ONNX graph, built once per model and set of path 
 the whole selection in onnxruntime: from the score seeds of one sample it carries every
 competing row down to the lowest path layer, each op's adjoint written by its rule (``emit``,
 :mod:`onnx_pathwise.rules`), and at each path layer it scores the units in float64 and keeps
-them as :func:`onnx_pathwise.pathwise.select_units` does: P_i = softmax_k(h_i·J_ik)[c] > 1/K,
+them as :func:`onnx_pathwise.selection.select_units` does: P_i = softmax_k(h_i·J_ik)[c] > 1/K,
 the first ``width`` by P (ties to the lower index), or the first unit by P when none favours the
 target. Its inputs are the sample's seeds and recorded state (gate slopes, path-layer outputs,
 max-pool argmax), copied to the device once; its outputs are the kept-unit masks, copied back.

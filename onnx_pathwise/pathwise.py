@@ -10,27 +10,26 @@ network's unfolded sum, and W_p, b_p come out of the same sweep.
 The rows that compete (:class:`Competing`) are every class by default; the two logits [0, y]
 of a single score (K = 1); or, with ``classes=N``, each sample's top N classes plus its
 target. Where one sample's rows do not fit the memory budget they are swept in chunks, layer
-by layer, and the selection reads per-unit sums accumulated chunk by chunk (:class:`UnitStats`).
+by layer, and the selection reads per-unit sums accumulated chunk by chunk
+(:class:`onnx_pathwise.selection.UnitStats`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import limits, scores, tiers
+from . import limits
 from .engine import Engine, Record, Through
 from .errors import ModelError, PathwiseError
 from .graph import GateLayer
 from .ir import Node
+from .selection import UnitStats, keep_units, select_units
 
 if TYPE_CHECKING:
     from .graphsweep import SelectionGraph
@@ -73,124 +72,6 @@ def path_layers(layers: Sequence[GateLayer], depth: int | None) -> list[GateLaye
         raise PathwiseError(f"depth {depth!r}: must be a non-negative integer")
     # clamp the start: a negative one would count from the end (depth = layers + 1 kept one)
     return list(layers[max(0, len(layers) - int(depth)):])
-
-
-def _log_p(h: np.ndarray, J: np.ndarray, c: int) -> np.ndarray:
-    """log softmax_k(h·J_k)[c] in float64: h (a,), J (K, a)."""
-    C = J.astype(np.float64)
-    C *= h
-    top = C.max(axis=0)
-    C -= top
-    lead = C[c].copy()
-    np.exp(C, out=C)
-    return lead - np.log(C.sum(axis=0))
-
-
-#: units per chunk above which the unit scores of one sample are split across threads
-PARALLEL_UNITS = 1 << 15
-_pool: ThreadPoolExecutor | None = None
-
-
-def _workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _in_parallel(tasks: list[Callable[[], Any]]) -> list[Any]:
-    """Run independent tasks on the calling thread and the worker threads, results in order.
-    The tasks must not call this themselves (the pool is not re-entrant)."""
-    global _pool
-    if len(tasks) <= 1 or _workers() <= 1:
-        return [task() for task in tasks]
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=_workers() - 1, thread_name_prefix="onnx-pathwise")
-    rest = [_pool.submit(task) for task in tasks[1:]]
-    return [tasks[0]()] + [f.result() for f in rest]
-
-
-def _candidates(h: np.ndarray, J: np.ndarray, c: int, split: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Flat indices (ascending) and scores e = log(K·P) of one sample's units with P > 1/K.
-
-    Each unit's score depends on that unit alone, so with ``split`` large layers are cut into
-    chunks scored on several threads (numpy's passes release the GIL); the result does
-    not depend on the cut."""
-    u = h.shape[0]
-
-    def score(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
-        idx, e = scores.unit_excess(h[a:b], J[:, a:b], c)
-        return idx + a, e
-
-    parts = min(_workers(), u // PARALLEL_UNITS) if split else 1
-    if parts <= 1:
-        return score(0, u)
-    cuts = [u * p // parts for p in range(parts + 1)]
-    chunks = _in_parallel([functools.partial(score, a, b) for a, b in zip(cuts[:-1], cuts[1:])])
-    return np.concatenate([i for i, _ in chunks]), np.concatenate([e for _, e in chunks])
-
-
-def keep_units(g: np.ndarray, mask: np.ndarray, slope: np.ndarray | None = None) -> np.ndarray:
-    """g (K, n, u) times ``slope`` (n, u) on the units of ``mask`` (n, u), zero elsewhere, as a
-    new array: the kept entries written into zeros (pages never written stay untouched), cheaper
-    than a multiply when few units are kept. numpy, or the compiled loop (same bits,
-    :mod:`onnx_pathwise.tiers`)."""
-    kernels = tiers.compiled()
-    if kernels is not None:
-        return kernels.keep_units(g, mask, np.ones(mask.shape, g.dtype) if slope is None else slope)
-    with tiers.timed():
-        out = np.zeros(g.shape, g.dtype)  # calloc: pages never written are never touched (zeros_like writes them)
-        for i in range(g.shape[1]):
-            j = np.flatnonzero(mask[i])
-            out[:, i, j] = g[:, i, j] if slope is None else g[:, i, j] * slope[i, j]
-        return out
-
-
-def _keep(candidates: np.ndarray, e: np.ndarray, width: int) -> np.ndarray:
-    """The ``width`` candidates with the largest scores, ties at the cut to the lower index
-    (candidates ascend): everything above the cut, then the first ties at it."""
-    m = candidates.size
-    if m <= width:
-        return candidates
-    kth = np.partition(e, m - width)[m - width]
-    above = e > kth
-    ties = np.flatnonzero(e == kth)[: width - int(np.count_nonzero(above))]
-    above[ties] = True
-    return candidates[above]
-
-
-def select_units(h: np.ndarray, J: np.ndarray, target: np.ndarray, width: int,
-                 counts: np.ndarray | None = None) -> np.ndarray:
-    """The kept-unit mask (n, u) of one path layer.
-
-    h (n, u) gate outputs, J (K, n, u) score cotangents, target (n,) rows of J (the classes,
-    when every class competes); with ``counts`` only the first counts[i] rows of sample i
-    compete (the rest is padding). Scores
-    P_i = softmax_k(h_i J_ik)[c] in float64 (as e = log(K·P) > 0, see
-    :func:`onnx_pathwise.scores.unit_excess`), candidates by P descending with ties to the
-    lower index, the first ``width`` kept when P > 1/K, else the first candidate. Samples are
-    independent: a batch is spread over the cores sample by sample, a single sample's large
-    layer chunk by chunk.
-    """
-    K, n, u = J.shape
-    mask = np.zeros((n, u), bool)
-
-    def one(i: int) -> None:
-        c = int(target[i])
-        Ji = J[:, i] if counts is None else J[: int(counts[i]), i]
-        candidates, e = _candidates(h[i], Ji, c, split=n == 1)
-        if candidates.size == 0:
-            # nobody favours the target: keep the first candidate of the full order
-            full = _log_p(h[i], Ji, c)
-            mask[i, int(np.argmax(full))] = True  # argmax returns the lowest index among ties
-            return
-        mask[i, _keep(candidates, e, width)] = True
-
-    if n == 1:
-        one(0)
-    else:
-        _in_parallel([functools.partial(one, i) for i in range(n)])
-    return mask
 
 
 @dataclass(frozen=True)
@@ -358,52 +239,6 @@ def competing_set(scores: np.ndarray, target: np.ndarray, classes: int | None) -
         cls[: len(c), i] = c
         rows[i] = int(np.searchsorted(c, target[i]))
     return Competing(cls, np.array([len(c) for c in sets]), rows, rows, ones, every=False)
-
-
-class UnitStats:
-    """Per-unit sums of one path layer over chunks of competing rows (docs/design.md §4, "Bounded
-    memory at any K"): what the selection needs of every class, never the n × K matrix."""
-
-    def __init__(self, h: np.ndarray, competing: Competing) -> None:
-        n, u = h.shape
-        self.h, self.competing = h, competing
-        self.s = np.zeros((n, u))
-        self.top = np.zeros((n, u))  # log-sum-exp = top + log(acc), any top (kernels.lse_accumulate)
-        self.acc = np.zeros((n, u))
-        self.jc = np.zeros((n, u))
-        self._scratch = np.empty(u)
-
-    def add(self, start: int, g: np.ndarray) -> None:
-        """Cotangents g (m, n, u) of rows start … start + m − 1."""
-        from . import kernels
-
-        m, n = g.shape[:2]
-        g = np.ascontiguousarray(g)
-        comp = self.competing
-        for i in range(n):
-            rows = int(min(max(int(comp.count[i]) - start, 0), m))
-            c = int(comp.target_row[i]) - start
-            kernels.lse_accumulate(self.h[i], g, i, rows, c if 0 <= c < m else -1,
-                                   self.s[i], self.top[i], self.acc[i], self.jc[i], self._scratch)
-
-    def select(self, width: int) -> np.ndarray:
-        """The kept-unit mask (n, u), by the rule of :func:`select_units`."""
-        from . import kernels
-
-        n, u = self.h.shape
-        mask = np.zeros((n, u), bool)
-        idx, e = np.empty(u, np.int64), np.empty(u)
-        for i in range(n):
-            K = int(self.competing.count[i])
-            m = kernels.lse_excess(self.h[i], self.s[i], self.top[i], self.acc[i], self.jc[i], K, idx, e)
-            if m == 0:
-                # nobody favours the target: keep the first candidate of the full order
-                with np.errstate(divide="ignore"):
-                    full = self.h[i].astype(np.float64) * self.jc[i] - self.top[i] - np.log(self.acc[i])
-                mask[i, int(np.argmax(full))] = True
-                continue
-            mask[i, _keep(idx[:m].copy(), e[:m].copy(), width)] = True
-        return mask
 
 
 @contextlib.contextmanager

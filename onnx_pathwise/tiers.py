@@ -2,7 +2,7 @@
 
 Three inner loops of a plain explanation exist twice, as numpy and as a numba kernel that
 gives the same bits (``tests/test_rules.py`` and ``tests/test_pathwise.py`` check each pair):
-keeping the selected units' cotangents (:func:`onnx_pathwise.pathwise.keep_units`), max-pool
+keeping the selected units' cotangents (:func:`onnx_pathwise.selection.keep_units`), max-pool
 routing (:func:`onnx_pathwise.rules.pooling.window_argmax`) and its adjoint. The compiled
 loops are 1.5–5× faster, but loading numba costs about a second per process (its import and
 first dispatch) and compiling them after an install a few more: more than a command-line run

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("loader", ("load", "runtime", "kernels", "tiers")),  # runtime: the onnxruntime boundary, reads no file
     ("analysis", ("analysis", "frontend", "ir", "rules", "passes", "graph")),
     ("engine", ("engine", "sweep", "graphsweep")),
-    ("methods", ("pathwise", "scores", "explain", "decompose", "unwrap", "baselines", "metrics", "radius")),
+    ("methods", ("pathwise", "selection", "scores", "explain", "decompose", "unwrap", "baselines", "metrics", "radius")),
     ("api", ("", "explainer", "audit", "audit_edits", "stream", "ray_engine", "samples")),  # "": onnx_pathwise/__init__
     ("render", ("render", "plots", "report")),
     ("cli", ("cli", "__main__")),

@@ -126,7 +126,7 @@ def test_the_selection_graph_cuts_what_the_host_cuts(tmp_path_factory: pytest.Te
     x = inputs(ex, 2, seed=5)
     rec = ex.sweep.record(x)
     last = ex.sweep.gate_layers[-1]
-    from onnx_pathwise import pathwise
+    from onnx_pathwise import selection
 
     hooks_seen: dict[str, np.ndarray] = {}
 
@@ -142,7 +142,7 @@ def test_the_selection_graph_cuts_what_the_host_cuts(tmp_path_factory: pytest.Te
     for width in (3, last.units):
         graph = graphsweep.SelectionGraph(ex.sweep.engine, {last.name: width}, "cpu")
         masks = graph.masks(rec, np.broadcast_to(np.arange(K)[:, None], (K, 2)), np.full(2, K), target)
-        want = pathwise.select_units(h, hooks_seen["g"], target, width)
+        want = selection.select_units(h, hooks_seen["g"], target, width)
         assert np.array_equal(masks[last.name], want), width
         assert masks[last.name].sum() <= 2 * width
 

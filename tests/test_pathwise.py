@@ -17,8 +17,9 @@ from helpers import export_torch
 from torch import nn
 
 from onnx_pathwise import Explainer, PathwiseError
-from onnx_pathwise.pathwise import parse_width, select_units
+from onnx_pathwise.pathwise import parse_width
 from onnx_pathwise.samples import tiny_mlp
+from onnx_pathwise.selection import select_units
 
 torch.manual_seed(0)
 
@@ -382,17 +383,17 @@ def test_unit_excess_resolves_p_near_one_over_k() -> None:
 
 def test_unit_scores_split_across_threads_are_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
     """Large layers are scored in chunks on several threads: same candidates, same scores."""
-    from onnx_pathwise import pathwise
+    from onnx_pathwise import selection
 
     rng = np.random.default_rng(11)
     K, u = 10, 7001
     h = np.maximum(rng.standard_normal(u), 0).astype(np.float32)
     J = (rng.standard_normal((K, u)) * 1e-3).astype(np.float32)
-    whole = pathwise._candidates(h, J, 4)
+    whole = selection._candidates(h, J, 4)
     before = select_units(h[None], J[:, None], np.array([4]), 50)
-    monkeypatch.setattr(pathwise, "PARALLEL_UNITS", 1000)
-    monkeypatch.setattr(pathwise, "_workers", lambda: 3)
-    split = pathwise._candidates(h, J, 4)
+    monkeypatch.setattr(selection, "PARALLEL_UNITS", 1000)
+    monkeypatch.setattr(selection, "_workers", lambda: 3)
+    split = selection._candidates(h, J, 4)
     assert whole[0].size > 100
     np.testing.assert_array_equal(split[0], whole[0])
     np.testing.assert_array_equal(split[1], whole[1])
@@ -438,7 +439,7 @@ def test_large_batches_are_chunked_with_the_same_results(monkeypatch: pytest.Mon
 def test_kept_units_are_the_same_bits_in_both_tiers(monkeypatch: pytest.MonkeyPatch) -> None:
     """keep_units in numpy and as the compiled loop (onnx_pathwise.tiers): the kept entries
     times their slopes, zeros elsewhere, bit for bit; batch and single sample."""
-    from onnx_pathwise.pathwise import keep_units
+    from onnx_pathwise.selection import keep_units
 
     rng = np.random.default_rng(8)
     for n in (1, 3):
