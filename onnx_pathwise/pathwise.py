@@ -241,6 +241,20 @@ def competing_set(scores: np.ndarray, target: np.ndarray, classes: int | None) -
     return Competing(cls, np.array([len(c) for c in sets]), rows, rows, ones, every=False)
 
 
+def _owned(cut: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A chunk's cut as the checkpoint store keeps it: each array as it is when it owns its
+    memory (no copy), or copied when it is a view of a larger one (a slice of a Concat's
+    cotangent), which would otherwise stay alive whole. The store is planned by the arrays'
+    own sizes; DenseNet-121's views held 10–20% more (1,000 classes under an 8 GiB budget: a
+    9.1 GiB peak)."""
+    def root(v: np.ndarray) -> np.ndarray:
+        while isinstance(v.base, np.ndarray):
+            v = v.base
+        return v
+
+    return {t: v.copy() if root(v).nbytes > v.nbytes else v for t, v in cut.items()}
+
+
 @contextlib.contextmanager
 def _progress(show: bool, total: int, what: str) -> Iterator[Callable[[], None]]:
     """A rich progress bar on stderr while chunks are swept, only when asked for (``show``)."""
@@ -443,7 +457,7 @@ class PathSweep:
                         if need + held <= self.store_bytes:
                             new_store = []
                     if new_store is not None:
-                        new_store.append(cut)  # the chunk's own arrays: no copy
+                        new_store.append(_owned(cut))
                 stats.add(a, g)
                 resident.check()
                 advance()

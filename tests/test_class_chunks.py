@@ -527,3 +527,16 @@ def test_sessions_share_the_loaders_weight_arrays_and_record_the_same(tmp_path: 
     full = onnx.shape_inference.infer_shapes(whole, data_prop=True).graph.value_info
     assert [str(v) for v in onnx.shape_inference.infer_shapes(light, data_prop=True).graph.value_info] == \
         [str(v) for v in full]
+
+
+def test_checkpoints_hold_no_larger_array_alive() -> None:
+    """A stored cut owns what it is counted for: a slice of a larger cotangent (a Concat's
+    adjoint) is copied, an array that owns its memory or reshapes one is kept as it is."""
+    from onnx_pathwise.pathwise import _owned
+
+    whole = np.arange(24.0).reshape(2, 12)
+    cut = {"slice": whole[:, 4:8], "own": np.ones((2, 3)), "view": np.ones((2, 6)).reshape(2, 2, 3)}
+    kept = _owned(cut)
+    assert kept["own"] is cut["own"] and kept["view"] is cut["view"]
+    assert kept["slice"] is not cut["slice"] and kept["slice"].base is None
+    np.testing.assert_array_equal(kept["slice"], whole[:, 4:8])
