@@ -4,7 +4,7 @@
 # written to one folder ($OUT on the lent machine, else benchmarks/gpu-results/) with a summary
 # table in summary.md. Run it from the repository root on a machine with a usable CUDA GPU:
 #
-#   bash benchmarks/gpu_session.sh                 # about 8 minutes on an H200 with 16 cores
+#   bash benchmarks/gpu_session.sh                 # 8-12 minutes on an H200 with 16 cores
 #   STEP_LIMIT=120 bash benchmarks/gpu_session.sh  # shorter limits per step
 #
 # Nothing here installs anything: onnxruntime-gpu (CUDA 13, cuDNN 9) must import with its
@@ -53,17 +53,24 @@ if ! python -c "from onnx_pathwise import runtime; raise SystemExit(0 if runtime
     exit 1
 fi
 
+# most wanted first: the machine may go back before the last step
 step test_cuda python -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step realsize_resnet50_k10 python benchmarks/realsize.py --models resnet50 --classes 10 --batch 8 \
+    --what devices --repeat 2
+step realsize_resnet50 python benchmarks/realsize.py --models resnet50 --classes 1000 --batch 1 \
+    --what devices --repeat 0
 step bench_devices python benchmarks/bench_devices.py --repeat 3
-step realsize_resnet50 python benchmarks/realsize.py --models resnet50 --classes 1000 --batch 8 \
-    --what devices --repeat 1
+step realsize_resnet50_b8 python benchmarks/realsize.py --models resnet50 --classes 1000 --batch 8 \
+    --what devices --repeat 0
 
 {
     echo
     echo "## CPU against CUDA"
     echo '```'
     tail -n 12 "$out/bench_devices.txt"
-    grep '^devices' "$out/realsize_resnet50.txt" || tail -n 5 "$out/realsize_resnet50.txt"
+    for f in realsize_resnet50_k10 realsize_resnet50 realsize_resnet50_b8; do
+        grep '^devices' "$out/$f.txt" 2>/dev/null || tail -n 3 "$out/$f.txt" 2>/dev/null
+    done
     echo '```'
 } >>"$summary"
 cat "$summary"

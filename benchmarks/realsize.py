@@ -220,8 +220,11 @@ def classes_overlap(ex: Explainer, x: np.ndarray, K: int) -> dict[str, Any]:
 
 
 def devices(path: str, x: np.ndarray, repeat: int) -> dict[str, Any]:
-    """Full-depth pathwise on the CPU and on CUDA (issue 13, item 7): the same kept units and
-    attributions to float32 round-off, and the time of each (timed in turn)."""
+    """Full-depth pathwise on the CPU and on CUDA (issue 13, item 7): CUDA with its selection
+    graph (the default there) and with the host sweep; the same kept units and attributions to
+    float32 round-off, and the time of each. The first call of each is compared and timed
+    (``first_*``: sessions, cuDNN's choices); then ``repeat`` rounds in turn (``*_s``, medians;
+    none with ``--repeat 0``, for a GPU session short of time)."""
     from bench_devices import compare
 
     from onnx_pathwise import graphsweep, runtime
@@ -229,9 +232,6 @@ def devices(path: str, x: np.ndarray, repeat: int) -> dict[str, Any]:
     if not runtime.cuda_available():
         return {"skipped": "no usable CUDA GPU"}
     cpu, cuda = Explainer(path, device="cpu"), Explainer(path, device="cuda")
-    same_targets, differ, total, rel = compare(cpu.explain(x), cuda.explain(x))
-    graph = cuda.sweep.selection_problem or "used"
-    t_cpu, t_cuda = _median_pair(lambda: cpu.explain(x), lambda: cuda.explain(x), repeat)
 
     def host_selection() -> Any:  # CUDA with the host sweep (the path before the selection graph)
         os.environ[graphsweep.ENV_VAR] = "host"
@@ -240,10 +240,32 @@ def devices(path: str, x: np.ndarray, repeat: int) -> dict[str, Any]:
         finally:
             os.environ.pop(graphsweep.ENV_VAR)
 
-    t_graph, t_host = _median_pair(lambda: cuda.explain(x), host_selection, repeat)
-    return {"same_targets": same_targets, "kept_lists_differ": f"{differ}/{total}", "attribution_max_rel": rel,
-            "selection_graph": graph, "cpu_s": t_cpu, "cuda_s": t_cuda, "speedup": t_cpu / t_cuda,
-            "cuda_host_selection_s": t_host, "graph_over_host_selection": t_host / t_graph}
+    runs = {"cpu": lambda: cpu.explain(x), "cuda": lambda: cuda.explain(x), "cuda_host_selection": host_selection}
+    first: dict[str, Any] = {}
+    out: dict[str, Any] = {}
+    for name, run in runs.items():
+        t = time.perf_counter()
+        first[name] = run()
+        out[f"first_{name}_s"] = time.perf_counter() - t
+    used = any(g is not None and not g.failed for g in cuda.sweep._selection.values())
+    out["selection_graph"] = "used" if used else (cuda.sweep.selection_problem or "not used (rows past the budget?)")
+    for name in ("cuda", "cuda_host_selection"):
+        same_targets, differ, total, rel = compare(first["cpu"], first[name])
+        out[f"{name}_vs_cpu"] = {"same_targets": same_targets, "kept_lists_differ": f"{differ}/{total}",
+                                 "attribution_max_rel": rel}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeat):
+        for name, run in runs.items():
+            t = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t)
+    key = "first_{}_s" if not repeat else "{}_s"
+    for name in runs:
+        if repeat:
+            out[f"{name}_s"] = statistics.median(times[name])
+    out["speedup"] = out[key.format("cpu")] / out[key.format("cuda")]
+    out["graph_over_host_selection"] = out[key.format("cuda_host_selection")] / out[key.format("cuda")]
+    return out
 
 
 def measure(ex: Explainer, model: torch.nn.Module, x: np.ndarray, path: str, name: str, K: int, repeat: int,
