@@ -230,9 +230,9 @@ class Sweep:
         budget (docs/design.md §4): (samples per sweep, rows per class chunk or None for all at once,
         bytes left for checkpoints, less ``CHECKPOINT_HEADROOM`` of the budget). All rows at
         once whenever one sample's fit the budget (the speed heuristic then sets the samples);
-        otherwise one sample at a time in the
-        largest class chunks that fit (at most MAX_SWEEP_ELEMENTS per chunk). Refused, with
-        the estimate, only when one row per chunk cannot fit."""
+        otherwise one sample at a time in the largest class chunks that fit (at most
+        MAX_SWEEP_ELEMENTS per chunk). Refused, with the estimate, only when one row per chunk
+        cannot fit."""
         budget = limits.memory_budget()
         per_row, fixed = self._sweep_bytes(rows, n)
         step = self._sample_chunk(rows)
