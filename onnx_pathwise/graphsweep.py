@@ -154,15 +154,22 @@ class Builder:
 
     # ------------------------------------------------------------------ selection
 
-    def select(self, g: str, node: str, units: int, width: int, target: str) -> tuple[str, str]:
+    def select(self, g: str, node: str, units: int, width: int, target: str, zero_row: bool = False,
+               ) -> tuple[str, str]:
         """The kept-unit mask (1, u) of a path layer from the cotangents g (rows, *s) arriving
-        at its gate, and those cotangents with the other units cut (rows, u)."""
+        at its gate, and those cotangents with the other units cut (rows, u). With ``zero_row``
+        (a single score) a row of zeros is scored before the swept ones (``Competing.scored``)."""
         G = self.op("Reshape", [g, self.const(np.array([-1, units], np.int64))])
         h = self.op("Reshape", [self.state(node, "value", lambda st: st.value),
                                 self.const(np.array([1, units], np.int64))])
-        C = self.op("Mul", [self.op("Cast", [G], to=_DOUBLE), self.op("Cast", [h], to=_DOUBLE)])  # exact
+        J = G
+        if zero_row:
+            zeros = self.op("ConstantOfShape", [self.const(np.array([1, units], np.int64))],
+                            value=helper.make_tensor("", _FLOAT, [1], [0.0]))
+            J = self.op("Concat", [zeros, G], axis=0)
+        C = self.op("Mul", [self.op("Cast", [J], to=_DOUBLE), self.op("Cast", [h], to=_DOUBLE)])  # exact
         at = self.op("Expand", [target, self.const(np.array([1, units], np.int64))])
-        rows = self.op("Cast", [self.op("Shape", [G], start=0, end=1)], to=_DOUBLE)  # K, as a (1,) tensor
+        rows = self.op("Cast", [self.op("Shape", [J], start=0, end=1)], to=_DOUBLE)  # K, as a (1,) tensor
         axis0 = self.const(np.array([0], np.int64))
         # necessary test (Jensen): P > 1/K needs C_c above the mean over the rows
         mean = self.op("Div", [self.op("ReduceSum", [C, axis0], keepdims=1), rows])
@@ -229,7 +236,8 @@ class SelectionGraph:
                 continue
             if node.name in remaining and cots[0] is not None:
                 units = int(np.prod(ir.shapes[node.outputs[0]], dtype=np.int64))
-                mask, cut = b.select(cots[0], node.name, units, self.widths[node.name], "target")
+                mask, cut = b.select(cots[0], node.name, units, self.widths[node.name], "target",
+                                     zero_row=ir.num_classes == 1)
                 self.outputs[node.name] = mask
                 cots[0] = b.op("Reshape", [cut, b.shape(ir.shapes[node.outputs[0]])])
                 remaining.discard(node.name)

@@ -183,11 +183,14 @@ def parse_classes(classes: Any) -> int | None:
 @dataclass(frozen=True)
 class Competing:
     """The rows a pathwise sweep carries per sample: seed row r of sample i is the score of
-    class ``classes[r, i]`` (−1: a zero seed, the implicit class of a single score or padding).
+    class ``classes[r, i]`` (−1: a zero seed, padding).
 
-    Only the first ``count[i]`` rows compete in sample i's softmax; ``target_row`` is the
-    target's row there, ``carry_row`` the row whose cotangent gives W_p, times ``sign`` (−1
-    for the implicit class 0 of a single score, whose log-odds is −y)."""
+    The selection scores :meth:`scored` rows: with ``zero_row`` (a single score), a row of
+    zeros first, the implicit class 0 whose logit is 0 and whose cotangents are zero everywhere
+    (so it is never swept), then the swept rows. Only the first ``count[i]`` scored rows
+    compete in sample i's softmax; ``target_row`` is the target's scored row, ``carry_row``
+    the swept row whose cotangent gives W_p, times ``sign`` (−1 for the implicit class 0 of a
+    single score, whose log-odds is −y)."""
 
     classes: np.ndarray  # (M, n)
     count: np.ndarray  # (n,)
@@ -195,6 +198,7 @@ class Competing:
     carry_row: np.ndarray  # (n,)
     sign: np.ndarray  # (n,) float64
     every: bool  # every class competes, one row each in class order (the exact default)
+    zero_row: bool = False  # a single score: the implicit class 0, scored as a zero row, never swept
 
     @property
     def rows(self) -> int:
@@ -209,11 +213,18 @@ class Competing:
         seed[r, i, cls[r, i]] = 1.0
         return seed
 
+    def scored(self, J: np.ndarray) -> np.ndarray:
+        """The rows the selection scores from the swept cotangents J (m, n, u): J itself, or
+        with ``zero_row`` a row of zeros before it."""
+        if not self.zero_row:
+            return J
+        return np.concatenate([np.zeros((1,) + J.shape[1:], J.dtype), J])
+
 
 def competing_rows(classes: int | None, K: int) -> int:
     """Rows per sample a sweep carries (an upper bound before the scores are known)."""
     if K == 1:
-        return 2
+        return 1  # the one logit: its implicit partner is never swept
     return K if classes is None or classes >= K else classes + 1
 
 
@@ -224,9 +235,8 @@ def competing_set(scores: np.ndarray, target: np.ndarray, classes: int | None) -
     n, K = scores.shape
     ones = np.ones(n)
     if K == 1:
-        cls = np.stack([np.full(n, -1), np.zeros(n, np.int64)])
-        return Competing(cls, np.full(n, 2), target.astype(np.int64), np.ones(n, np.int64),
-                         np.where(target == 1, 1.0, -1.0), every=False)
+        return Competing(np.zeros((1, n), np.int64), np.full(n, 2), target.astype(np.int64), np.zeros(n, np.int64),
+                         np.where(target == 1, 1.0, -1.0), every=False, zero_row=True)
     if classes is None or classes >= K:
         cls = np.broadcast_to(np.arange(K)[:, None], (K, n))
         return Competing(cls, np.full(n, K), target, target, ones, every=True)
@@ -311,8 +321,8 @@ class PathSweep:
         flat = g.reshape(K, n, -1)
         if node.name in self.widths:
             state = self.record.states[node.name]
-            self.masks[node.name] = select_units(state.value.reshape(n, -1), flat, self.competing.target_row,
-                                                 self.widths[node.name], self._counts())
+            self.masks[node.name] = select_units(state.value.reshape(n, -1), self.competing.scored(flat),
+                                                 self.competing.target_row, self.widths[node.name], self._counts())
         return self._apply(node, g)
 
     def _apply(self, node: Node, g: np.ndarray) -> np.ndarray | Through:
@@ -342,8 +352,8 @@ class PathSweep:
         K, n = w.shape[:2]
         flat = w.reshape(K, n, -1)
         assert self.input_width is not None
-        mask = select_units(self.record.x.reshape(n, -1), flat, self.competing.target_row, self.input_width,
-                            self._counts())
+        mask = select_units(self.record.x.reshape(n, -1), self.competing.scored(flat), self.competing.target_row,
+                            self.input_width, self._counts())
         self.input_mask = mask
         return (flat * mask[None].astype(flat.dtype)).reshape(w.shape)
 
@@ -426,7 +436,7 @@ class PathSweep:
     def _select_chunked(self, order: list[str], advance: Callable[[], None]) -> None:
         """Each path layer's mask (and the input's), from the output down, class chunk by chunk."""
         eng, rec, comp = self.engine, self.record, self.competing
-        assert self.chunk is not None
+        assert self.chunk is not None and not comp.zero_row  # a single score sweeps one row: never chunked
         M, R, n = comp.rows, self.chunk, rec.n
         by_name = {node.name: node for node in eng.nodes}
         store: list[dict[str, np.ndarray]] | None = None  # the nearest cut kept in memory, chunk by chunk
