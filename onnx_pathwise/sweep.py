@@ -13,6 +13,7 @@ imports nothing above the engine.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -261,7 +262,11 @@ class Sweep:
             try:
                 self._selection[key] = graphsweep.SelectionGraph(self.engine, widths, self.device)
                 self.selection_problem = ""
-            except NotImplementedError as exc:
+            except NotImplementedError as exc:  # an op without a graph form: the host, quietly
+                self._selection[key] = None
+                self.selection_problem = str(exc)
+            except ModelError as exc:  # onnxruntime refused the graph: the host, saying so once
+                print(f"onnx-pathwise: {exc}; selecting on the host instead", file=sys.stderr)
                 self._selection[key] = None
                 self.selection_problem = str(exc)
         built = self._selection[key]

@@ -175,3 +175,31 @@ def test_a_graph_that_fails_on_the_device_falls_back_to_the_host_with_one_line(
     assert len(err) == 1 and "out of memory" in err[0] and "on the host" in err[0]
     assert "out of memory" in ex.sweep.selection_problem
     ex.sweep._selection.clear()  # the cached explainer serves other tests
+
+
+def test_a_graph_onnxruntime_refuses_falls_back_to_the_host_with_one_line(
+        tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    from onnx_pathwise import runtime
+
+    ex = explainer_for("cnn", tmp_path_factory.mktemp("cnn"))
+    x = inputs(ex)
+    _, ref = both(ex, monkeypatch, x, width=2)
+    capfd.readouterr()
+    real = runtime.session
+
+    def refuse(model: object, *args: object, what: str = "", **kwargs: object) -> object:
+        if "selection graph" in what:
+            raise ModelError("onnxruntime failed creating the pathwise selection graph's session: no kernel")
+        return real(model, *args, what=what, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runtime, "session", refuse)
+    monkeypatch.setenv(graphsweep.ENV_VAR, "graph")
+    ex.sweep._selection.clear()
+    try:
+        same(ex.explain(x, width=2), ref, "refused")
+        same(ex.explain(x, width=2), ref, "refused, again")
+    finally:
+        ex.sweep._selection.clear()
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "no kernel" in err[0] and "on the host" in err[0]
