@@ -423,6 +423,11 @@ class OpKernels:
         self._cache: dict[tuple[Any, ...], tuple[np.ndarray, ort.InferenceSession]] = {}
         self._flipped: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
+    def release(self) -> None:
+        """Drop the cached sessions and flipped weights (built again on next use)."""
+        self._cache.clear()
+        self._flipped.clear()
+
     def _single(self, key: tuple[Any, ...], op: str, w: np.ndarray, rank: int, attrs: dict[str, Any]) -> ort.InferenceSession:
         hit = self._cache.get(key)
         if hit is not None and hit[0] is w:

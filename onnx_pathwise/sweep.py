@@ -247,6 +247,14 @@ class Sweep:
             limits.check_fits(fixed + per_row, f"a pathwise sweep ({rows} competing classes, one per chunk)")
         return samples, chunk, budget * (1 - CHECKPOINT_HEADROOM) - samples * (fixed + chunk * per_row)
 
+    def release_sessions(self) -> None:
+        """Drop every cached onnxruntime session (the recorders, the op kernels, the selection
+        graphs) and what they hold, MLAS's prepacked weights among them; they are built again
+        on next use. For a caller about to build a second large model (``audit``)."""
+        self._recorders.clear()
+        self.kernels.release()
+        self._selection.clear()
+
     def selection_graph(self, widths: Mapping[str, int], rows: int) -> graphsweep.SelectionGraph | None:
         """The device-resident selection of these path layers (:mod:`onnx_pathwise.graphsweep`),
         built once per set of widths, or None where the host sweep selects: on the CPU (unless
