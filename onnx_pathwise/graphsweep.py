@@ -45,10 +45,13 @@ ENV_VAR = "ONNX_PATHWISE_SELECTION"
 MODES = ("auto", "graph", "host")
 #: Constants at least this large are handed to onnxruntime from the arrays, not copied into the graph.
 SHARED_BYTES = 1 << 16
-#: Bytes per competing row and unit of the largest layer while the graph runs (an estimate, not
-#: measured on a device yet): the float32 cotangents and their cut copy, and up to seven float64
-#: temporaries of the scores alive at once (the products, their shifted values and expm1's steps).
-BYTES_PER_ROW_UNIT = 4 * 2 + 8 * 7
+#: Bytes per competing row and unit of the largest tensor while the graph runs (an estimate, not
+#: measured on a device yet): the float32 cotangents, their sum at a fan-out and their cut copy.
+BYTES_PER_ROW_UNIT = 4 * 3
+#: The scores' float64 temporaries alive at once per row and unit (the products, their shifted
+#: values, expm1's steps), and the most they may take: a layer is scored in slices of units.
+SCORE_BYTES_PER_ROW_UNIT = 8 * 7
+SCORE_SLICE_BYTES = 1 << 31
 OPSET = 17
 _FLOAT = onnx.TensorProto.FLOAT
 _DOUBLE = onnx.TensorProto.DOUBLE
@@ -80,6 +83,8 @@ class Builder:
         self.initializers: list[onnx.TensorProto] = []
         self.shared: dict[str, np.ndarray] = {}
         self.feeds: list[_Feed] = []
+        #: path layer → slices of units its scores go in (:meth:`select`)
+        self.slices: dict[str, int] = {}
         self._ids = itertools.count()
 
     def _name(self, hint: str) -> str:
@@ -155,10 +160,12 @@ class Builder:
     # ------------------------------------------------------------------ selection
 
     def select(self, g: str, node: str, units: int, width: int, target: str, zero_row: bool = False,
-               ) -> tuple[str, str]:
+               rows_max: int = 1) -> tuple[str, str]:
         """The kept-unit mask (1, u) of a path layer from the cotangents g (rows, *s) arriving
         at its gate, and those cotangents with the other units cut (rows, u). With ``zero_row``
-        (a single score) a row of zeros is scored before the swept ones (``Competing.scored``)."""
+        (a single score) a row of zeros is scored before the swept ones (``Competing.scored``).
+        The float64 scores go in slices of units small enough that ``rows_max`` rows of a
+        slice's temporaries take at most ``SCORE_SLICE_BYTES``: each unit's score is its own."""
         G = self.op("Reshape", [g, self.const(np.array([-1, units], np.int64))])
         h = self.op("Reshape", [self.state(node, "value", lambda st: st.value),
                                 self.const(np.array([1, units], np.int64))])
@@ -167,20 +174,16 @@ class Builder:
             zeros = self.op("ConstantOfShape", [self.const(np.array([1, units], np.int64))],
                             value=helper.make_tensor("", _FLOAT, [1], [0.0]))
             J = self.op("Concat", [zeros, G], axis=0)
-        C = self.op("Mul", [self.op("Cast", [J], to=_DOUBLE), self.op("Cast", [h], to=_DOUBLE)])  # exact
-        at = self.op("Expand", [target, self.const(np.array([1, units], np.int64))])
         rows = self.op("Cast", [self.op("Shape", [J], start=0, end=1)], to=_DOUBLE)  # K, as a (1,) tensor
+        step = max(1, SCORE_SLICE_BYTES // (SCORE_BYTES_PER_ROW_UNIT * max(1, rows_max)))
+        parts = [self._scores(J, h, target, rows, a, min(units, a + step), units) for a in range(0, units, step)]
+        self.slices[node] = len(parts)
+        if len(parts) == 1:
+            (test, e), = parts
+        else:
+            test = self.op("Concat", [t for t, _ in parts], axis=1)
+            e = self.op("Concat", [x for _, x in parts], axis=1)
         axis0 = self.const(np.array([0], np.int64))
-        # necessary test (Jensen): P > 1/K needs C_c above the mean over the rows
-        mean = self.op("Div", [self.op("ReduceSum", [C, axis0], keepdims=1), rows])
-        test = self.op("Greater", [self.op("Sub", [self.op("GatherElements", [C, at], axis=0), mean]),
-                                   self.const(np.zeros(1))])
-        # e = log(K·P) = d_c − log1p(mean_k expm1(d_k)) with d = C − max_k C ≤ 0, so that exp
-        # never overflows: exact for every spread of d, where log-sum-exp loses the units
-        # whose P sits within round-off of 1/K (tiny cotangents: MobileNet-V2's early layers)
-        d = self.op("Sub", [C, self.op("ReduceMax", [C], axes=[0], keepdims=1)])
-        total = self.op("Div", [self.op("ReduceSum", [self._expm1(d), axis0], keepdims=1), rows])
-        e = self.op("Sub", [self.op("GatherElements", [d, at], axis=0), self._log1p(total)])  # (1, u)
         candidate = self.op("And", [test, self.op("Greater", [e, self.const(np.zeros(1))])])
         if width < units:
             scores = self.op("Where", [candidate, e, self.const(np.array([-np.inf]))])
@@ -199,6 +202,26 @@ class Builder:
         some = self.op("Greater", [self.op("ReduceMax", [keep], axes=[1], keepdims=1), self.const(np.zeros(1, np.float32))])
         keep = self.op("Where", [some, keep, onehot])
         return self.op("Cast", [keep], to=onnx.TensorProto.BOOL), self.op("Mul", [G, keep])
+
+    def _scores(self, J: str, h: str, target: str, rows: str, a: int, b: int, units: int) -> tuple[str, str]:
+        """The necessary test and the excess e = log(K·P) (both (1, b − a)) of units a … b − 1."""
+        if (a, b) != (0, units):
+            start, stop, axis1 = self.const(np.array([a])), self.const(np.array([b])), self.const(np.array([1]))
+            J = self.op("Slice", [J, start, stop, axis1])
+            h = self.op("Slice", [h, start, stop, axis1])
+        C = self.op("Mul", [self.op("Cast", [J], to=_DOUBLE), self.op("Cast", [h], to=_DOUBLE)])  # exact
+        at = self.op("Expand", [target, self.const(np.array([1, b - a], np.int64))])
+        axis0 = self.const(np.array([0], np.int64))
+        # necessary test (Jensen): P > 1/K needs C_c above the mean over the rows
+        mean = self.op("Div", [self.op("ReduceSum", [C, axis0], keepdims=1), rows])
+        test = self.op("Greater", [self.op("Sub", [self.op("GatherElements", [C, at], axis=0), mean]),
+                                   self.const(np.zeros(1))])
+        # e = log(K·P) = d_c − log1p(mean_k expm1(d_k)) with d = C − max_k C ≤ 0, so that exp
+        # never overflows: exact for every spread of d, where log-sum-exp loses the units
+        # whose P sits within round-off of 1/K (tiny cotangents: MobileNet-V2's early layers)
+        d = self.op("Sub", [C, self.op("ReduceMax", [C], axes=[0], keepdims=1)])
+        total = self.op("Div", [self.op("ReduceSum", [self._expm1(d), axis0], keepdims=1), rows])
+        return test, self.op("Sub", [self.op("GatherElements", [d, at], axis=0), self._log1p(total)])
 
     def _expm1(self, x: str) -> str:
         """exp(x) − 1 to a few ulps for every x ≤ 0 (Kahan: (u − 1)·x / log u with u = exp(x);
@@ -237,7 +260,7 @@ class SelectionGraph:
             if node.name in remaining and cots[0] is not None:
                 units = int(np.prod(ir.shapes[node.outputs[0]], dtype=np.int64))
                 mask, cut = b.select(cots[0], node.name, units, self.widths[node.name], "target",
-                                     zero_row=ir.num_classes == 1)
+                                     zero_row=ir.num_classes == 1, rows_max=max(2, ir.num_classes))
                 self.outputs[node.name] = mask
                 cots[0] = b.op("Reshape", [cut, b.shape(ir.shapes[node.outputs[0]])])
                 remaining.discard(node.name)
@@ -255,6 +278,7 @@ class SelectionGraph:
         model = b.model([("seeds", _FLOAT), ("target", onnx.TensorProto.INT64)], list(self.outputs.values()),
                         onnx.TensorProto.BOOL)
         self.feeds = b.feeds
+        self.slices = b.slices
         self.session = runtime.session(model, device, what="creating the pathwise selection graph's session",
                                        shared=b.shared)
         self.units = {name: int(np.prod(ir.shapes[next(n for n in engine.nodes if n.name == name).outputs[0]],
@@ -265,7 +289,7 @@ class SelectionGraph:
 
     def fits(self, rows: int) -> bool:
         """Whether one sample's ``rows`` competing rows fit the memory budget in the graph."""
-        return rows * self._largest * BYTES_PER_ROW_UNIT <= limits.memory_budget()
+        return rows * self._largest * BYTES_PER_ROW_UNIT + SCORE_SLICE_BYTES <= limits.memory_budget()
 
     def masks(self, record: Record, classes: np.ndarray, count: np.ndarray, target_row: np.ndarray,
               advance: Callable[[], None] = lambda: None) -> dict[str, np.ndarray]:

@@ -203,3 +203,23 @@ def test_a_graph_onnxruntime_refuses_falls_back_to_the_host_with_one_line(
         ex.sweep._selection.clear()
     err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "no kernel" in err[0] and "on the host" in err[0]
+
+
+@pytest.mark.parametrize("name", ["cnn", "residual", "activations"])
+def test_scores_in_slices_of_units_select_the_same(name: str, tmp_path_factory: pytest.TempPathFactory,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer's float64 scores in slices of a few units (as on a device short of memory): the
+    same masks as the host's, at every favouring unit and at a TopK width."""
+    ex = explainer_for(name, tmp_path_factory.mktemp(name))
+    x = inputs(ex)
+    rows = max(2, ex.num_classes)
+    monkeypatch.setattr(graphsweep, "SCORE_SLICE_BYTES", graphsweep.SCORE_BYTES_PER_ROW_UNIT * rows * 7)
+    ex.sweep._selection.clear()
+    try:
+        for kw in ({}, {"width": 2}):
+            got, ref = both(ex, monkeypatch, x, **kw)
+            same(got, ref, f"{name} {kw} in slices")
+        built = [g for g in ex.sweep._selection.values() if g is not None]
+        assert built and max(built[0].slices.values()) > 1
+    finally:
+        ex.sweep._selection.clear()
