@@ -45,9 +45,10 @@ ENV_VAR = "ONNX_PATHWISE_SELECTION"
 MODES = ("auto", "graph", "host")
 #: Constants at least this large are handed to onnxruntime from the arrays, not copied into the graph.
 SHARED_BYTES = 1 << 16
-#: Bytes per competing row and unit of the largest tensor while the graph runs (an estimate, not
-#: measured on a device yet): the float32 cotangents, their sum at a fan-out and their cut copy.
-BYTES_PER_ROW_UNIT = 4 * 3
+#: Bytes per competing row and element while the graph runs (an estimate, not measured on a
+#: device yet): the float32 cotangents held at once (the sweep's ``_live_max``), and two more
+#: of the largest tensor (a sum at a fan-out, a cut copy).
+BYTES_PER_ROW_UNIT = 4
 #: The scores' float64 temporaries alive at once per row and unit (the products, their shifted
 #: values, expm1's steps), and the most they may take: a layer is scored in slices of units.
 SCORE_BYTES_PER_ROW_UNIT = 8 * 7
@@ -287,9 +288,11 @@ class SelectionGraph:
         #: why a run failed ("" while none has): the sweep then selects on the host
         self.failed = ""
 
-    def fits(self, rows: int) -> bool:
-        """Whether one sample's ``rows`` competing rows fit the memory budget in the graph."""
-        return rows * self._largest * BYTES_PER_ROW_UNIT + SCORE_SLICE_BYTES <= limits.memory_budget()
+    def fits(self, rows: int, live: int) -> bool:
+        """Whether one sample's ``rows`` competing rows fit the memory budget in the graph, with
+        ``live`` elements per row of cotangents held at once at most."""
+        need = rows * (live + 2 * self._largest) * BYTES_PER_ROW_UNIT + SCORE_SLICE_BYTES
+        return need <= limits.memory_budget()
 
     def masks(self, record: Record, classes: np.ndarray, count: np.ndarray, target_row: np.ndarray,
               advance: Callable[[], None] = lambda: None) -> dict[str, np.ndarray]:

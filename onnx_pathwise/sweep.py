@@ -281,7 +281,7 @@ class Sweep:
         if built is not None and built.failed:
             self.selection_problem = built.failed
             return None
-        return built if built is not None and built.fits(rows) else None
+        return built if built is not None and built.fits(rows, self._live_max) else None
 
     def _sample_chunk(self, rows_per_sample: int) -> int:
         """Samples per sweep so that rows × largest tensor stays within MAX_SWEEP_ELEMENTS."""
