@@ -247,7 +247,7 @@ def devices(path: str, x: np.ndarray, repeat: int) -> dict[str, Any]:
         t = time.perf_counter()
         first[name] = run()
         out[f"first_{name}_s"] = time.perf_counter() - t
-    used = any(g is not None and not g.failed for g in cuda.sweep._selection.values())
+    used = first["cuda"].selection == "graph"
     out["selection_graph"] = "used" if used else (cuda.sweep.selection_problem or "not used (rows past the budget?)")
     for name in ("cuda", "cuda_host_selection"):
         same_targets, differ, total, rel = compare(first["cpu"], first[name])

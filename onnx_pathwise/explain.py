@@ -109,4 +109,5 @@ def explain(
         path=paths,
         input_kept=path.input_mask,
         classes=ncls,
+        selection=path.selection,
     )

@@ -102,6 +102,9 @@ class Explanation:
     #: the competing classes of the selection: None for all of them (exact), or N for each
     #: sample's top N predicted classes plus its target (docs/design.md §4 variant, ``classes=N``)
     classes: int | None = None
+    #: where the units were selected: ``"host"`` (the sweep in numpy) or ``"graph"`` (one
+    #: onnxruntime graph on the explainer's device, docs/design.md §4); the same units either way
+    selection: str = "host"
 
     @property
     def score(self) -> np.ndarray:
@@ -298,6 +301,7 @@ class PathSweep:
                  graph: SelectionGraph | None = None) -> None:
         self.engine, self.record, self.competing = engine, record, competing
         self.graph = graph
+        self.selection = "host"  # "graph" once the selection graph has given the masks
         self.progress = progress
         self.target = target  # the explained class (side) of each sample
         self.widths = widths
@@ -366,6 +370,7 @@ class PathSweep:
         """W_p (n, *in) and b_p (n,) of each sample's target (its side's log-odds for a
         single score)."""
         if self.graph is not None and self._select_on_device():
+            self.selection = "graph"
             W, b = self._final_sweep()
         elif self.chunk is None or self.chunk >= self.competing.rows:
             W, b = self._run_whole()

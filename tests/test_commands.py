@@ -77,7 +77,8 @@ def test_explain_pathwise_image(tmp_path: Path, cnn: Explainer) -> None:
 
     report = json.loads((out / "explanation.json").read_text())
     assert report["method"] == "pathwise" and report["model"] == str(CNN)
-    assert report["options"] == {"width": "5%", "depth": 1, "input_width": "10%", "classes": "all"}
+    assert report["options"] == {"width": "5%", "depth": 1, "input_width": "10%", "classes": "all",
+                                 "selection": "host"}
     assert len(report["samples"]) == 8
     for i, s in enumerate(report["samples"]):
         assert set(s) == {"target", "score", "masked_score", "faithfulness", "sparsity", "path"}

@@ -66,10 +66,11 @@ def test_the_selection_graph_runs_on_cuda_and_matches_the_cpu(name: str, tmp_pat
     x = np.random.default_rng(1).normal(size=(3,) + cpu.input_shape).astype(np.float32)
     for kw in ({}, {"width": "10%"}):
         a, b = cpu.explain(x, **kw), gpu.explain(x, **kw)
-        assert gpu.sweep.selection_problem == "" and any(gpu.sweep._selection.values())
+        assert b.selection == "graph" and a.selection == "host", gpu.sweep.selection_problem
         monkeypatch.setenv(graphsweep.ENV_VAR, "host")
         c = gpu.explain(x, **kw)
         monkeypatch.delenv(graphsweep.ENV_VAR)
+        assert c.selection == "host"
         for other in (b, c):
             assert a.target.tolist() == other.target.tolist()
             for pa, pb in zip(a.path, other.path):

@@ -7,6 +7,7 @@ CUDA in tests/test_cuda.py (the default selection there)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -23,14 +24,15 @@ from onnx_pathwise.errors import ModelError, PathwiseError
 MODELS = [name for name in zoo.BUILDERS if name != "unsupported"]
 
 
-def both(ex: Explainer, monkeypatch: pytest.MonkeyPatch, x: np.ndarray, **kw: object) -> tuple[object, object]:
-    """(graph, host) explanations of x."""
+def both(ex: Explainer, monkeypatch: pytest.MonkeyPatch, x: np.ndarray, **kw: object) -> tuple[Any, Any]:
+    """(graph, host) explanations of x; each says which selection ran."""
     with monkeypatch.context() as m:
         m.setenv(graphsweep.ENV_VAR, "graph")
         got = ex.explain(x, **kw)
     with monkeypatch.context() as m:
         m.setenv(graphsweep.ENV_VAR, "host")
         ref = ex.explain(x, **kw)
+    assert ref.selection == "host"
     return got, ref
 
 
@@ -46,6 +48,7 @@ def test_graph_selection_equals_the_host_sweep_on_the_zoo(name: str, tmp_path_fa
     for kw in ({}, {"width": 1}, {"width": "30%", "depth": 2}, {"classes": 2}):
         got, ref = both(ex, monkeypatch, x, **kw)
         same(got, ref, f"{name} {kw}")
+        assert got.selection == "graph", (name, kw)
     assert ex.sweep.selection_problem == "" and graph_used(ex), name
 
 
@@ -78,10 +81,10 @@ def test_an_op_without_a_graph_form_keeps_the_model_on_the_host(tmp_path: Path,
     x = inputs(ex, 4)
     got, ref = both(ex, monkeypatch, x)
     same(got, ref, "sliced")
-    assert "Slice" in ex.sweep.selection_problem and not graph_used(ex)
+    assert "Slice" in ex.sweep.selection_problem and not graph_used(ex) and got.selection == "host"
     got, ref = both(ex, monkeypatch, x, depth=1)  # the last path layer lies above the Slice
     same(got, ref, "sliced, depth 1")
-    assert graph_used(ex)
+    assert graph_used(ex) and got.selection == "graph"
 
 
 def test_single_score_and_many_classes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -170,7 +173,9 @@ def test_a_graph_that_fails_on_the_device_falls_back_to_the_host_with_one_line(
     monkeypatch.setattr(graphsweep.SelectionGraph, "masks", out_of_memory)
     monkeypatch.setenv(graphsweep.ENV_VAR, "graph")
     monkeypatch.setattr(sweep_mod, "MAX_SWEEP_ELEMENTS", 1)  # one sample per sweep: three sweeps
-    same(ex.explain(x), ref, "fallback")
+    got = ex.explain(x)
+    same(got, ref, "fallback")
+    assert got.selection == "host"
     err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "out of memory" in err[0] and "on the host" in err[0]
     assert "out of memory" in ex.sweep.selection_problem

@@ -200,7 +200,8 @@ def explain(
         samples = [{"target": int(res.target[i]), "score": float(res.score[i]),
                     "masked_score": float(res.masked_score[i]), "faithfulness": float(res.faithfulness[i]),
                     "sparsity": float(res.sparsity[i]), "path": _path_json(res.path[i])} for i in range(len(res.target))]
-        options = {"width": w, "depth": depth, "input_width": iw, "classes": ncls if ncls is not None else "all"}
+        options = {"width": w, "depth": depth, "input_width": iw, "classes": ncls if ncls is not None else "all",
+                   "selection": res.selection}
     else:
         opts: dict[str, Any] = _method_options(method, {"steps": steps, "exact": exact})
         res = _chunked(lambda b: ex.attribute(b, method=method, target=target, **opts), x, "explaining")
