@@ -109,10 +109,12 @@ class Gemm:
         assert g is not None
         if len(node.inputs) > 2 and node.data[2]:
             raise NotImplementedError("Gemm with a computed C")
-        da = b.op("MatMul", [g, b.const(np.ascontiguousarray(_gemm_b(node, ctx).T, np.float32))])
-        alpha = float(node.attrs.get("alpha", 1.0))
-        if alpha != 1.0:
-            da = b.op("Mul", [da, b.const(np.float32(alpha))])
+        B = ctx.const[1]
+        assert B is not None
+        # Ā = alpha·Ȳ·B'ᵀ as one Gemm on B itself (B' = Bᵀ with transB): no transposed copy of
+        # the weights (VGG-16's first dense layer: 411 MB)
+        da = b.op("Gemm", [g, b.const(np.asarray(B, np.float32))], alpha=float(node.attrs.get("alpha", 1.0)),
+                  transB=0 if node.attrs.get("transB", 0) else 1)
         return [da] + [None] * (len(node.inputs) - 1)
 
 
@@ -169,7 +171,7 @@ class MatMul:
         if not node.data[0] or w is None or w.ndim != 2 or len(ctx.in_shapes[0] or ()) != 1:
             raise NotImplementedError("MatMul other than (rows, k) · constant (k, j)")
         assert g is not None
-        return [b.op("MatMul", [g, b.const(np.ascontiguousarray(w.T, np.float32))]), None]
+        return [b.op("Gemm", [g, b.const(np.asarray(w, np.float32))], transB=1), None]  # Ȳ·Wᵀ, no copy of W
 
 
 def _conv_geometry(node: Node) -> tuple[list[int], list[int], list[int], int]:
