@@ -115,6 +115,10 @@ class Builder:
         self.feeds.append(_Feed(name, node, get, np.dtype(dtype)))
         return name
 
+    def zero(self) -> onnx.TensorProto:
+        """ConstantOfShape's ``value``: one float32 zero."""
+        return helper.make_tensor("", _FLOAT, [1], [0.0])
+
     def shape(self, per_sample: Sequence[int] | None) -> str:
         """The shape (-1, *per_sample) as a constant, for Reshape."""
         return self.const(np.array((-1,) + tuple(per_sample or ()), np.int64), "shape")

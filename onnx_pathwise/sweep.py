@@ -270,7 +270,7 @@ class Sweep:
             try:
                 self._selection[key] = graphsweep.SelectionGraph(self.engine, widths, self.device)
                 self.selection_problem = ""
-            except NotImplementedError as exc:  # an op without a graph form: the host, quietly
+            except NotImplementedError as exc:  # attributes without a graph form: the host, quietly
                 self._selection[key] = None
                 self.selection_problem = str(exc)
             except ModelError as exc:  # onnxruntime refused the graph: the host, saying so once

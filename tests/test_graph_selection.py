@@ -53,29 +53,30 @@ def test_graph_selection_equals_the_host_sweep_on_the_zoo(name: str, tmp_path_fa
 
 
 def sliced_mlp(path: Path) -> Path:
-    """x (6,) → Gemm → Relu → Slice (the first 6 of 8 units) → Gemm → Relu → Gemm (3 logits):
-    a Slice, which has no graph form yet, between the scores and the lowest path layer."""
+    """x (6,) → Gemm → Relu → Slice (every other of 8 units) → Gemm → Relu → Gemm (3 logits):
+    a Slice with step 2, which has no graph form, between the scores and the lowest path layer."""
     rng = np.random.default_rng(7)
-    w = [rng.normal(size=s).astype(np.float32) for s in ((8, 6), (5, 6), (3, 5))]
+    w = [rng.normal(size=s).astype(np.float32) for s in ((8, 6), (5, 4), (3, 5))]
     nodes = [
         helper.make_node("Gemm", ["x", "w0"], ["z0"], transB=1, name="fc0"),
         helper.make_node("Relu", ["z0"], ["h0"], name="relu0"),
-        helper.make_node("Slice", ["h0", "starts", "ends", "axes"], ["s0"], name="slice"),
+        helper.make_node("Slice", ["h0", "starts", "ends", "axes", "steps"], ["s0"], name="slice"),
         helper.make_node("Gemm", ["s0", "w1"], ["z1"], transB=1, name="fc1"),
         helper.make_node("Relu", ["z1"], ["h1"], name="relu1"),
         helper.make_node("Gemm", ["h1", "w2"], ["y"], transB=1, name="fc2"),
     ]
     inits = [numpy_helper.from_array(a, f"w{i}") for i, a in enumerate(w)] + [
         numpy_helper.from_array(np.array([0], np.int64), "starts"),
-        numpy_helper.from_array(np.array([6], np.int64), "ends"),
-        numpy_helper.from_array(np.array([1], np.int64), "axes")]
+        numpy_helper.from_array(np.array([8], np.int64), "ends"),
+        numpy_helper.from_array(np.array([1], np.int64), "axes"),
+        numpy_helper.from_array(np.array([2], np.int64), "steps")]
     graph = helper.make_graph(nodes, "sliced", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
     return path
 
 
-def test_an_op_without_a_graph_form_keeps_the_model_on_the_host(tmp_path: Path,
+def test_attributes_without_a_graph_form_keep_the_model_on_the_host(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     ex = Explainer(sliced_mlp(tmp_path / "sliced.onnx"), device="cpu")
     x = inputs(ex, 4)
@@ -150,12 +151,14 @@ def test_the_selection_graph_cuts_what_the_host_cuts(tmp_path_factory: pytest.Te
         assert masks[last.name].sum() <= 2 * width
 
 
-def test_the_design_names_every_op_without_a_graph_form() -> None:
+def test_every_registered_op_has_a_graph_form() -> None:
+    """A new op gets its ``emit`` too (docs/design.md §9), or its models silently lose the
+    selection graph on CUDA; the attribute values an emit refuses are listed in §4."""
+    missing = sorted(op for op, rule in rules.RULES.items() if rule.emit is None and rule.role != "terminal")
+    assert not missing, f"ops without a graph form: {missing}"
     design = (Path(__file__).parent.parent / "docs" / "design.md").read_text()
     section = design.split("**The selection on the device.**")[1].split("\n**")[0]
-    host_only = sorted(op for op, rule in rules.RULES.items() if rule.emit is None and rule.role != "terminal")
-    assert host_only, "every op has a graph form: say so in the design and drop this test"
-    for op in host_only:
+    for op in ("MatMul", "Gemm", "Slice", "Gather"):  # the ops whose emit refuses some attributes
         assert f"`{op}`" in section, op
 
 

@@ -278,3 +278,26 @@ class ConvTranspose:
         spatial = tuple(ctx.in_shapes[0] or ())[1:]
         dx = conv_nd(g, w.astype(g.dtype, copy=False), spatial, strides, dilations, pads, group)
         return [dx] + [None] * (len(node.inputs) - 1)
+
+    @staticmethod
+    def emit(node: Node, cots: list[str | None], ctx: Ctx, b: Any) -> list[str | None]:
+        (g,) = cots
+        w = ctx.const[1]
+        assert g is not None and w is not None
+        strides, dilations, pads, group = _conv_geometry(node)
+        spatial = list((ctx.in_shapes[0] or ())[1:])
+        n = len(spatial)
+        y = list((ctx.out_shapes[0] or ())[1:])
+        # a Conv with the same weights and geometry; its windows past X's size (an output_padding
+        # of the forward) are cut off
+        size = [(y[i] + pads[i] + pads[n + i] - dilations[i] * (w.shape[2 + i] - 1) - 1) // strides[i] + 1
+                for i in range(n)]
+        if any(s < L for s, L in zip(size, spatial)):
+            raise NotImplementedError("ConvTranspose whose adjoint Conv is shorter than its input")
+        dx = b.op("Conv", [g, b.const(np.asarray(w, np.float32), "w")], strides=strides, dilations=dilations,
+                  pads=pads, group=group)
+        if size != spatial:
+            axes = list(range(2, 2 + n))
+            dx = b.op("Slice", [dx, b.const(np.zeros(n, np.int64)), b.const(np.array(spatial, np.int64)),
+                                b.const(np.array(axes, np.int64))])
+        return [dx] + [None] * (len(node.inputs) - 1)

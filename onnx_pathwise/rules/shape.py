@@ -203,6 +203,20 @@ class Split:
             parts.append(g)
         return _none_after(np.concatenate(parts, axis=axis), node)
 
+    @staticmethod
+    def emit(node: Node, cots: list[str | None], ctx: Ctx, b: Any) -> list[str | None]:
+        like = next(g for g in cots if g is not None)
+        axis = node.attrs["axis"]
+        parts = []
+        for g, size in zip(cots, node.attrs["sizes"]):
+            if g is None:
+                shape = list(ctx.in_shapes[0] or ())
+                shape[axis - 1] = size
+                g = b.op("ConstantOfShape", [b.rows_shape(like, shape)], value=b.zero())
+            parts.append(g)
+        dx = parts[0] if len(parts) == 1 else b.op("Concat", parts, axis=axis)
+        return [dx] + [None] * (len(node.inputs) - 1)
+
 
 def _onnx_slice(start: int, end: int, step: int, dim: int) -> tuple[int, int | None, int]:
     """ONNX Slice clamping (operator spec) turned into a numpy slice triple."""
@@ -272,6 +286,23 @@ class Slice:
         dx[Slice._index(node)] = g
         return _none_after(dx, node)
 
+    @staticmethod
+    def emit(node: Node, cots: list[str | None], ctx: Ctx, b: Any) -> list[str | None]:
+        (g,) = cots
+        assert g is not None
+        dims = (0,) + tuple(ctx.in_shapes[0] or ())
+        before, after = [], []
+        for (start, stop, step), dim in zip(node.attrs["index"], dims):
+            if step != 1:
+                raise NotImplementedError("Slice with a step other than 1")
+            stop = dim if stop is None else stop
+            before.append(start if dim else 0)
+            after.append(dim - stop if dim else 0)
+        # zeros around Ȳ where X was cut away: padding by what the slice removed
+        dx = b.op("Pad", [g, b.const(np.array(before + after, np.int64)), b.const(np.zeros((), np.float32))],
+                  mode="constant")
+        return [dx] + [None] * (len(node.inputs) - 1)
+
 
 def _gather_canonical(
     node: Node, a: dict[str, Any], consts: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]
@@ -310,6 +341,24 @@ class Gather:
         np.add.at(moved, idx, gm)
         return [dx, None]
 
+    @staticmethod
+    def emit(node: Node, cots: list[str | None], ctx: Ctx, b: Any) -> list[str | None]:
+        (g,) = cots
+        assert g is not None
+        axis = node.attrs["axis"]
+        idx = np.asarray(node.attrs["indices"])
+        if idx.ndim > 1:
+            raise NotImplementedError("Gather with indices of more than one axis")
+        out = list(ctx.in_shapes[0] or ())
+        out[axis - 1] = idx.size
+        if idx.ndim == 0:  # the axis was dropped: put it back, of length 1
+            g = b.op("Unsqueeze", [g, b.const(np.array([axis], np.int64))])
+        # each element of Ȳ added at its index along the axis (repeated indices accumulate)
+        where = np.broadcast_to(idx.reshape([-1 if i == axis - 1 else 1 for i in range(len(out))]), out)
+        index = b.op("Expand", [b.const(np.ascontiguousarray(where)[None]), b.rows_shape(g, out)])
+        zeros = b.op("ConstantOfShape", [b.rows_shape(g, tuple(ctx.in_shapes[0] or ()))], value=b.zero())
+        return [b.op("ScatterElements", [zeros, index, g], axis=axis, reduction="add"), None]
+
 
 @register("Expand", role=SHAPE, since=8, check=data_first_rest_constant, notes="constant shape")
 class Expand:
@@ -327,6 +376,12 @@ class Expand:
         (g,) = cots
         assert g is not None
         return [unbroadcast(g, _in(ctx, g.shape[0])), None]
+
+    @staticmethod
+    def emit(node: Node, cots: list[str | None], ctx: Ctx, b: Any) -> list[str | None]:
+        (g,) = cots
+        assert g is not None
+        return [b.unbroadcast(g, ctx.out_shapes[0], ctx.in_shapes[0]), None]
 
 
 def _pad_index(pads: list[int], in_shape: tuple[int, ...]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
