@@ -274,7 +274,10 @@ class SelectionGraph:
             rule = RULES[node.op_type]
             if rule.emit is None:
                 raise NotImplementedError(f"no graph form of {node.op_type} (node {node.name!r})")
-            ins = rule.emit(node, cots, engine.ctx[node.name], b)
+            try:
+                ins = rule.emit(node, cots, engine.ctx[node.name], b)
+            except NotImplementedError as exc:
+                raise NotImplementedError(f"{exc} (node {node.name!r}) has no graph form") from None
             for t, d, c in zip(node.inputs, node.data, ins):
                 if d and c is not None:
                     env[t] = b.op("Add", [env[t], c]) if t in env else c
