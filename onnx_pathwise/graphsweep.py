@@ -15,8 +15,8 @@ W_p and b_p then come from the host's sweep of the target's row alone with those
 the same masks the explanation is the host's, bit for bit.
 
 The scores follow the host's formula (:func:`onnx_pathwise.scores.unit_excess`: log1p of the
-mean expm1, exact near P = 1/K), with expm1 and log1p written by Kahan's forms since ONNX has
-neither; they agree with numpy's to a few ulps, so only a unit whose P lies that close to 1/K
+mean expm1, exact near P = 1/K), ONNX having neither: expm1(d) = 2·tanh(d/2)/(1 − tanh(d/2))
+and log1p by Kahan's form; they agree with numpy's to a few ulps, so only a unit whose P lies that close to 1/K
 could be decided differently. The tests compare the kept units with the host's on every model.
 On the CPU provider the graph is several times slower than the host sweep (onnxruntime's
 float64 element-wise kernels; benchmarks/README.md), so ``auto`` uses it on CUDA only.
@@ -50,7 +50,7 @@ SHARED_BYTES = 1 << 16
 #: of the largest tensor (a sum at a fan-out, a cut copy).
 BYTES_PER_ROW_UNIT = 4
 #: The scores' float64 temporaries alive at once per row and unit (the products, their shifted
-#: values, expm1's steps), and the most they may take: a layer is scored in slices of units.
+#: values, expm1's steps; an upper bound), and the most they may take: a layer is scored in slices of units.
 SCORE_BYTES_PER_ROW_UNIT = 8 * 7
 SCORE_SLICE_BYTES = 1 << 31
 OPSET = 17
@@ -214,7 +214,10 @@ class Builder:
             start, stop, axis1 = self.const(np.array([a])), self.const(np.array([b])), self.const(np.array([1]))
             J = self.op("Slice", [J, start, stop, axis1])
             h = self.op("Slice", [h, start, stop, axis1])
-        C = self.op("Mul", [self.op("Cast", [J], to=_DOUBLE), self.op("Cast", [h], to=_DOUBLE)])  # exact
+        # C/2 = (h/2)·J, exact in float64 (a product of float32s fits a double, halving is
+        # exact), so every difference and sum below is exactly half the one of C
+        half = self.op("Mul", [self.op("Cast", [h], to=_DOUBLE), self.const(np.array([0.5]))])
+        C = self.op("Mul", [self.op("Cast", [J], to=_DOUBLE), half])
         at = self.op("Expand", [target, self.const(np.array([1, b - a], np.int64))])
         axis0 = self.const(np.array([0], np.int64))
         # necessary test (Jensen): P > 1/K needs C_c above the mean over the rows
@@ -223,19 +226,16 @@ class Builder:
                                    self.const(np.zeros(1))])
         # e = log(K·P) = d_c − log1p(mean_k expm1(d_k)) with d = C − max_k C ≤ 0, so that exp
         # never overflows: exact for every spread of d, where log-sum-exp loses the units
-        # whose P sits within round-off of 1/K (tiny cotangents: MobileNet-V2's early layers)
-        d = self.op("Sub", [C, self.op("ReduceMax", [C], axes=[0], keepdims=1)])
-        total = self.op("Div", [self.op("ReduceSum", [self._expm1(d), axis0], keepdims=1), rows])
-        return test, self.op("Sub", [self.op("GatherElements", [d, at], axis=0), self._log1p(total)])
-
-    def _expm1(self, x: str) -> str:
-        """exp(x) − 1 to a few ulps for every x ≤ 0 (Kahan: (u − 1)·x / log u with u = exp(x);
-        x itself where u = 1, −1 where u = 0), ONNX having no expm1."""
-        u = self.op("Exp", [x])
-        um1 = self.op("Sub", [u, self.const(np.ones(1))])
-        r = self.op("Div", [self.op("Mul", [um1, x]), self.op("Log", [u])])
-        r = self.op("Where", [self.op("Equal", [u, self.const(np.ones(1))]), x, r])
-        return self.op("Where", [self.op("Equal", [um1, self.const(-np.ones(1))]), um1, r])
+        # whose P sits within round-off of 1/K (tiny cotangents: MobileNet-V2's early layers).
+        # expm1(d) = 2t/(1 − t) with t = tanh(d/2): within 4 ulps of numpy's expm1 for every
+        # d ≤ 0 (1 − t ≥ 1 never cancels), in four passes and no branch
+        d = self.op("Sub", [C, self.op("ReduceMax", [C], axes=[0], keepdims=1)])  # d/2
+        t = self.op("Tanh", [d])
+        q = self.op("Div", [t, self.op("Sub", [self.const(np.ones(1)), t])])
+        two = self.const(np.array([2.0]))
+        total = self.op("Div", [self.op("Mul", [self.op("ReduceSum", [q, axis0], keepdims=1), two]), rows])
+        lead = self.op("Mul", [self.op("GatherElements", [d, at], axis=0), two])
+        return test, self.op("Sub", [lead, self._log1p(total)])
 
     def _log1p(self, y: str) -> str:
         """log(1 + y) to a few ulps for every y > −1 (y·log v / (v − 1) with v = 1 + y)."""
