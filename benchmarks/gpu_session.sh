@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session in one go (issue 13, item 8): the machine, the CUDA tests, CPU against CUDA on
-# the small nets and on a real-size model, each step under its own time limit, everything
-# written to one folder ($OUT on the lent machine, else benchmarks/gpu-results/) with a summary
-# table in summary.md. Run it from the repository root on a machine with a usable CUDA GPU:
+# the small nets and on a real-size model, where the time goes on CUDA (profile_sweep.py), each
+# step under its own time limit, everything written to one folder ($OUT on the lent machine,
+# else benchmarks/gpu-results/) with a summary table in summary.md. Run it from the repository
+# root on a machine with a usable CUDA GPU:
 #
 #   bash benchmarks/gpu_session.sh                 # 8-12 minutes on an H200 with 16 cores
 #   STEP_LIMIT=120 bash benchmarks/gpu_session.sh  # shorter limits per step
@@ -59,6 +60,8 @@ step realsize_resnet50_k10 python benchmarks/realsize.py --models resnet50 --cla
     --what devices --repeat 2
 step realsize_resnet50 python benchmarks/realsize.py --models resnet50 --classes 1000 --batch 1 \
     --what devices --repeat 0
+step profile_resnet50 python benchmarks/profile_sweep.py --model resnet50 --classes 1000 --device cuda \
+    --warm 1
 step bench_devices python benchmarks/bench_devices.py --repeat 3
 step realsize_resnet50_b8 python benchmarks/realsize.py --models resnet50 --classes 1000 --batch 8 \
     --what devices --repeat 0
@@ -71,6 +74,11 @@ step realsize_resnet50_b8 python benchmarks/realsize.py --models resnet50 --clas
     for f in realsize_resnet50_k10 realsize_resnet50 realsize_resnet50_b8; do
         grep '^devices' "$out/$f.txt" 2>/dev/null || tail -n 3 "$out/$f.txt" 2>/dev/null
     done
+    echo '```'
+    echo
+    echo "## Where the time goes on CUDA (ResNet-50, K = 1,000, batch 1)"
+    echo '```'
+    head -n 40 "$out/profile_resnet50.txt" 2>/dev/null
     echo '```'
 } >>"$summary"
 cat "$summary"

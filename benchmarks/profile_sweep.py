@@ -7,8 +7,10 @@ the profiled sessions' last runs are warm ones. Prints:
 
 * the wall time of the profiled call and, from cProfile, the Python functions of the package
   that took most of it (onnxruntime's runs included in their callers);
-* per session kind and op type, the time onnxruntime spent in its nodes during that call,
-  and on which execution provider: a node of the selection graph that onnxruntime placed on
+* per session kind, the time of its runs during that call, and per op type the time
+  onnxruntime spent in its nodes and on which execution provider (on CUDA a node's time is the
+  host's, launching its kernels; the whole runs' times are the device's, since each run ends
+  with the results copied back): a node of the selection graph that onnxruntime placed on
   the CPU while the rest runs on CUDA is named, with its time (each such node also costs a
   copy between host and device).
 
@@ -84,31 +86,32 @@ def _kind(model: Any) -> str:
     return "recorder and others"
 
 
-def last_call(events: list[dict[str, Any]], runs_per_call: int) -> list[dict[str, Any]]:
-    """The node events of a session's last ``runs_per_call`` runs (the profiled call's)."""
-    runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
-    if not runs:
-        return []
-    start = runs[-runs_per_call]["ts"] if runs_per_call <= len(runs) else runs[0]["ts"]
-    return [e for e in events if e.get("cat") == "Node" and e["ts"] >= start and e["name"].endswith("_kernel_time")]
+def within(events: list[dict[str, Any]], start_ns: int, span: tuple[int, int]) -> list[dict[str, Any]]:
+    """The run and node events of a session (its profiler started at ``start_ns``, ns since the epoch)
+    that began within ``span`` (the profiled call, same clock)."""
+    return [e for e in events if span[0] <= start_ns + 1000 * e["ts"] <= span[1] and (
+        e.get("name") == "model_run" or (e.get("cat") == "Node" and e["name"].endswith("_kernel_time")))]
 
 
-def table(files: list[tuple[str, Path]], calls: int, device: str) -> tuple[list[str], list[str]]:
+def table(files: list[tuple[str, int, Path]], span: tuple[int, int], device: str) -> tuple[list[str], list[str]]:
     """Lines of the per-kind, per-op table and, on CUDA, the selection graph's nodes that
     onnxruntime placed on the CPU, slowest first."""
     by_op: dict[tuple[str, str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
     off: list[tuple[float, str]] = []
-    for kind, f in files:
-        events = json.loads(f.read_text())
-        runs = sum(1 for e in events if e.get("name") == "model_run")
-        for e in last_call(events, max(1, runs // calls)):
+    for kind, start_ns, f in files:
+        for e in within(json.loads(f.read_text()), start_ns, span):
+            if e["name"] == "model_run":
+                key = (kind, "(whole runs)", "")
+                by_op[key][0] += e["dur"] / 1e3
+                by_op[key][1] += 1
+                continue
             a = e["args"]
             key = (kind, a.get("op_name", "?"), a.get("provider", "?"))
             by_op[key][0] += e["dur"] / 1e3
             by_op[key][1] += 1
             if device == "cuda" and kind == "selection graph" and a.get("provider") == "CPUExecutionProvider":
                 off.append((e["dur"] / 1e3, f"{a.get('op_name')} {e['name'].removesuffix('_kernel_time')}"))
-    lines = ["| session | op | provider | ms | nodes run |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| session | op | provider | ms | nodes (runs) |", "| --- | --- | --- | --- | --- |"]
     for (kind, op, prov), (ms, n) in sorted(by_op.items(), key=lambda kv: -kv[1][0]):
         lines.append(f"| {kind} | {op} | {prov.removesuffix('ExecutionProvider')} | {ms:.1f} | {n} |")
     return lines, [f"{name} {ms:.2f} ms" for ms, name in sorted(off, reverse=True)]
@@ -133,27 +136,27 @@ def main() -> None:
         made = ort.InferenceSession = _Sessions()  # type: ignore[misc,assignment]
         try:
             ex = Explainer(str(path), device=a.device)
-            calls = 1 + a.warm
             for _ in range(a.warm):
                 ex.explain(x)
             prof = cProfile.Profile()
-            t = time.perf_counter()
+            t = time.time_ns()  # the clock of onnxruntime's profiling start times
             prof.enable()
             e = ex.explain(x)
             prof.disable()
-            wall = time.perf_counter() - t
+            span = (t, time.time_ns())
+            wall = (span[1] - span[0]) / 1e9
         finally:
             runtime._options = plain
             ort.InferenceSession = made.plain  # type: ignore[misc]
-        files = [(kind, Path(s.end_profiling())) for kind, s in made.made]
+        files = [(kind, s.get_profiling_start_time_ns(), Path(s.end_profiling())) for kind, s in made.made]
         print(f"{a.model}, K = {a.classes}, batch {a.batch}, {a.device}: explain {wall * 1e3:.0f} ms "
               f"(selection: {e.selection}), after {a.warm} warm calls; {len(files)} sessions profiled")
         out = io.StringIO()
         stats = pstats.Stats(prof, stream=out)
         stats.sort_stats("cumulative").print_stats("onnx_pathwise", a.top)
         print(out.getvalue().split("\n\n", 2)[-1].rstrip())
-        lines, off = table(files, calls, a.device)
-        print("\nonnxruntime's nodes during the profiled call (the last runs of each session):")
+        lines, off = table(files, span, a.device)
+        print("\nonnxruntime's runs and nodes during the profiled call:")
         print("\n".join(lines))
         if off:
             print(f"\nselection-graph nodes on the CPU ({len(off)}), each with copies to and from the device:")
