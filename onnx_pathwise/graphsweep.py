@@ -45,13 +45,19 @@ ENV_VAR = "ONNX_PATHWISE_SELECTION"
 MODES = ("auto", "graph", "host")
 #: Constants at least this large are handed to onnxruntime from the arrays, not copied into the graph.
 SHARED_BYTES = 1 << 16
-#: Bytes per competing row and element while the graph runs (an estimate, not measured on a
-#: device yet): the float32 cotangents held at once (the sweep's ``_live_max``), and two more
-#: of the largest tensor (a sum at a fan-out, a cut copy).
+#: Bytes per competing row and element while the graph runs: the float32 cotangents held at
+#: once (the sweep's ``_live_max``) and ``LARGEST_EXTRA`` more of the largest tensor (a sum at a
+#: fan-out, a cut copy, a max-pool adjoint's zeros and int64 routing). Measured on the CPU
+#: provider, K = 100, scores in small slices, peak RSS without heap reuse: ResNet-18 1.43 GB,
+#: MobileNet-V2 1.58 GB, where this gives 1.28 GB and 1.93 GB with the process's own record
+#: and one-row sweep beside it; not measured on a device (cuDNN's workspaces come on top).
 BYTES_PER_ROW_UNIT = 4
-#: The scores' float64 temporaries alive at once per row and unit (the products, their shifted
-#: values, expm1's steps; an upper bound), and the most they may take: a layer is scored in slices of units.
-SCORE_BYTES_PER_ROW_UNIT = 8 * 7
+LARGEST_EXTRA = 3
+#: The scores' float64 temporaries alive at once per row and unit: the products until the
+#: shifted values exist, then tanh's two steps and their quotient, three at most since each
+#: slice's maximum waits for its test (:meth:`Builder._scores`), four counted; and the most
+#: they may take: a layer is scored in slices of units, one slice after another.
+SCORE_BYTES_PER_ROW_UNIT = 8 * 4
 SCORE_SLICE_BYTES = 1 << 31
 OPSET = 17
 _FLOAT = onnx.TensorProto.FLOAT
@@ -181,7 +187,12 @@ class Builder:
             J = self.op("Concat", [zeros, G], axis=0)
         rows = self.op("Cast", [self.op("Shape", [J], start=0, end=1)], to=_DOUBLE)  # K, as a (1,) tensor
         step = max(1, SCORE_SLICE_BYTES // (SCORE_BYTES_PER_ROW_UNIT * max(1, rows_max)))
-        parts = [self._scores(J, h, target, rows, a, min(units, a + step), units) for a in range(0, units, step)]
+        parts: list[tuple[str, str]] = []
+        after = None  # slices run one after another: each starts once the last one's results exist
+        for a in range(0, units, step):
+            if parts:
+                after = self._zero_after(parts[-1], np.int64)
+            parts.append(self._scores(J, h, target, rows, a, min(units, a + step), units, after))
         self.slices[node] = len(parts)
         if len(parts) == 1:
             (test, e), = parts
@@ -208,10 +219,26 @@ class Builder:
         keep = self.op("Where", [some, keep, onehot])
         return self.op("Cast", [keep], to=onnx.TensorProto.BOOL), self.op("Mul", [G, keep])
 
-    def _scores(self, J: str, h: str, target: str, rows: str, a: int, b: int, units: int) -> tuple[str, str]:
-        """The necessary test and the excess e = log(K·P) (both (1, b − a)) of units a … b − 1."""
+    def _zero_after(self, results: Sequence[str], dtype: Any) -> str:
+        """A zero of ``dtype`` (shape (1,)) computed from ``results`` (bool or float tensors of
+        shape (1, m)): an input that makes onnxruntime run what reads it after them, which
+        frees their inputs first (its order would otherwise be free to keep every slice's
+        float64 products alive at once). Exact: an index times 0."""
+        first = [self.op("ArgMax", [r if i else self.op("Cast", [r], to=_FLOAT)], axis=1, keepdims=0)
+                 for i, r in enumerate(results)]
+        total = first[0] if len(first) == 1 else self.op("Add", first)
+        zero = self.op("Mul", [total, self.const(np.zeros(1, np.int64))])
+        return zero if dtype == np.int64 else self.op("Cast", [zero], to=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+
+    def _scores(self, J: str, h: str, target: str, rows: str, a: int, b: int, units: int,
+                after: str | None = None) -> tuple[str, str]:
+        """The necessary test and the excess e = log(K·P) (both (1, b − a)) of units a … b − 1,
+        started once ``after`` (an int64 zero, see :meth:`_zero_after`) exists."""
         if (a, b) != (0, units):
-            start, stop, axis1 = self.const(np.array([a])), self.const(np.array([b])), self.const(np.array([1]))
+            start = self.const(np.array([a]))
+            if after is not None:
+                start = self.op("Add", [start, after])
+            stop, axis1 = self.const(np.array([b])), self.const(np.array([1]))
             J = self.op("Slice", [J, start, stop, axis1])
             h = self.op("Slice", [h, start, stop, axis1])
         # C/2 = (h/2)·J, exact in float64 (a product of float32s fits a double, halving is
@@ -222,20 +249,22 @@ class Builder:
         axis0 = self.const(np.array([0], np.int64))
         # necessary test (Jensen): P > 1/K needs C_c above the mean over the rows
         mean = self.op("Div", [self.op("ReduceSum", [C, axis0], keepdims=1), rows])
-        test = self.op("Greater", [self.op("Sub", [self.op("GatherElements", [C, at], axis=0), mean]),
-                                   self.const(np.zeros(1))])
+        lead = self.op("GatherElements", [C, at], axis=0)
+        test = self.op("Greater", [self.op("Sub", [lead, mean]), self.const(np.zeros(1))])
         # e = log(K·P) = d_c − log1p(mean_k expm1(d_k)) with d = C − max_k C ≤ 0, so that exp
         # never overflows: exact for every spread of d, where log-sum-exp loses the units
         # whose P sits within round-off of 1/K (tiny cotangents: MobileNet-V2's early layers).
         # expm1(d) = 2t/(1 − t) with t = tanh(d/2): within 4 ulps of numpy's expm1 for every
-        # d ≤ 0 (1 − t ≥ 1 never cancels), in four passes and no branch
-        d = self.op("Sub", [C, self.op("ReduceMax", [C], axes=[0], keepdims=1)])  # d/2
-        t = self.op("Tanh", [d])
+        # d ≤ 0 (1 − t ≥ 1 never cancels), in four passes and no branch. The maximum waits
+        # for the test (+ 0), so that C is freed once d exists: at most three float64
+        # temporaries per row and unit are alive at once
+        top = self.op("Add", [self.op("ReduceMax", [C], axes=[0], keepdims=1), self._zero_after([test], np.float64)])
+        t = self.op("Tanh", [self.op("Sub", [C, top])])  # tanh(d/2)
         q = self.op("Div", [t, self.op("Sub", [self.const(np.ones(1)), t])])
         two = self.const(np.array([2.0]))
         total = self.op("Div", [self.op("Mul", [self.op("ReduceSum", [q, axis0], keepdims=1), two]), rows])
-        lead = self.op("Mul", [self.op("GatherElements", [d, at], axis=0), two])
-        return test, self.op("Sub", [lead, self._log1p(total)])
+        dc = self.op("Mul", [self.op("Sub", [lead, top]), two])
+        return test, self.op("Sub", [dc, self._log1p(total)])
 
     def _log1p(self, y: str) -> str:
         """log(1 + y) to a few ulps for every y > −1 (y·log v / (v − 1) with v = 1 + y)."""
@@ -287,6 +316,8 @@ class SelectionGraph:
                         onnx.TensorProto.BOOL)
         self.feeds = b.feeds
         self.slices = b.slices
+        #: the graph itself, its large constants held by the session (for tests and profiles)
+        self.model = model
         self.session = runtime.session(model, device, what="creating the pathwise selection graph's session",
                                        shared=b.shared)
         self.units = {name: int(np.prod(ir.shapes[next(n for n in engine.nodes if n.name == name).outputs[0]],
@@ -298,7 +329,7 @@ class SelectionGraph:
     def fits(self, rows: int, live: int) -> bool:
         """Whether one sample's ``rows`` competing rows fit the memory budget in the graph, with
         ``live`` elements per row of cotangents held at once at most."""
-        need = rows * (live + 2 * self._largest) * BYTES_PER_ROW_UNIT + SCORE_SLICE_BYTES
+        need = rows * (live + LARGEST_EXTRA * self._largest) * BYTES_PER_ROW_UNIT + SCORE_SLICE_BYTES
         return need <= limits.memory_budget()
 
     def masks(self, record: Record, classes: np.ndarray, count: np.ndarray, target_row: np.ndarray,

@@ -214,6 +214,68 @@ def test_a_graph_onnxruntime_refuses_falls_back_to_the_host_with_one_line(
     assert len(err) == 1 and "no kernel" in err[0] and "on the host" in err[0]
 
 
+def _ancestors(model: onnx.ModelProto) -> tuple[dict[str, Any], dict[str, list[Any]], Any]:
+    """(producer of each tensor, consumers of each tensor, ancestors of a node: the first
+    outputs of the nodes it reads from, transitively)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def ancestors(node: Any) -> set[str]:
+        seen: set[str] = set()
+        todo = list(node.input)
+        while todo:
+            t = todo.pop()
+            p = producer.get(t)
+            if p is not None and p.output[0] not in seen:
+                seen.add(p.output[0])
+                todo.extend(p.input)
+        return seen
+
+    return producer, consumers, ancestors
+
+
+def test_score_slices_free_their_products_whatever_the_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory of the float64 scores does not depend on onnxruntime's choice of order: each
+    product C = h·J/2 is last read by the subtraction of its maximum, which waits for every
+    other reader of C (the necessary test), and each slice of units starts only once the slice
+    before has its results. Before, onnxruntime's order kept every slice's products alive
+    until the last slice was scored."""
+    ex = explainer_for("cnn", tmp_path)
+    rows = max(2, ex.num_classes)
+    monkeypatch.setattr(graphsweep, "SCORE_SLICE_BYTES", graphsweep.SCORE_BYTES_PER_ROW_UNIT * rows * 5)
+    monkeypatch.setenv(graphsweep.ENV_VAR, "graph")
+    ex.sweep._selection.clear()
+    try:
+        ex.explain(inputs(ex))
+        graph = next(g for g in ex.sweep._selection.values() if g is not None)
+    finally:
+        ex.sweep._selection.clear()
+    assert max(graph.slices.values()) > 2
+    producer, consumers, ancestors = _ancestors(graph.model)
+    products = [n for n in graph.model.graph.node if n.op_type == "Mul"
+                and any(producer.get(i) is not None and producer[i].op_type == "Cast"
+                        and producer[i].attribute[0].i == TensorProto.DOUBLE
+                        and producer[producer[i].input[0]].op_type in ("Slice", "Reshape", "Concat")
+                        for i in n.input if i in producer)
+                and len(consumers.get(n.output[0], [])) > 2]
+    assert len(products) >= sum(graph.slices.values())
+    lasts = []
+    for C in products:
+        readers = consumers[C.output[0]]
+        last = [r for r in readers if all(o.output[0] in ancestors(r) for o in readers if o is not r)]
+        assert len(last) == 1 and last[0].op_type == "Sub", [r.op_type for r in readers]
+        lasts.append(last[0])
+    # each slice of a layer, after the first, starts after the one before it is done
+    slices = [n for n in graph.model.graph.node if n.op_type == "Slice" and producer.get(n.input[1]) is not None]
+    assert slices
+    for sl in slices:
+        before = ancestors(sl)
+        assert any(last.output[0] in before for last in lasts), sl.output[0]
+
+
 @pytest.mark.parametrize("name", ["cnn", "residual", "activations"])
 def test_scores_in_slices_of_units_select_the_same(name: str, tmp_path_factory: pytest.TempPathFactory,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
