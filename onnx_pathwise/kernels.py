@@ -81,11 +81,12 @@ def exp_nonpositive(x):  # type: ignore[no-untyped-def]  # pragma: no cover - co
 
 
 @_compiled(fastmath={"contract"}, error_model="numpy")
-def lse_accumulate(h, g, i, rows, c, s, top, acc, jc, mx):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+def lse_accumulate(h, g, i, rows, c, s, top, acc, jc, mx, lo=0, hi=-1):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
     """One chunk of sample ``i``'s competing rows, for a layer whose K cotangents are swept in
     chunks (docs/design.md §4, "Bounded memory at any K"): h (u,), g (m, n, u) C-contiguous, of
     which the first ``rows`` rows compete (the rest is padding); ``c`` the target's row in the
-    chunk, or -1.
+    chunk, or -1. Units ``lo`` … ``hi`` − 1 only (``hi`` = -1: to the last), so that threads
+    can share a layer: each unit's sums are its own.
 
     Updates per unit, in place and in float64: ``s`` += Σ_k J_k in row order (the sum
     :func:`onnx_pathwise.scores.unit_excess` takes, so its necessary test is the same), the log-sum-exp of
@@ -94,23 +95,27 @@ def lse_accumulate(h, g, i, rows, c, s, top, acc, jc, mx):  # type: ignore[no-un
     logaddexp(lse a, lse b)), and ``jc`` = J_c. ``mx`` (u,) is scratch. Each pass is a plain
     loop over the units, which LLVM vectorises (with :func:`exp_nonpositive`).
     """
-    u = g.shape[2]
-    for j in range(u):
+    # unsigned indices: with signed ones numba must allow for negative (wrap-around) indices
+    # and LLVM no longer vectorises the loops (4.5× slower, measured)
+    a = np.uint64(lo)
+    b = np.uint64(hi if hi >= 0 else g.shape[2])
+    ii = np.uint64(i)
+    for j in range(a, b):
         mx[j] = top[j]
-    for k in range(rows):
-        for j in range(u):
-            v = np.float64(g[k, i, j])
+    for k in range(np.uint64(rows)):
+        for j in range(a, b):
+            v = np.float64(g[k, ii, j])
             s[j] += v
             mx[j] = max(mx[j], np.float64(h[j]) * v)  # h·J is exact in float64
-    for j in range(u):
+    for j in range(a, b):
         acc[j] = acc[j] * exp_nonpositive(top[j] - mx[j])
         top[j] = mx[j]
-    for k in range(rows):
-        for j in range(u):
-            acc[j] += exp_nonpositive(np.float64(h[j]) * np.float64(g[k, i, j]) - top[j])
+    for k in range(np.uint64(rows)):
+        for j in range(a, b):
+            acc[j] += exp_nonpositive(np.float64(h[j]) * np.float64(g[k, ii, j]) - top[j])
     if c >= 0:
-        for j in range(u):
-            jc[j] = g[c, i, j]
+        for j in range(a, b):
+            jc[j] = g[c, ii, j]
 
 
 @_compiled()

@@ -163,11 +163,16 @@ class UnitStats:
         m, n = g.shape[:2]
         g = np.ascontiguousarray(g)
         comp = self.competing
+        u = g.shape[2]
+        parts = max(1, min(_workers(), u // PARALLEL_UNITS))
+        cuts = [u * p // parts for p in range(parts + 1)]
         for i in range(n):
             rows = int(min(max(int(comp.count[i]) - start, 0), m))
             c = int(comp.target_row[i]) - start
-            kernels.lse_accumulate(self.h[i], g, i, rows, c if 0 <= c < m else -1,
-                                   self.s[i], self.top[i], self.acc[i], self.jc[i], self._scratch)
+            args = (self.h[i], g, i, rows, c if 0 <= c < m else -1, self.s[i], self.top[i], self.acc[i],
+                    self.jc[i], self._scratch)
+            # each unit's sums are its own: a large layer's units are split across threads
+            _in_parallel([functools.partial(kernels.lse_accumulate, *args, a, b) for a, b in zip(cuts[:-1], cuts[1:])])
 
     def select(self, width: int) -> np.ndarray:
         """The kept-unit mask (n, u), by the rule of :func:`select_units`."""

@@ -471,6 +471,31 @@ def test_chunked_log_sum_exp_equals_numpy_over_all_rows() -> None:
     assert np.array_equal(jc, J[c, i].astype(np.float64))
 
 
+def test_unit_sums_split_across_threads_are_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """UnitStats.add splits a large layer's units across threads (each unit's sums are its
+    own): the sums and the kept units equal one thread's, bit for bit."""
+    from onnx_pathwise import selection
+    from onnx_pathwise.pathwise import Competing
+
+    rng = np.random.default_rng(5)
+    K, n, u = 23, 2, 999
+    J = (rng.normal(size=(K, n, u)) * np.where(rng.random((K, 1, u)) < 0.1, 30.0, 1e-2)).astype(np.float32)
+    h = np.maximum(rng.normal(size=(n, u)), 0.0).astype(np.float32)
+    comp = Competing(classes=np.tile(np.arange(K)[:, None], (1, n)), count=np.array([K, K - 3]),
+                     target_row=np.array([4, 17]), carry_row=np.array([4, 17]), sign=np.ones(n), every=False)
+    results = []
+    for parallel_units, workers in ((1 << 30, 1), (100, 3)):
+        monkeypatch.setattr(selection, "PARALLEL_UNITS", parallel_units)
+        monkeypatch.setattr(selection, "_workers", lambda w=workers: w)
+        stats = selection.UnitStats(h, comp)
+        for a, b in ((0, 9), (9, 10), (10, K)):
+            stats.add(a, J[a:b])
+        results.append((stats.s.copy(), stats.top.copy(), stats.acc.copy(), stats.jc.copy(), stats.select(40)))
+    (one, split) = results
+    for x, y in zip(one, split):
+        assert np.array_equal(x, y)
+
+
 def test_the_heap_is_reused_only_while_a_sweep_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """limits.reused_heap: glibc's thresholds are raised once for the outermost call (nested calls,
     an exception inside) and put back when it ends; the explanation is the same."""
