@@ -101,6 +101,18 @@ def test_single_score_and_many_classes(tmp_path: Path, monkeypatch: pytest.Monke
     for kw in ({}, {"width": 3}, {"classes": 5}):
         got, ref = both(many, monkeypatch, x, **kw)
         same(got, ref, f"K 300 {kw}")
+    # and with the scores in slices of a few units, chained one after another
+    for model, xs, rows, kws in ((ex, inputs_both_sides(ex), 2, ({}, {"width": 2})),
+                                 (many, x, 300, ({"width": 3}, {"classes": 5}))):
+        with monkeypatch.context() as m:
+            m.setattr(graphsweep, "SCORE_SLICE_BYTES", graphsweep.SCORE_BYTES_PER_ROW_UNIT * rows * 3)
+            model.sweep._selection.clear()
+            for kw in kws:
+                got, ref = both(model, monkeypatch, xs, **kw)
+                same(got, ref, f"in slices {rows} {kw}")
+            built = [g for g in model.sweep._selection.values() if g is not None]
+            assert built and max(built[0].slices.values()) > 2
+        model.sweep._selection.clear()
 
 
 def test_input_width_a_budget_too_small_and_the_cpu_stay_on_the_host(tmp_path_factory: pytest.TempPathFactory,
