@@ -16,8 +16,8 @@ the same masks the explanation is the host's, bit for bit.
 
 The scores follow the host's formula (:func:`onnx_pathwise.scores.unit_excess`: log1p of the
 mean expm1, exact near P = 1/K), ONNX having neither: expm1(d) = 2·tanh(d/2)/(1 − tanh(d/2))
-and log1p by Kahan's form; they agree with numpy's to a few ulps, so only a unit whose P lies that close to 1/K
-could be decided differently. The tests compare the kept units with the host's on every model.
+and log1p by Kahan's form; they agree with numpy's to a few ulps, so only a unit whose P lies
+that close to 1/K could be decided differently. The tests compare the kept units with the host's on every model.
 On the CPU provider the graph is several times slower than the host sweep (onnxruntime's
 float64 element-wise kernels; benchmarks/README.md), so ``auto`` uses it on CUDA only.
 """
@@ -220,8 +220,8 @@ class Builder:
         return self.op("Cast", [keep], to=onnx.TensorProto.BOOL), self.op("Mul", [G, keep])
 
     def _zero_after(self, results: Sequence[str], dtype: Any) -> str:
-        """A zero of ``dtype`` (shape (1,)) computed from ``results`` (bool or float tensors of
-        shape (1, m)): an input that makes onnxruntime run what reads it after them, which
+        """A zero of ``dtype`` (shape (1,)) computed from ``results`` (of shape (1, m): a bool
+        tensor, then float ones): an input that makes onnxruntime run what reads it after them, which
         frees their inputs first (its order would otherwise be free to keep every slice's
         float64 products alive at once). Exact: an index times 0."""
         first = [self.op("ArgMax", [r if i else self.op("Cast", [r], to=_FLOAT)], axis=1, keepdims=0)
