@@ -253,6 +253,16 @@ class Sweep:
         on next use. For a caller about to build a second large model (``audit``)."""
         self._recorders.clear()
         self.kernels.release()
+        self.release_selection_graphs()
+
+    @property
+    def selection_graphs(self) -> list[graphsweep.SelectionGraph]:
+        """The selection graphs built so far (:meth:`selection_graph`), one per set of widths."""
+        return [g for g in self._selection.values() if g is not None]
+
+    def release_selection_graphs(self) -> None:
+        """Drop the selection graphs and the refusals remembered so far (built or refused again
+        on next use): after a change of their settings."""
         self._selection.clear()
 
     def selection_graph(self, widths: Mapping[str, int], rows: int) -> graphsweep.SelectionGraph | None:

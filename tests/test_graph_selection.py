@@ -37,7 +37,7 @@ def both(ex: Explainer, monkeypatch: pytest.MonkeyPatch, x: np.ndarray, **kw: ob
 
 
 def graph_used(ex: Explainer) -> bool:
-    return any(g is not None for g in ex.sweep._selection.values())
+    return bool(ex.sweep.selection_graphs)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -106,13 +106,13 @@ def test_single_score_and_many_classes(tmp_path: Path, monkeypatch: pytest.Monke
                                  (many, x, 300, ({"width": 3}, {"classes": 5}))):
         with monkeypatch.context() as m:
             m.setattr(graphsweep, "SCORE_SLICE_BYTES", graphsweep.SCORE_BYTES_PER_ROW_UNIT * rows * 3)
-            model.sweep._selection.clear()
+            model.sweep.release_selection_graphs()
             for kw in kws:
                 got, ref = both(model, monkeypatch, xs, **kw)
                 same(got, ref, f"in slices {rows} {kw}")
-            built = [g for g in model.sweep._selection.values() if g is not None]
+            built = model.sweep.selection_graphs
             assert built and max(built[0].slices.values()) > 2
-        model.sweep._selection.clear()
+        model.sweep.release_selection_graphs()
 
 
 def test_input_width_a_budget_too_small_and_the_cpu_stay_on_the_host(tmp_path_factory: pytest.TempPathFactory,
@@ -195,7 +195,7 @@ def test_a_graph_that_fails_on_the_device_falls_back_to_the_host_with_one_line(
     err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "out of memory" in err[0] and "on the host" in err[0]
     assert "out of memory" in ex.sweep.selection_problem
-    ex.sweep._selection.clear()  # the cached explainer serves other tests
+    ex.sweep.release_selection_graphs()  # the cached explainer serves other tests
 
 
 def test_a_graph_onnxruntime_refuses_falls_back_to_the_host_with_one_line(
@@ -216,12 +216,12 @@ def test_a_graph_onnxruntime_refuses_falls_back_to_the_host_with_one_line(
 
     monkeypatch.setattr(runtime, "session", refuse)
     monkeypatch.setenv(graphsweep.ENV_VAR, "graph")
-    ex.sweep._selection.clear()
+    ex.sweep.release_selection_graphs()
     try:
         same(ex.explain(x, width=2), ref, "refused")
         same(ex.explain(x, width=2), ref, "refused, again")
     finally:
-        ex.sweep._selection.clear()
+        ex.sweep.release_selection_graphs()
     err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "no kernel" in err[0] and "on the host" in err[0]
 
@@ -259,12 +259,12 @@ def test_score_slices_free_their_products_whatever_the_order(tmp_path: Path, mon
     rows = max(2, ex.num_classes)
     monkeypatch.setattr(graphsweep, "SCORE_SLICE_BYTES", graphsweep.SCORE_BYTES_PER_ROW_UNIT * rows * 5)
     monkeypatch.setenv(graphsweep.ENV_VAR, "graph")
-    ex.sweep._selection.clear()
+    ex.sweep.release_selection_graphs()
     try:
         ex.explain(inputs(ex))
-        graph = next(g for g in ex.sweep._selection.values() if g is not None)
+        graph = ex.sweep.selection_graphs[0]
     finally:
-        ex.sweep._selection.clear()
+        ex.sweep.release_selection_graphs()
     assert max(graph.slices.values()) > 2
     producer, consumers, ancestors = _ancestors(graph.model)
     products = [n for n in graph.model.graph.node if n.op_type == "Mul"
@@ -297,12 +297,12 @@ def test_scores_in_slices_of_units_select_the_same(name: str, tmp_path_factory: 
     x = inputs(ex)
     rows = max(2, ex.num_classes)
     monkeypatch.setattr(graphsweep, "SCORE_SLICE_BYTES", graphsweep.SCORE_BYTES_PER_ROW_UNIT * rows * 7)
-    ex.sweep._selection.clear()
+    ex.sweep.release_selection_graphs()
     try:
         for kw in ({}, {"width": 2}):
             got, ref = both(ex, monkeypatch, x, **kw)
             same(got, ref, f"{name} {kw} in slices")
-        built = [g for g in ex.sweep._selection.values() if g is not None]
+        built = ex.sweep.selection_graphs
         assert built and max(built[0].slices.values()) > 1
     finally:
-        ex.sweep._selection.clear()
+        ex.sweep.release_selection_graphs()

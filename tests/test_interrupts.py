@@ -37,13 +37,19 @@ def _files(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
 
 
+def _default_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def _interrupt(tmp_path: Path, signum: int, args: list[str]) -> subprocess.CompletedProcess[str]:
     """Start ``python -m onnx_pathwise *args``, wait until the command runs (its SIGTERM handler
     is installed when the command starts) and a little longer, send ``signum``, collect it."""
     proc = subprocess.Popen([sys.executable, "-m", "onnx_pathwise", *args], cwd=tmp_path, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            # a test runner started in the background may ignore SIGINT; the tool must not
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            # a test runner started in the background may ignore SIGINT, and one started
+                            # under nohup SIGHUP; the tool keeps what its caller ignores, so reset both
+                            preexec_fn=_default_signals)
     try:
         deadline = time.monotonic() + 120
         while not _catches(proc.pid, signal.SIGTERM):
