@@ -330,10 +330,10 @@ class Engine:
                 st: GateState = state  # type: ignore[assignment]
                 if through is not None and st.offset is not None:
                     raise RuleError(f"a hook passed through gate {node.name}, which has an offset")
-                if st.offset is not None and cots[0] is not None:
+                if st.offset is not None and cots[0] is not None and cut is None:
                     sel_g = _rows_of(cots[0].reshape(m, n, -1), bias_rows)
                     bias += np.einsum("mnk,nk->mn", sel_g, st.offset.reshape(n, -1))
-            else:
+            elif cut is None:  # a sweep to a cut returns cotangents only: no offset term
                 for c, off in zip(cots, self.offsets.get(node.name, [])):
                     if c is not None and off is not None:
                         sel = _rows_of(c.reshape(m, n, -1), bias_rows)
