@@ -100,16 +100,12 @@ def table(files: list[tuple[str, int, Path]], span: tuple[int, int], device: str
     off: list[tuple[float, str]] = []
     for kind, start_ns, f in files:
         for e in within(json.loads(f.read_text()), start_ns, span):
-            if e["name"] == "model_run":
-                key = (kind, "(whole runs)", "")
-                by_op[key][0] += e["dur"] / 1e3
-                by_op[key][1] += 1
-                continue
-            a = e["args"]
-            key = (kind, a.get("op_name", "?"), a.get("provider", "?"))
+            a = e.get("args", {})
+            key = (kind, "(whole runs)", "") if e["name"] == "model_run" else (
+                kind, a.get("op_name", "?"), a.get("provider", "?"))
             by_op[key][0] += e["dur"] / 1e3
             by_op[key][1] += 1
-            if device == "cuda" and kind == "selection graph" and a.get("provider") == "CPUExecutionProvider":
+            if device == "cuda" and kind == "selection graph" and key[2] == "CPUExecutionProvider":
                 off.append((e["dur"] / 1e3, f"{a.get('op_name')} {e['name'].removesuffix('_kernel_time')}"))
     lines = ["| session | op | provider | ms | nodes (runs) |", "| --- | --- | --- | --- | --- |"]
     for (kind, op, prov), (ms, n) in sorted(by_op.items(), key=lambda kv: -kv[1][0]):

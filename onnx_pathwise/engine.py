@@ -291,6 +291,7 @@ class Engine:
             t: np.asarray(s, self.dtype).reshape((rows,) + self.ir.shapes[t]) for t, s in seeds.items()
         }
         bias = np.zeros((m if bias_rows is None else 1, n), np.float64)
+        with_offsets = cut is None  # a sweep to a cut returns cotangents only: no offset term
 
         def narrow() -> None:
             nonlocal m, rows, bias_rows
@@ -330,10 +331,10 @@ class Engine:
                 st: GateState = state  # type: ignore[assignment]
                 if through is not None and st.offset is not None:
                     raise RuleError(f"a hook passed through gate {node.name}, which has an offset")
-                if st.offset is not None and cots[0] is not None and cut is None:
+                if with_offsets and st.offset is not None and cots[0] is not None:
                     sel_g = _rows_of(cots[0].reshape(m, n, -1), bias_rows)
                     bias += np.einsum("mnk,nk->mn", sel_g, st.offset.reshape(n, -1))
-            elif cut is None:  # a sweep to a cut returns cotangents only: no offset term
+            elif with_offsets:
                 for c, off in zip(cots, self.offsets.get(node.name, [])):
                     if c is not None and off is not None:
                         sel = _rows_of(c.reshape(m, n, -1), bias_rows)

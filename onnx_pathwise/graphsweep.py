@@ -17,8 +17,8 @@ the same masks the explanation is the host's, bit for bit.
 The scores follow the host's formula (:func:`onnx_pathwise.scores.unit_excess`: log1p of the
 mean expm1, exact near P = 1/K), ONNX having neither: expm1(d) = 2·tanh(d/2)/(1 − tanh(d/2))
 and log1p by Kahan's form; they agree with numpy's to a few ulps, so only a unit whose P lies
-that close to 1/K could be decided differently. The tests compare the kept units with the host's on every model.
-On the CPU provider the graph is several times slower than the host sweep (onnxruntime's
+that close to 1/K could be decided differently. The tests compare the kept units with the
+host's on every model. On the CPU provider the graph is several times slower than the host sweep (onnxruntime's
 float64 element-wise kernels; benchmarks/README.md), so ``auto`` uses it on CUDA only.
 """
 
@@ -191,7 +191,7 @@ class Builder:
         after = None  # slices run one after another: each starts once the last one's results exist
         for a in range(0, units, step):
             if parts:
-                after = self._zero_after(parts[-1], np.int64)
+                after = self._zero_after(parts[-1])
             parts.append(self._scores(J, h, target, rows, a, min(units, a + step), units, after))
         self.slices[node] = len(parts)
         if len(parts) == 1:
@@ -219,16 +219,16 @@ class Builder:
         keep = self.op("Where", [some, keep, onehot])
         return self.op("Cast", [keep], to=onnx.TensorProto.BOOL), self.op("Mul", [G, keep])
 
-    def _zero_after(self, results: Sequence[str], dtype: Any) -> str:
-        """A zero of ``dtype`` (shape (1,)) computed from ``results`` (of shape (1, m): a bool
-        tensor, then float ones): an input that makes onnxruntime run what reads it after them, which
-        frees their inputs first (its order would otherwise be free to keep every slice's
-        float64 products alive at once). Exact: an index times 0."""
+    def _zero_after(self, results: Sequence[str], to: int = onnx.TensorProto.INT64) -> str:
+        """A zero of element type ``to`` (shape (1,)) computed from ``results`` (of shape (1, m):
+        a bool tensor, then float ones): an input that makes onnxruntime run what reads it after
+        them, which frees their inputs first (its order would otherwise be free to keep every
+        slice's float64 products alive at once). Exact: an index times 0."""
         first = [self.op("ArgMax", [r if i else self.op("Cast", [r], to=_FLOAT)], axis=1, keepdims=0)
                  for i, r in enumerate(results)]
         total = first[0] if len(first) == 1 else self.op("Add", first)
         zero = self.op("Mul", [total, self.const(np.zeros(1, np.int64))])
-        return zero if dtype == np.int64 else self.op("Cast", [zero], to=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+        return zero if to == onnx.TensorProto.INT64 else self.op("Cast", [zero], to=to)
 
     def _scores(self, J: str, h: str, target: str, rows: str, a: int, b: int, units: int,
                 after: str | None = None) -> tuple[str, str]:
@@ -258,7 +258,7 @@ class Builder:
         # d ≤ 0 (1 − t ≥ 1 never cancels), in four passes and no branch. The maximum waits
         # for the test (+ 0), so that C is freed once d exists: at most three float64
         # temporaries per row and unit are alive at once
-        top = self.op("Add", [self.op("ReduceMax", [C], axes=[0], keepdims=1), self._zero_after([test], np.float64)])
+        top = self.op("Add", [self.op("ReduceMax", [C], axes=[0], keepdims=1), self._zero_after([test], _DOUBLE)])
         t = self.op("Tanh", [self.op("Sub", [C, top])])  # tanh(d/2)
         q = self.op("Div", [t, self.op("Sub", [self.const(np.ones(1)), t])])
         two = self.const(np.array([2.0]))

@@ -60,6 +60,14 @@ def _in_parallel(tasks: list[Callable[[], Any]]) -> list[Any]:
     return [tasks[0]()] + [f.result() for f in rest]
 
 
+def _unit_ranges(u: int) -> list[tuple[int, int]]:
+    """A layer's u units cut into one range per thread when it is large (PARALLEL_UNITS units
+    per thread at least), else one range."""
+    parts = max(1, min(_workers(), u // PARALLEL_UNITS))
+    cuts = [u * p // parts for p in range(parts + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
 def _candidates(h: np.ndarray, J: np.ndarray, c: int, split: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Flat indices (ascending) and scores e = log(K·P) of one sample's units with P > 1/K.
 
@@ -72,11 +80,10 @@ def _candidates(h: np.ndarray, J: np.ndarray, c: int, split: bool = True) -> tup
         idx, e = scores.unit_excess(h[a:b], J[:, a:b], c)
         return idx + a, e
 
-    parts = min(_workers(), u // PARALLEL_UNITS) if split else 1
-    if parts <= 1:
+    ranges = _unit_ranges(u) if split else [(0, u)]
+    if len(ranges) == 1:
         return score(0, u)
-    cuts = [u * p // parts for p in range(parts + 1)]
-    chunks = _in_parallel([functools.partial(score, a, b) for a, b in zip(cuts[:-1], cuts[1:])])
+    chunks = _in_parallel([functools.partial(score, a, b) for a, b in ranges])
     return np.concatenate([i for i, _ in chunks]), np.concatenate([e for _, e in chunks])
 
 
@@ -163,16 +170,14 @@ class UnitStats:
         m, n = g.shape[:2]
         g = np.ascontiguousarray(g)
         comp = self.competing
-        u = g.shape[2]
-        parts = max(1, min(_workers(), u // PARALLEL_UNITS))
-        cuts = [u * p // parts for p in range(parts + 1)]
+        ranges = _unit_ranges(g.shape[2])
         for i in range(n):
             rows = int(min(max(int(comp.count[i]) - start, 0), m))
             c = int(comp.target_row[i]) - start
             args = (self.h[i], g, i, rows, c if 0 <= c < m else -1, self.s[i], self.top[i], self.acc[i],
                     self.jc[i], self._scratch)
             # each unit's sums are its own: a large layer's units are split across threads
-            _in_parallel([functools.partial(kernels.lse_accumulate, *args, a, b) for a, b in zip(cuts[:-1], cuts[1:])])
+            _in_parallel([functools.partial(kernels.lse_accumulate, *args, a, b) for a, b in ranges])
 
     def select(self, width: int) -> np.ndarray:
         """The kept-unit mask (n, u), by the rule of :func:`select_units`."""
