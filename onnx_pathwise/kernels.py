@@ -175,24 +175,17 @@ def window_argmax(x, table):  # type: ignore[no-untyped-def]  # pragma: no cover
 @_compiled()
 def keep_units(g, mask, slope):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
     """g (K, n, u) times ``slope`` (n, u) on the units of ``mask`` (n, u), zero elsewhere, as a
-    new array: the kept entries written into zeros, cheaper than a multiply when few are kept."""
+    new array: one branch-free pass that LLVM vectorises (a select, not a multiply by the mask:
+    an unkept unit is +0 whatever its cotangent, -0 or inf included, as in the numpy form). It
+    replaced a gather of the kept units into zeros, 1.6-4x slower on ResNet-18's layers with 5
+    to 30% of the units kept (benchmarks/README.md)."""
     K, n, u = g.shape
-    # the kept units of each sample, then row by row in memory order
-    start = np.zeros(n + 1, np.int64)
-    kept = np.empty(n * u, np.int64)
-    c = 0
-    for i in range(n):
-        for j in range(u):
-            if mask[i, j]:
-                kept[c] = j
-                c += 1
-        start[i + 1] = c
-    out = np.zeros((K, n, u), g.dtype)
+    out = np.empty((K, n, u), g.dtype)
     for k in range(K):
         for i in range(n):
-            for q in range(start[i], start[i + 1]):
-                j = kept[q]
-                out[k, i, j] = g[k, i, j] * slope[i, j]
+            for j in range(u):
+                v = g[k, i, j] * slope[i, j]
+                out[k, i, j] = v if mask[i, j] else 0.0
     return out
 
 

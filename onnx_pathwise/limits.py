@@ -143,11 +143,20 @@ def release_freed() -> None:
         trim(0)
 
 
+_statm: tuple[int, int] | None = None  # (pid, descriptor of its /proc/self/statm)
+
+
 def resident_bytes() -> int:
-    """The process's resident size now (0 where /proc is not there)."""
+    """The process's resident size now (0 where /proc is not there).
+
+    Read from a descriptor kept open (per process: a forked child opens its own), since opening
+    the file for each of a class-chunked sweep's thousands of chunks took 3.5% of a ResNet-18
+    explanation at K = 1,000 (py-spy); reading it again costs a few microseconds."""
+    global _statm
     try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        if _statm is None or _statm[0] != os.getpid():
+            _statm = (os.getpid(), os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC))
+        return int(os.pread(_statm[1], 256, 0).split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
 

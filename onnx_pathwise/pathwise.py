@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import limits
-from .engine import Engine, Record, Through
+from .engine import Engine, Record, Through, blas_for
 from .errors import ModelError, PathwiseError
 from .graph import GateLayer
 from .ir import Node
@@ -428,7 +428,9 @@ class PathSweep:
         M, R = self.competing.rows, self.chunk
         order = [node.name for node in reversed(self.engine.nodes) if node.name in self.widths]  # from the output
         steps = (len(order) + (1 if self.input_width else 0)) * -(-M // R)
-        with _progress(self.progress, steps, f"pathwise, {M} classes in chunks of {R}") as advance:
+        # every chunk's sweep has at most R rows per sample: their BLAS limit is set once
+        with _progress(self.progress, steps, f"pathwise, {M} classes in chunks of {R}") as advance, \
+                blas_for(R * self.record.n):
             self._select_chunked(order, advance)
         result = self._final_sweep()
         # hand back what the chunks freed (one trim after a sweep of many chunks costs nothing

@@ -278,6 +278,33 @@ def test_resident_trims_only_past_half_the_budget(monkeypatch: pytest.MonkeyPatc
     assert trims == [1]
 
 
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="no /proc/self/statm here")
+def test_resident_size_follows_the_process_and_each_forked_child() -> None:
+    """resident_bytes reads a descriptor it keeps open: it sees the process grow, and a forked
+    child reads its own size, not its parent's through the inherited descriptor."""
+    before = limits.resident_bytes()
+    block = np.ones(64 * 2**20 // 8)  # 64 MiB, written
+    grown = limits.resident_bytes() - before
+    assert 48 * 2**20 < grown < 96 * 2**20, grown
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            mine = limits.resident_bytes()
+            extra = np.ones(128 * 2**20 // 8)  # the child alone grows by 128 MiB
+            os.write(write, str(limits.resident_bytes() - mine).encode())
+            del extra
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child_grew = int(os.read(read, 64))
+    os.close(read)
+    assert 96 * 2**20 < child_grew < 192 * 2**20, child_grew
+    assert limits.resident_bytes() - before < 96 * 2**20  # the parent did not see it
+    del block
+
+
 # --------------------------------------------------------------------------- one record per sample
 
 
@@ -494,6 +521,41 @@ def test_unit_sums_split_across_threads_are_the_same_bits(monkeypatch: pytest.Mo
     (one, split) = results
     for x, y in zip(one, split):
         assert np.array_equal(x, y)
+
+
+def test_a_chunked_selection_limits_blas_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The class chunks' thousands of sweeps share one BLAS limit (setting it costs 0.1 ms):
+    a nested engine.single_threaded_blas does nothing, the outer one sets and lifts it, and a
+    sweep of more rows than SMALL_SWEEP_ROWS keeps numpy's threads."""
+    from onnx_pathwise import engine
+
+    entered: list[int] = []
+
+    class Counting:
+        def limit(self, limits: int, user_api: str) -> Any:
+            import contextlib
+
+            entered.append(limits)
+            return contextlib.nullcontext()
+
+    monkeypatch.setattr(engine, "_blas", lambda: Counting())
+    ex = Explainer(mlp_many(tmp_path / "many.onnx", 60), device="cpu")
+    x = inputs(ex, 2)
+    ref = ex.explain(x)
+    monkeypatch.setattr(explainer, "CLASS_CHUNK_ROWS", 7)
+    entered.clear()
+    got = ex.explain(x)
+    same(got, ref, "chunks of 7")
+    # 9 chunks × 2 layers of sweeps per sample: one limit for them all, one for the final sweep
+    assert 1 <= len(entered) <= 2 * len(x), entered
+    entered.clear()
+    with engine.single_threaded_blas():
+        with engine.single_threaded_blas():
+            pass
+    assert entered == [1]
+    with engine.blas_for(engine.SMALL_SWEEP_ROWS + 1):
+        pass
+    assert entered == [1]
 
 
 def test_the_heap_is_reused_only_while_a_sweep_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -438,19 +438,24 @@ def test_large_batches_are_chunked_with_the_same_results(monkeypatch: pytest.Mon
 
 def test_kept_units_are_the_same_bits_in_both_tiers(monkeypatch: pytest.MonkeyPatch) -> None:
     """keep_units in numpy and as the compiled loop (onnx_pathwise.tiers): the kept entries
-    times their slopes, zeros elsewhere, bit for bit; batch and single sample."""
+    times their slopes, +0 elsewhere (not -0, not NaN, whatever the cut unit's cotangent: a
+    multiply by the mask would give both), bit for bit; batch and single sample."""
     from onnx_pathwise.selection import keep_units
 
     rng = np.random.default_rng(8)
     for n in (1, 3):
         g = rng.standard_normal((7, n, 500)).astype(np.float32)
         mask = rng.random((n, 500)) < 0.2
+        g[:, ~mask] *= -1.0  # negative cotangents on cut units: -0 from a multiply
+        cut = np.flatnonzero(~mask[0])
+        g[0, 0, cut[:2]] = [np.inf, np.nan]
         slope = rng.random((n, 500)).astype(np.float32)
         got = {}
         for tier in ("numpy", "compiled"):
             monkeypatch.setenv("ONNX_PATHWISE_KERNELS", tier)
             got[tier] = (keep_units(g, mask, slope), keep_units(g, mask))
         for a, b in zip(got["numpy"], got["compiled"]):
-            assert np.array_equal(a, b)
-        np.testing.assert_array_equal(got["numpy"][0], np.where(mask, g * slope, 0))
-        np.testing.assert_array_equal(got["numpy"][1], np.where(mask, g, 0))
+            assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+        want = np.where(mask, g * slope, np.float32(0.0)), np.where(mask, g, np.float32(0.0))
+        for a, w in zip(got["numpy"], want):
+            assert np.array_equal(a.view(np.uint32), w.view(np.uint32))
