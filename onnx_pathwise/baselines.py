@@ -52,7 +52,7 @@ MAX_ROWS = 4096
 
 def _row_chunk(explainer: Explainer) -> int:
     """Rows per record/sweep so that one sweep stays within the engine's memory bound."""
-    return max(1, min(MAX_ROWS, explainer._class_chunk(1)))
+    return max(1, min(MAX_ROWS, explainer.sweep.class_chunk(1)))
 
 
 def _probe_chunk(explainer: Explainer) -> int:
@@ -106,7 +106,7 @@ def _sweep(
     out = np.empty(x.shape, explainer.engine.dtype)
     step = _row_chunk(explainer)
     for s in range(0, n, step):
-        rec = slice_record(record, s, s + step) if record is not None else record_rows(explainer, x[s : s + step])[0]
+        rec = slice_record(record, s, s + step) if record is not None else record_rows(explainer.sweep, x[s : s + step])[0]
         w, _ = explainer.engine.backward(
             target_seeds(explainer, target[s : s + step]), rec, hooks=hooks(rec) if hooks else None
         )
@@ -303,7 +303,7 @@ def _probe(explainer: Explainer, x0: Array, d: Array, owner: Array, alpha: Array
     P = len(alpha)
     shp = (-1,) + (1,) * (d.ndim - 1)
     pts = (x0[owner].astype(np.float64) + alpha.reshape(shp) * d[owner]).astype(x0.dtype)
-    rec, values = record_rows(explainer, pts, preactivations=True)
+    rec, values = record_rows(explainer.sweep, pts, preactivations=True)
     env = eng.tangent_env(d[owner][None].astype(eng.dtype), rec)
     lo = np.zeros(P)
     hi = np.ones(P)

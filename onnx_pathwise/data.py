@@ -132,7 +132,8 @@ def open_inputs(
         columns = [c.strip() for c in columns.split(",") if c.strip()]
     if batch_size is None:
         classes = getattr(explainer, "num_classes", 1) if explainer is not None else 1
-        largest = explainer._biggest if explainer is not None and hasattr(explainer, "_biggest") else None
+        sweep = getattr(explainer, "sweep", None)
+        largest = sweep.largest_tensor if sweep is not None else None
         batch_size = default_batch_size(shape, classes, largest)
     common: dict[str, Any] = {"shape": shape, "batch_size": batch_size, "on_error": on_error}
     suffix = path.suffix.lower()

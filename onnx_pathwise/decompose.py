@@ -65,7 +65,7 @@ def decompose(
     ncls = parse_classes(classes)
     names = [g.name for g in sweep.gate_layers]
     xb = sweep.check_input(x)
-    step, _, _ = sweep._sweep_plan(competing_rows(ncls, sweep.num_classes), xb.shape[0])
+    step, _, _ = sweep.sweep_plan(competing_rows(ncls, sweep.num_classes), xb.shape[0])
     if xb.shape[0] > step:  # bounded memory: one sweep per chunk of samples
         t = None if target is None else np.asarray(target)
         return concat_batches([  # type: ignore[no-any-return]

@@ -51,7 +51,7 @@ def path_sweep(sweep: Sweep, rec: Record, target: Any, width: Any, depth: int | 
     in_width = parse_width(input_width, D) if input_width is not None else None
     tgt = resolve_targets(target, rec.scores)
     competing = competing_set(rec.scores, tgt, classes)
-    _, chunk, store = sweep._sweep_plan(competing.rows, rec.n)
+    _, chunk, store = sweep.sweep_plan(competing.rows, rec.n)
     graph = sweep.selection_graph(widths, competing.rows) if in_width is None and keep_at is None else None
     path = PathSweep(sweep.engine, layers, rec, tgt, competing, widths, in_width, keep_at=keep_at,
                      chunk=chunk, store_bytes=store, progress=progress, graph=graph)
@@ -75,7 +75,7 @@ def explain(
     progress bar on stderr while a sweep goes in class chunks."""
     ncls = parse_classes(classes)
     xb = sweep.check_input(x) if record is None else record.x
-    step, _, _ = sweep._sweep_plan(competing_rows(ncls, sweep.num_classes), xb.shape[0])
+    step, _, _ = sweep.sweep_plan(competing_rows(ncls, sweep.num_classes), xb.shape[0])
     if xb.shape[0] > step:  # bounded memory: one sweep per chunk of samples, recorded once
         t = None if target is None else np.asarray(target)
         return concat_batches([  # type: ignore[no-any-return]

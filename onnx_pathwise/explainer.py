@@ -114,28 +114,6 @@ class Explainer:
         """One onnxruntime forward pass (:meth:`onnx_pathwise.sweep.Sweep.record`)."""
         return self.sweep.record(x, preactivations)
 
-    def _recorder_for(self, preactivations: bool = False) -> runtime.Recorder:
-        return self.sweep._recorder_for(preactivations)
-
-    @property
-    def _biggest(self) -> int:
-        return self.sweep._biggest
-
-    def _sweep_bytes(self, rows: int, n: int) -> tuple[float, float]:
-        return self.sweep._sweep_bytes(rows, n)
-
-    def _sweep_plan(self, rows: int, n: int) -> tuple[int, int | None, float]:
-        return self.sweep._sweep_plan(rows, n)
-
-    def _sample_chunk(self, rows_per_sample: int) -> int:
-        return self.sweep._sample_chunk(rows_per_sample)
-
-    def _class_chunk(self, n: int) -> int:
-        return self.sweep._class_chunk(n)
-
-    def _score_seeds(self, classes: np.ndarray, n: int) -> dict[str, np.ndarray]:
-        return self.sweep._score_seeds(classes, n)
-
     @limits.reused_heap()
     def unwrap(self, x: Any, record: Record | None = None) -> UnwrapResult:
         """The local affine model W_x, b_x of every sample, checked against onnxruntime

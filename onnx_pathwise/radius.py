@@ -152,4 +152,4 @@ def _radius_columns(sweep: Sweep, n: int, D: int, sq: dict[str, np.ndarray], poo
         p[2].nbytes + p[3].nbytes + p[5].nbytes + p[6].nbytes for p in pools)
     limits.check_fits(held + per_column, "the certified radius (accumulators and one input tangent)")
     fit = (limits.memory_budget() - held) // per_column
-    return int(max(1, min(D, fit, sweep_mod.MAX_SWEEP_ELEMENTS // max(1, n * sweep._biggest))))
+    return int(max(1, min(D, fit, sweep_mod.MAX_SWEEP_ELEMENTS // max(1, n * sweep.largest_tensor))))

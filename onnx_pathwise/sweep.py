@@ -94,18 +94,18 @@ def refuse_overflow(what: str, *arrays: np.ndarray) -> None:
                          "product of weights is too large)")
 
 
-def record_rows(explainer: Any, x: np.ndarray, preactivations: bool = False) -> tuple[Record, dict[str, np.ndarray]]:
+def record_rows(sweep: Sweep, x: np.ndarray, preactivations: bool = False) -> tuple[Record, dict[str, np.ndarray]]:
     """One onnxruntime forward pass over rows x (already checked): the record and the raw
     recorded values (gate outputs, or inputs with ``preactivations``; max-pool inputs; scores)."""
-    values = explainer._recorder_for(preactivations).run(x)
+    values = sweep.recorder_for(preactivations).run(x)
     for name, value in values.items():  # finite weights and inputs can still overflow
         v = np.asarray(value)
         if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
             row = int(np.argwhere(~np.isfinite(v))[0][0]) if v.ndim else 0
             raise ModelError(f"tensor {name!r} is NaN or infinite on sample {row}: the model does not "
                              "compute finite values on this input (a float overflow, or a NaN attribute)")
-    states, pre = explainer.engine.states_from(values)
-    scores = np.asarray(values[explainer.ir.output_name]).reshape(x.shape[0], -1)
+    states, pre = sweep.engine.states_from(values)
+    scores = np.asarray(values[sweep.ir.output_name]).reshape(x.shape[0], -1)
     return Record(x=x, scores=scores, states=states, preactivations=pre), values
 
 
@@ -174,7 +174,7 @@ class Sweep:
             raise InputError(f"{name}: {bad} value(s) are NaN or infinite")
         return np.ascontiguousarray(x, dtype=self.ir.input_dtype)
 
-    def _recorder_for(self, preactivations: bool = False) -> runtime.Recorder:
+    def recorder_for(self, preactivations: bool = False) -> runtime.Recorder:
         rec = self._recorders.get(preactivations)
         if rec is None:
             rec = runtime.Recorder(
@@ -194,7 +194,7 @@ class Sweep:
         return record_rows(self, self.check_input(x), preactivations)[0]
 
     @cached_property
-    def _biggest(self) -> int:
+    def largest_tensor(self) -> int:
         """Elements per sample of the largest tensor of the cone."""
         return max((int(np.prod(s, dtype=np.int64)) for s in self.ir.shapes.values()), default=1)
 
@@ -214,11 +214,11 @@ class Sweep:
             best = max(best, sum(v for t, v in size.items() if where.get(t, -1) <= p < last[t]))
         return max(best, 1)
 
-    def _sweep_bytes(self, rows: int, n: int) -> tuple[float, float]:
+    def sweep_bytes(self, rows: int, n: int) -> tuple[float, float]:
         """(bytes per sample-row of a sweep, bytes per sample besides the sweep: the selection's
         float64 sums, the seeds, the record and the results) for ``rows`` competing rows."""
         item = self.engine.dtype.itemsize
-        per_row = item * (self._live_max + 3 * self._biggest)
+        per_row = item * (self._live_max + 3 * self.largest_tensor)
         units = max((g.units for g in self.gate_layers), default=0)
         D = int(np.prod(self.input_shape, dtype=np.int64))
         recorded = sum(g.units for g in self.gate_layers) + sum(
@@ -226,7 +226,7 @@ class Sweep:
         fixed = 48 * max(units, D) + item * (rows * self.num_classes + 4 * D + 2 * recorded)
         return float(per_row), float(fixed)
 
-    def _sweep_plan(self, rows: int, n: int) -> tuple[int, int | None, float]:
+    def sweep_plan(self, rows: int, n: int) -> tuple[int, int | None, float]:
         """How a pathwise sweep of ``rows`` competing rows per sample runs within the memory
         budget (docs/design.md §4): (samples per sweep, rows per class chunk or None for all at once,
         bytes left for checkpoints, less ``CHECKPOINT_HEADROOM`` of the budget). All rows at
@@ -235,13 +235,13 @@ class Sweep:
         MAX_SWEEP_ELEMENTS per chunk). Refused, with the estimate, only when one row per chunk
         cannot fit."""
         budget = limits.memory_budget()
-        per_row, fixed = self._sweep_bytes(rows, n)
-        step = self._sample_chunk(rows)
+        per_row, fixed = self.sweep_bytes(rows, n)
+        step = self.sample_chunk(rows)
         fit = int(budget // (rows * per_row + fixed))
         if CLASS_CHUNK_ROWS is None and fit >= 1:
             return max(1, min(step, fit)), None, 0.0
         samples = 1 if CLASS_CHUNK_ROWS is None else min(step, max(1, fit))
-        chunk = CLASS_CHUNK_ROWS or int(min(rows, max(1, MAX_SWEEP_ELEMENTS // self._biggest),
+        chunk = CLASS_CHUNK_ROWS or int(min(rows, max(1, MAX_SWEEP_ELEMENTS // self.largest_tensor),
                                             (budget - fixed) // per_row))
         if chunk < 1:
             limits.check_fits(fixed + per_row, f"a pathwise sweep ({rows} competing classes, one per chunk)")
@@ -293,14 +293,14 @@ class Sweep:
             return None
         return built if built is not None and built.fits(rows, self._live_max) else None
 
-    def _sample_chunk(self, rows_per_sample: int) -> int:
+    def sample_chunk(self, rows_per_sample: int) -> int:
         """Samples per sweep so that rows × largest tensor stays within MAX_SWEEP_ELEMENTS."""
-        return max(1, MAX_SWEEP_ELEMENTS // max(1, rows_per_sample * self._biggest))
+        return max(1, MAX_SWEEP_ELEMENTS // max(1, rows_per_sample * self.largest_tensor))
 
-    def _class_chunk(self, n: int) -> int:
-        return max(1, MAX_SWEEP_ELEMENTS // max(1, n * self._biggest))
+    def class_chunk(self, n: int) -> int:
+        return max(1, MAX_SWEEP_ELEMENTS // max(1, n * self.largest_tensor))
 
-    def _score_seeds(self, classes: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    def score_seeds(self, classes: np.ndarray, n: int) -> dict[str, np.ndarray]:
         """Seeds e_k at the scores: (len(classes), n, *score shape)."""
         K = self.num_classes
         seed = np.zeros((len(classes), n, K), self.engine.dtype)

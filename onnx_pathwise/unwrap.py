@@ -39,7 +39,7 @@ def unwrap(sweep: Sweep, x: Any, record: Record | None = None) -> UnwrapResult:
     """The local affine model W_x, b_x of every sample, checked against onnxruntime (samples,
     then classes, in chunks of at most ``MAX_SWEEP_ELEMENTS`` rows; ``record`` reuses a
     recorded forward pass)."""
-    step = sweep._sample_chunk(1)
+    step = sweep.sample_chunk(1)
     if record is None:
         xb = sweep.check_input(x)
         if xb.shape[0] > step:  # bounded memory: one sample chunk at a time
@@ -51,11 +51,11 @@ def unwrap(sweep: Sweep, x: Any, record: Record | None = None) -> UnwrapResult:
     rec = record if record is not None else sweep.record(x)
     n, K = rec.scores.shape
     ws, bs = [], []
-    step = sweep._class_chunk(n)
+    step = sweep.class_chunk(n)
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, not warned
         for start in range(0, K, step):
             classes = np.arange(start, min(K, start + step))
-            w, b = sweep.engine.backward(sweep._score_seeds(classes, n), rec)
+            w, b = sweep.engine.backward(sweep.score_seeds(classes, n), rec)
             ws.append(w)
             bs.append(b)
         W = np.concatenate(ws).swapaxes(0, 1)  # (n, K, *in)

@@ -144,15 +144,15 @@ def test_the_budget_picks_class_chunks_and_refuses_only_below_one_class(tmp_path
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     ex = Explainer(mlp_many(tmp_path / "many.onnx", 1000), device="cpu")
     rows = 1000
-    per_row, fixed = ex._sweep_bytes(rows, 1)
+    per_row, fixed = ex.sweep.sweep_bytes(rows, 1)
     monkeypatch.setattr(limits, "memory_budget", lambda: int(fixed + 10.5 * per_row))
-    samples, chunk, _ = ex._sweep_plan(rows, 4)
+    samples, chunk, _ = ex.sweep.sweep_plan(rows, 4)
     assert (samples, chunk) == (1, 10)
     monkeypatch.setattr(limits, "memory_budget", lambda: int(fixed + 0.5 * per_row))
     with pytest.raises(limits.BudgetError, match="would need about"):
         ex.explain(inputs(ex, 1))
     monkeypatch.setattr(limits, "memory_budget", lambda: 2**40)
-    assert ex._sweep_plan(rows, 4)[1] is None  # everything fits: one sweep, as before
+    assert ex.sweep.sweep_plan(rows, 4)[1] is None  # everything fits: one sweep, as before
 
 
 CHILD = textwrap.dedent("""
@@ -592,7 +592,7 @@ def test_sessions_share_the_loaders_weight_arrays_and_record_the_same(tmp_path: 
     whole = onnx.load(str(path))
     ex = Explainer(path, device="cpu")
     arrays = ex.source_ir.constants
-    rec = ex.sweep._recorder_for(False)
+    rec = ex.sweep.recorder_for(False)
     recorded, shared = runtime._with_outputs(whole, rec.names, arrays)
     assert "wk" in shared and shared["wk"] is arrays["wk"]  # 1000 × 24 floats: shared
     assert "w0" not in shared  # 1.6 kB: not worth it, stays inline

@@ -160,7 +160,7 @@ def test_an_empty_onnxruntime_message_still_gives_a_cause(monkeypatch: pytest.Mo
 
     ex = Explainer(tiny_cnn(), device="cpu")
     x = np.zeros((1, 1, 4, 4), np.float32)
-    rec = ex._recorder_for()
+    rec = ex.sweep.recorder_for()
     monkeypatch.setattr(rec, "_session", _Silent(message))
     with pytest.raises(ModelError) as info:
         ex.record(x)

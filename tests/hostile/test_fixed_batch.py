@@ -117,7 +117,7 @@ def test_a_batch_equals_the_sample_loop_at_fixed_batch_8(exported: dict[tuple[st
 
 def test_onnxruntime_only_ever_sees_groups_of_b(exported: dict[tuple[str, int], Path], monkeypatch: pytest.MonkeyPatch) -> None:
     ex = Explainer(exported["mlp", 8], device="cpu")
-    rec = ex._recorder_for()
+    rec = ex.sweep.recorder_for()
     seen: list[tuple[int, ...]] = []
     real = rec._session
 
