@@ -174,7 +174,7 @@ class Builder:
                rows_max: int = 1) -> tuple[str, str]:
         """The kept-unit mask (1, u) of a path layer from the cotangents g (rows, *s) arriving
         at its gate, and those cotangents with the other units cut (rows, u). With ``zero_row``
-        (a single score) a row of zeros is scored before the swept ones (``Competing.scored``).
+        (a single score) a row of zeros is scored before the swept ones (as ``select_units`` with ``zero_row``).
         The float64 scores go in slices of units small enough that ``rows_max`` rows of a
         slice's temporaries take at most ``SCORE_SLICE_BYTES``: each unit's score is its own."""
         G = self.op("Reshape", [g, self.const(np.array([-1, units], np.int64))])

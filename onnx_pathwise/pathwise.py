@@ -188,10 +188,10 @@ class Competing:
     """The rows a pathwise sweep carries per sample: seed row r of sample i is the score of
     class ``classes[r, i]`` (−1: a zero seed, padding).
 
-    The selection scores :meth:`scored` rows: with ``zero_row`` (a single score), a row of
-    zeros first, the implicit class 0 whose logit is 0 and whose cotangents are zero everywhere
-    (so it is never swept), then the swept rows. Only the first ``count[i]`` scored rows
-    compete in sample i's softmax; ``target_row`` is the target's scored row, ``carry_row``
+    The selection scores the swept rows, with ``zero_row`` (a single score) after a row of
+    zeros: the implicit class 0 whose logit is 0 and whose cotangents are zero everywhere (so it
+    is never swept, and :func:`select_units` never builds it over every unit). Only the first
+    ``count[i]`` scored rows compete in sample i's softmax; ``target_row`` is the target's scored row, ``carry_row``
     the swept row whose cotangent gives W_p, times ``sign`` (−1 for the implicit class 0 of a
     single score, whose log-odds is −y)."""
 
@@ -215,13 +215,6 @@ class Competing:
         r, i = np.nonzero(cls >= 0)
         seed[r, i, cls[r, i]] = 1.0
         return seed
-
-    def scored(self, J: np.ndarray) -> np.ndarray:
-        """The rows the selection scores from the swept cotangents J (m, n, u): J itself, or
-        with ``zero_row`` a row of zeros before it."""
-        if not self.zero_row:
-            return J
-        return np.concatenate([np.zeros((1,) + J.shape[1:], J.dtype), J])
 
 
 def competing_rows(classes: int | None, K: int) -> int:
@@ -325,8 +318,8 @@ class PathSweep:
         flat = g.reshape(K, n, -1)
         if node.name in self.widths:
             state = self.record.states[node.name]
-            self.masks[node.name] = select_units(state.value.reshape(n, -1), self.competing.scored(flat),
-                                                 self.competing.target_row, self.widths[node.name], self._counts())
+            self.masks[node.name] = select_units(state.value.reshape(n, -1), flat, self.competing.target_row,
+                                                 self.widths[node.name], self._counts(), self.competing.zero_row)
         return self._apply(node, g)
 
     def _apply(self, node: Node, g: np.ndarray) -> np.ndarray | Through:
@@ -356,8 +349,8 @@ class PathSweep:
         K, n = w.shape[:2]
         flat = w.reshape(K, n, -1)
         assert self.input_width is not None
-        mask = select_units(self.record.x.reshape(n, -1), self.competing.scored(flat), self.competing.target_row,
-                            self.input_width, self._counts())
+        mask = select_units(self.record.x.reshape(n, -1), flat, self.competing.target_row,
+                            self.input_width, self._counts(), self.competing.zero_row)
         self.input_mask = mask
         return (flat * mask[None].astype(flat.dtype)).reshape(w.shape)
 

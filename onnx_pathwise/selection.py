@@ -68,7 +68,8 @@ def _unit_ranges(u: int) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def _candidates(h: np.ndarray, J: np.ndarray, c: int, split: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def _candidates(h: np.ndarray, J: np.ndarray, c: int, split: bool = True,
+                zero_row: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Flat indices (ascending) and scores e = log(K·P) of one sample's units with P > 1/K.
 
     Each unit's score depends on that unit alone, so with ``split`` large layers are cut into
@@ -77,7 +78,7 @@ def _candidates(h: np.ndarray, J: np.ndarray, c: int, split: bool = True) -> tup
     u = h.shape[0]
 
     def score(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
-        idx, e = scores.unit_excess(h[a:b], J[:, a:b], c)
+        idx, e = scores.unit_excess(h[a:b], J[:, a:b], c, zero_row)
         return idx + a, e
 
     ranges = _unit_ranges(u) if split else [(0, u)]
@@ -117,7 +118,7 @@ def _keep(candidates: np.ndarray, e: np.ndarray, width: int) -> np.ndarray:
 
 
 def select_units(h: np.ndarray, J: np.ndarray, target: np.ndarray, width: int,
-                 counts: np.ndarray | None = None) -> np.ndarray:
+                 counts: np.ndarray | None = None, zero_row: bool = False) -> np.ndarray:
     """The kept-unit mask (n, u) of one path layer.
 
     h (n, u) gate outputs, J (K, n, u) score cotangents, target (n,) rows of J (the classes,
@@ -127,17 +128,21 @@ def select_units(h: np.ndarray, J: np.ndarray, target: np.ndarray, width: int,
     :func:`onnx_pathwise.scores.unit_excess`), candidates by P descending with ties to the
     lower index, the first ``width`` kept when P > 1/K, else the first candidate. Samples are
     independent: a batch is spread over the cores sample by sample, a single sample's large
-    layer chunk by chunk.
+    layer chunk by chunk. With ``zero_row`` (a single score) the scored rows are a row of zeros
+    then J's one row (``target`` and ``counts`` count the zero row), never built in full.
     """
     K, n, u = J.shape
     mask = np.zeros((n, u), bool)
+    first = 1 if zero_row else 0  # scored rows that J does not hold
 
     def one(i: int) -> None:
         c = int(target[i])
-        Ji = J[:, i] if counts is None else J[: int(counts[i]), i]
-        candidates, e = _candidates(h[i], Ji, c, split=n == 1)
+        Ji = J[:, i] if counts is None else J[: int(counts[i]) - first, i]
+        candidates, e = _candidates(h[i], Ji, c, split=n == 1, zero_row=zero_row)
         if candidates.size == 0:
             # nobody favours the target: keep the first candidate of the full order
+            if zero_row:
+                Ji = np.concatenate([np.zeros((1, u), J.dtype), Ji])
             full = _log_p(h[i], Ji, c)
             mask[i, int(np.argmax(full))] = True  # argmax returns the lowest index among ties
             return

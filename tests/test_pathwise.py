@@ -363,6 +363,39 @@ def test_unit_excess_matches_float64_logsumexp(scale: float, K: int) -> None:
             assert out[np.searchsorted(got, 30)] == out[np.searchsorted(got, 31)]
 
 
+def test_a_single_scores_implicit_zero_row_gives_the_bits_of_the_full_rows() -> None:
+    """A single score's selection scores [0, J] without building the zero row over every unit
+    (zero_row): the same candidates and the same bits of every score as the two full rows, both
+    sides as target, float32 and float64, signed zeros, off units and scores past exp's range;
+    select_units keeps the same units, with and without a width, and with counts."""
+    from onnx_pathwise.scores import unit_excess
+
+    rng = np.random.default_rng(21)
+    n, u = 3, 2999
+    for dtype in (np.float32, np.float64):
+        h = rng.standard_normal((n, u)).astype(dtype)
+        h[:, ::5] = 0.0
+        h[:, 1::7] = -0.0
+        J = (rng.standard_normal((1, n, u)) * np.where(rng.random((1, 1, u)) < 0.05, 1e3, 1.0)).astype(dtype)
+        J[:, :, 10:20] = 0.0
+        J[:, :, 20:25] = -0.0
+        full = np.concatenate([np.zeros((1, n, u), dtype), J])
+        for i in range(n):
+            for c in (0, 1):
+                ia, ea = unit_excess(h[i], full[:, i], c)
+                ib, eb = unit_excess(h[i], J[:, i], c, zero_row=True)
+                assert ia.size > 100
+                assert np.array_equal(ia, ib)
+                assert np.array_equal(ea.view(np.uint64), eb.view(np.uint64))
+        target = np.array([0, 1, 1])
+        for width, counts in ((10**9, None), (7, None), (3, np.array([2, 2, 2]))):
+            want = select_units(h, full, target, width, counts)
+            assert np.array_equal(select_units(h, J, target, width, counts, zero_row=True), want)
+        # nobody favours the target: the first candidate of the full order, in both forms
+        off = np.zeros_like(h)
+        assert np.array_equal(select_units(off, J, target, 5, zero_row=True), select_units(off, full, target, 5))
+
+
 def test_unit_excess_resolves_p_near_one_over_k() -> None:
     """Units whose P sits within 1e-12 of 1/K: the excess e = log(K·P) comes out to ~1e-19
     (checked against a long-double evaluation), far below log-sum-exp's ~4e-16 round-off of
