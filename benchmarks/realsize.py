@@ -13,6 +13,10 @@ round after round (median of ``--repeat``), so drift of a shared machine cancels
 * ``pathwise`` — ours full-depth ``explain`` ÷ the limit: onnxruntime's forward pass of the batch
   (a plain session of the file with onnxruntime's default options) times (1 + K) (docs/design.md §6: 1 + K forward-equivalents; measured once per round on b rows and
   scaled, since running 1,001 forwards of a ResNet-50 per round would dominate the run);
+  ``pathwise_ort_bwd`` the same explanation ÷ a second limit, onnxruntime's forward pass of the
+  batch plus K rows per sample of onnxruntime's own backward (``graphsweep.AdjointGraph``: the
+  adjoint graph of every op from the scores down to the lowest gate layer, no selection; timed
+  on min(K, 10) rows of one sample per round and scaled);
 * ``rss``      — peak RSS (VmHWM) of ours and Captum (default and lean) for IG-32, each in its own
   subprocess;
 * ``cli``      — a warm ``python -m onnx_pathwise explain`` ÷ the same explanation through the API,
@@ -92,17 +96,41 @@ def _torch_grad(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -
     return xi.grad
 
 
-def _median_pair(ours: Callable[[], Any], ref: Callable[[], Any], repeat: int) -> tuple[float, float]:
-    ours(), ref()  # warm-up: kernel compilation, caches, allocator
-    a, b = [], []
+def _medians(runs: list[Callable[[], Any]], repeat: int) -> list[float]:
+    """The median time of each of ``runs``, timed in turn round after round, after one warm-up
+    round (kernel compilation, caches, allocator)."""
+    for run in runs:
+        run()
+    times: list[list[float]] = [[] for _ in runs]
     for _ in range(repeat):
-        t = time.perf_counter()
-        ours()
-        a.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        ref()
-        b.append(time.perf_counter() - t)
-    return statistics.median(a), statistics.median(b)
+        for run, ts in zip(runs, times):
+            t = time.perf_counter()
+            run()
+            ts.append(time.perf_counter() - t)
+    return [statistics.median(ts) for ts in times]
+
+
+def _median_pair(ours: Callable[[], Any], ref: Callable[[], Any], repeat: int) -> tuple[float, float]:
+    o, r = _medians([ours, ref], repeat)
+    return o, r
+
+
+#: Rows of onnxruntime's own backward (``graphsweep.AdjointGraph``) timed per round for the
+#: second limit; scaled to K rows of every sample, as the forward pass is scaled to 1 + K.
+ADJOINT_ROWS = 10
+
+
+def _ort_backward(ex: Explainer, x: np.ndarray, K: int) -> Callable[[], Any]:
+    """One run of onnxruntime's own K-row backward without selection, on min(K, ADJOINT_ROWS)
+    rows of the first sample: the adjoint graph of every op from the scores down to the lowest
+    gate layer, the same graph forms as the selection graph's (docs/design.md §6)."""
+    from onnx_pathwise import graphsweep
+
+    graph = graphsweep.AdjointGraph(ex.sweep.engine, [layer.name for layer in ex.sweep.gate_layers])
+    rec = ex.sweep.record(x[:1])
+    rows = min(K, ADJOINT_ROWS)
+    seeds = np.eye(K, dtype=np.float32)[:rows].reshape((rows,) + ex.sweep.ir.shapes[ex.sweep.ir.output_name])
+    return lambda: graph.cotangents(rec, 0, seeds)
 
 
 #: Our side of the RSS measurement: a process that imports onnx_pathwise only (no torch).
@@ -294,9 +322,12 @@ def measure(ex: Explainer, model: torch.nn.Module, x: np.ndarray, path: str, nam
     if "pathwise" in what:
         plain = ort.InferenceSession(path, providers=["CPUExecutionProvider"])  # onnxruntime's defaults
         name_in = plain.get_inputs()[0].name
-        o, r = _median_pair(lambda: ex.explain(x), lambda: plain.run(None, {name_in: x}), repeat)
+        o, r, a = _medians([lambda: ex.explain(x), lambda: plain.run(None, {name_in: x}), _ort_backward(ex, x, K)],
+                           repeat)
         row["pathwise"] = o / (r * (1 + K))
         row["pathwise_s"] = o
+        # the second limit: the forward pass and K rows per sample of onnxruntime's own backward
+        row["pathwise_ort_bwd"] = o / (r + a * K * b / min(K, ADJOINT_ROWS))
     if "rss" in what:
         ours = _child_rss(["ours", path, f"{name}:{K}", str(b)])
         ref = _child_rss(["ref", path, f"{name}:{K}", str(b)])
@@ -352,7 +383,8 @@ def main() -> None:
     print(f"\nmachine: {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
     if {"ig32", "rss"} & set(a.what.split(",")):
         print(f"IG-32 reference: {_ig_reference()}")
-    cols = [c for c in ("grad", "unwrap", "ig32", "ig32_lean", "pathwise", "pathwise_s", "rss_ig32", "rss_ig32_lean")
+    cols = [c for c in ("grad", "unwrap", "ig32", "ig32_lean", "pathwise", "pathwise_ort_bwd", "pathwise_s",
+                        "rss_ig32", "rss_ig32_lean")
             if any(c in r for r in rows)]
     print("| model | K | batch | " + " | ".join(cols) + " |")
     print("|---" * (3 + len(cols)) + "|")

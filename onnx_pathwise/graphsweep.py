@@ -273,6 +273,45 @@ class Builder:
         return self.op("Where", [self.op("Equal", [v, self.const(np.ones(1))]), y, r])
 
 
+def _adjoints(engine: Engine, b: Builder, stops: Sequence[str], at_stop: Callable[[str, str, int], str]) -> None:
+    """Write into ``b`` the adjoint of every op from the scores (graph input ``seeds``) down to
+    the lowest of the gate nodes ``stops``, each op's as its rule's ``emit`` gives it; at each
+    stop, ``at_stop(node, g, units)`` gets the cotangents arriving at its output (rows, *s)
+    and returns those to carry on with. Raises NotImplementedError where an op has no graph form."""
+    ir = engine.ir
+    env: dict[str, str] = {ir.output_name: "seeds"}
+    remaining = set(stops)
+    for node in reversed(engine.nodes):
+        if not remaining:
+            break  # below the lowest stop nothing is asked for
+        cots: list[str | None] = [env.pop(o, None) for o in node.outputs]
+        if all(c is None for c in cots):
+            continue
+        if node.name in remaining and cots[0] is not None:
+            units = int(np.prod(ir.shapes[node.outputs[0]], dtype=np.int64))
+            cots[0] = b.op("Reshape", [at_stop(node.name, cots[0], units), b.shape(ir.shapes[node.outputs[0]])])
+            remaining.discard(node.name)
+            if not remaining:
+                break
+        rule = RULES[node.op_type]
+        if rule.emit is None:
+            raise NotImplementedError(f"no graph form of {node.op_type} (node {node.name!r})")
+        try:
+            ins = rule.emit(node, cots, engine.ctx[node.name], b)
+        except NotImplementedError as exc:
+            raise NotImplementedError(f"{exc} (node {node.name!r}) has no graph form") from None
+        for t, d, c in zip(node.inputs, node.data, ins):
+            if d and c is not None:
+                env[t] = b.op("Add", [env[t], c]) if t in env else c
+    if remaining:
+        raise NotImplementedError(f"path layers {sorted(remaining)} not reached from the scores")
+
+
+def _feeds(feeds: Sequence[_Feed], record: Record, i: int) -> dict[str, np.ndarray]:
+    """The state inputs of a graph for sample ``i`` of ``record``."""
+    return {f.name: np.ascontiguousarray(f.get(record.states[f.node])[i : i + 1], f.dtype) for f in feeds}
+
+
 class SelectionGraph:
     """The selection graph of one engine and one set of path layers (``widths``: gate node →
     units kept), on ``device``. Raises NotImplementedError, with the op, where some op on the
@@ -282,36 +321,15 @@ class SelectionGraph:
         self.engine, self.widths = engine, dict(widths)
         ir = engine.ir
         b = Builder()
-        env: dict[str, str] = {ir.output_name: "seeds"}
         self.outputs: dict[str, str] = {}
-        remaining = set(self.widths)
-        for node in reversed(engine.nodes):
-            if not remaining:
-                break  # below the lowest path layer nothing is selected
-            cots: list[str | None] = [env.pop(o, None) for o in node.outputs]
-            if all(c is None for c in cots):
-                continue
-            if node.name in remaining and cots[0] is not None:
-                units = int(np.prod(ir.shapes[node.outputs[0]], dtype=np.int64))
-                mask, cut = b.select(cots[0], node.name, units, self.widths[node.name], "target",
-                                     zero_row=ir.num_classes == 1, rows_max=max(2, ir.num_classes))
-                self.outputs[node.name] = mask
-                cots[0] = b.op("Reshape", [cut, b.shape(ir.shapes[node.outputs[0]])])
-                remaining.discard(node.name)
-                if not remaining:
-                    break
-            rule = RULES[node.op_type]
-            if rule.emit is None:
-                raise NotImplementedError(f"no graph form of {node.op_type} (node {node.name!r})")
-            try:
-                ins = rule.emit(node, cots, engine.ctx[node.name], b)
-            except NotImplementedError as exc:
-                raise NotImplementedError(f"{exc} (node {node.name!r}) has no graph form") from None
-            for t, d, c in zip(node.inputs, node.data, ins):
-                if d and c is not None:
-                    env[t] = b.op("Add", [env[t], c]) if t in env else c
-        if remaining:
-            raise NotImplementedError(f"path layers {sorted(remaining)} not reached from the scores")
+
+        def select(name: str, g: str, units: int) -> str:
+            mask, cut = b.select(g, name, units, self.widths[name], "target",
+                                 zero_row=ir.num_classes == 1, rows_max=max(2, ir.num_classes))
+            self.outputs[name] = mask
+            return cut
+
+        _adjoints(engine, b, list(self.widths), select)
         model = b.model([("seeds", _FLOAT), ("target", onnx.TensorProto.INT64)], list(self.outputs.values()),
                         onnx.TensorProto.BOOL)
         self.feeds = b.feeds
@@ -351,8 +369,7 @@ class SelectionGraph:
                 "seeds": seeds.reshape((cls.size,) + ir.shapes[ir.output_name]),
                 "target": np.array([[int(target_row[i])]], np.int64),
             }
-            for f in self.feeds:
-                feeds[f.name] = np.ascontiguousarray(f.get(record.states[f.node])[i : i + 1], f.dtype)
+            feeds.update(_feeds(self.feeds, record, i))
             try:
                 results = self.session.run(names, feeds)
             except Exception as exc:
@@ -363,3 +380,38 @@ class SelectionGraph:
         return out
 
 
+
+
+class AdjointGraph:
+    """onnxruntime's own backward of the sweep, without any selection: the competing rows
+    carried from the scores down to the lowest of the gate nodes ``layers`` by the graph forms
+    the selection graph uses (the gates' slopes as recorded, every unit kept), that layer's
+    cotangents its output. What onnxruntime takes for the adjoints alone, beside which
+    ``benchmarks/realsize.py`` times the whole selection, and an oracle for the rules' graph
+    forms against the host's sweep (tests). Raises NotImplementedError as
+    :class:`SelectionGraph` does."""
+
+    def __init__(self, engine: Engine, layers: Sequence[str], device: str = "cpu") -> None:
+        self.engine = engine
+        b = Builder()
+        lowest: list[str] = []
+
+        def carry(name: str, g: str, units: int) -> str:
+            lowest[:] = [name, g]
+            return g
+
+        _adjoints(engine, b, layers, carry)
+        #: the lowest of ``layers``: the gate node at whose output the cotangents come out
+        self.layer = lowest[0]
+        self.feeds = b.feeds
+        self.session = runtime.session(b.model([("seeds", _FLOAT)], [lowest[1]]), device,
+                                       what="creating the adjoint graph's session", shared=b.shared)
+
+    def cotangents(self, record: Record, i: int, seeds: np.ndarray) -> np.ndarray:
+        """The cotangents (rows, *s) arriving at :attr:`layer`'s output for sample ``i`` of
+        ``record``, from ``seeds`` (rows, *score shape)."""
+        feeds = {"seeds": np.ascontiguousarray(seeds, np.float32), **_feeds(self.feeds, record, i)}
+        try:
+            return self.session.run(None, feeds)[0]  # type: ignore[no-any-return]
+        except Exception as exc:
+            raise runtime.failure(exc, "running the adjoint graph") from None

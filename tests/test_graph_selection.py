@@ -164,6 +164,33 @@ def test_the_selection_graph_cuts_what_the_host_cuts(tmp_path_factory: pytest.Te
         assert masks[last.name].sum() <= 2 * width
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_the_adjoint_graph_carries_the_host_sweeps_cotangents(name: str, tmp_path_factory: pytest.TempPathFactory,
+                                                              ) -> None:
+    """``AdjointGraph`` (onnxruntime's own backward, no selection): every class's cotangents at
+    the lowest gate layer equal the host engine's sweep without hooks, sample by sample, to
+    float32 round-off; the graph forms of every op on the way are what is checked."""
+    ex = explainer_for(name, tmp_path_factory.mktemp(name))
+    x = inputs(ex, 2, seed=3)
+    rec = ex.sweep.record(x)
+    layers = [layer.name for layer in ex.sweep.gate_layers]
+    graph = graphsweep.AdjointGraph(ex.sweep.engine, layers)
+    assert graph.layer == layers[0]
+    node = next(n for n in ex.sweep.engine.nodes if n.name == graph.layer)
+    K = ex.num_classes
+    score_shape = ex.sweep.ir.shapes[ex.sweep.ir.output_name]
+    seeds = np.eye(K, dtype=np.float32).reshape((K,) + score_shape)
+    cut = ex.sweep.engine.backward_to({ex.sweep.ir.output_name: np.repeat(seeds[:, None], 2, axis=1)}, rec,
+                                      graph.layer)
+    want = cut[node.outputs[0]]
+    for i in range(2):
+        got = graph.cotangents(rec, i, seeds)
+        assert got.shape == (K,) + want.shape[2:], name
+        scale = max(float(np.abs(want[:, i]).max()), 1e-30)
+        assert float(np.abs(got - want[:, i]).max()) <= 1e-5 * scale, (name, i)
+        assert np.abs(want[:, i]).max() > 0, name  # a sweep that carried nothing would pass
+
+
 def test_every_registered_op_has_a_graph_form() -> None:
     """A new op gets its ``emit`` too (docs/design.md §9), or its models silently lose the
     selection graph on CUDA; the attribute values an emit refuses are listed in §4."""
