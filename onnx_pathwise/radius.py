@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 
 from . import limits
-from . import sweep as sweep_mod
 from .engine import Record
 from .errors import InputError
 from .sweep import Sweep
@@ -133,7 +132,8 @@ def certified_radius(sweep: Sweep, x: Any, record: Record | None = None, max_inp
 def _radius_columns(sweep: Sweep, n: int, D: int, sq: dict[str, np.ndarray], pools: list[Any]) -> int:
     """Input elements whose tangents are pushed at once by :meth:`certified_radius`: as many
     as fit the memory budget next to the accumulators, and no more than a sweep's
-    :data:`MAX_SWEEP_ELEMENTS` rows of the largest tensor (larger chunks were not faster).
+    :data:`MAX_SWEEP_ELEMENTS` rows of the largest tensor (``Sweep.class_chunk``; larger
+    chunks were not faster).
 
     Per tangent column and sample: every tensor of the cone (the tangent pass keeps them
     all), the im2col copy of the widest convolution, the float64 copies of the largest
@@ -152,4 +152,4 @@ def _radius_columns(sweep: Sweep, n: int, D: int, sq: dict[str, np.ndarray], poo
         p[2].nbytes + p[3].nbytes + p[5].nbytes + p[6].nbytes for p in pools)
     limits.check_fits(held + per_column, "the certified radius (accumulators and one input tangent)")
     fit = (limits.memory_budget() - held) // per_column
-    return int(max(1, min(D, fit, sweep_mod.MAX_SWEEP_ELEMENTS // max(1, n * sweep.largest_tensor))))
+    return int(max(1, min(D, fit, sweep.class_chunk(n))))

@@ -241,7 +241,7 @@ class Sweep:
         if CLASS_CHUNK_ROWS is None and fit >= 1:
             return max(1, min(step, fit)), None, 0.0
         samples = 1 if CLASS_CHUNK_ROWS is None else min(step, max(1, fit))
-        chunk = CLASS_CHUNK_ROWS or int(min(rows, max(1, MAX_SWEEP_ELEMENTS // self.largest_tensor),
+        chunk = CLASS_CHUNK_ROWS or int(min(rows, self.class_chunk(1),
                                             (budget - fixed) // per_row))
         if chunk < 1:
             limits.check_fits(fixed + per_row, f"a pathwise sweep ({rows} competing classes, one per chunk)")
@@ -298,7 +298,9 @@ class Sweep:
         return max(1, MAX_SWEEP_ELEMENTS // max(1, rows_per_sample * self.largest_tensor))
 
     def class_chunk(self, n: int) -> int:
-        return max(1, MAX_SWEEP_ELEMENTS // max(1, n * self.largest_tensor))
+        """Rows per sweep of ``n`` samples: the same bound as :meth:`sample_chunk`, with the
+        roles of rows and samples swapped."""
+        return self.sample_chunk(n)
 
     def score_seeds(self, classes: np.ndarray, n: int) -> dict[str, np.ndarray]:
         """Seeds e_k at the scores: (len(classes), n, *score shape)."""
