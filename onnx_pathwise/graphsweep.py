@@ -322,11 +322,13 @@ class SelectionGraph:
         ir = engine.ir
         b = Builder()
         self.outputs: dict[str, str] = {}
+        units_at: dict[str, int] = {}
 
         def select(name: str, g: str, units: int) -> str:
             mask, cut = b.select(g, name, units, self.widths[name], "target",
                                  zero_row=ir.num_classes == 1, rows_max=max(2, ir.num_classes))
             self.outputs[name] = mask
+            units_at[name] = units
             return cut
 
         _adjoints(engine, b, list(self.widths), select)
@@ -338,8 +340,7 @@ class SelectionGraph:
         self.model = model
         self.session = runtime.session(model, device, what="creating the pathwise selection graph's session",
                                        shared=b.shared)
-        self.units = {name: int(np.prod(ir.shapes[next(n for n in engine.nodes if n.name == name).outputs[0]],
-                                        dtype=np.int64)) for name in self.widths}
+        self.units = {name: units_at[name] for name in self.widths}  # every path layer was reached
         self._largest = max(int(np.prod(ir.shapes[t], dtype=np.int64)) for t in ir.shapes)
         #: why a run failed ("" while none has): the sweep then selects on the host
         self.failed = ""
