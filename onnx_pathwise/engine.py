@@ -130,6 +130,10 @@ class Engine:
             )
         self.gate_nodes = [n for n in self.nodes if n.role == GATE]
         self.routing_nodes = [n for n in self.nodes if n.role == ROUTING]
+        first = next((i for i, n in enumerate(self.nodes) if n.role in (GATE, ROUTING)), 0)
+        #: the last node before the first gate or routing node, or None when none comes before:
+        #: the transpose sweep from there down is the same linear map at every input
+        self.linear_base: str | None = self.nodes[first - 1].name if first > 0 else None
         self.offsets = self._static_offsets()
 
     # ------------------------------------------------------------------ helpers

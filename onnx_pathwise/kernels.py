@@ -152,24 +152,37 @@ def scatter_add(g, argmax, size):  # type: ignore[no-untyped-def]  # pragma: no 
 
 
 @_compiled()
-def window_argmax(x, table):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+def window_argmax(x, table, arg):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
     """Max-pool routing: x (N, C, S) flattened spatial, table (P, W) the flat index of each
-    window's elements (-1 in padding) → (N, C, P) the flat index of each window's first
-    maximum (padding never wins), per channel."""
+    window's elements (-1 in padding) → arg (N, C, P), written in place: the flat index of each
+    window's first maximum (padding never wins), per channel. Padding entries are first replaced
+    by the window's first element: a copy of an element already seen never wins a strict
+    comparison, so the inner loop needs no branch on padding and keeps the running maximum in
+    a register (3-4x faster than testing each entry, benchmarks/README.md)."""
     N, C, S = x.shape
     P, W = table.shape
-    arg = np.empty((N, C, P), np.int64)
+    filled = np.empty((P, W), np.int64)
+    for p in range(P):
+        first = -1
+        for w in range(W):
+            if table[p, w] >= 0:
+                first = table[p, w]
+                break
+        for w in range(W):
+            filled[p, w] = table[p, w] if table[p, w] >= 0 else first
     for i in range(N):
         for ch in range(C):
             xc = x[i, ch]
             for p in range(P):
-                best = table[p, 0]
-                for w in range(W):
-                    t = table[p, w]
-                    if t >= 0 and (best < 0 or xc[t] > xc[best]):
+                best = filled[p, 0]
+                top = xc[best]
+                for w in range(1, W):
+                    t = filled[p, w]
+                    v = xc[t]
+                    if v > top:
+                        top = v
                         best = t
                 arg[i, ch, p] = best
-    return arg
 
 
 @_compiled()

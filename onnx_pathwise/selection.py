@@ -12,10 +12,7 @@ is :class:`onnx_pathwise.pathwise.PathSweep`.
 from __future__ import annotations
 
 import functools
-import os
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -38,32 +35,12 @@ def _log_p(h: np.ndarray, J: np.ndarray, c: int) -> np.ndarray:
 
 #: units per chunk above which the unit scores of one sample are split across threads
 PARALLEL_UNITS = 1 << 15
-_pool: ThreadPoolExecutor | None = None
-
-
-def _workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _in_parallel(tasks: list[Callable[[], Any]]) -> list[Any]:
-    """Run independent tasks on the calling thread and the worker threads, results in order.
-    The tasks must not call this themselves (the pool is not re-entrant)."""
-    global _pool
-    if len(tasks) <= 1 or _workers() <= 1:
-        return [task() for task in tasks]
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=_workers() - 1, thread_name_prefix="onnx-pathwise")
-    rest = [_pool.submit(task) for task in tasks[1:]]
-    return [tasks[0]()] + [f.result() for f in rest]
 
 
 def _unit_ranges(u: int) -> list[tuple[int, int]]:
     """A layer's u units cut into one range per thread when it is large (PARALLEL_UNITS units
     per thread at least), else one range."""
-    parts = max(1, min(_workers(), u // PARALLEL_UNITS))
+    parts = max(1, min(tiers.workers(), u // PARALLEL_UNITS))
     cuts = [u * p // parts for p in range(parts + 1)]
     return list(zip(cuts[:-1], cuts[1:]))
 
@@ -84,7 +61,7 @@ def _candidates(h: np.ndarray, J: np.ndarray, c: int, split: bool = True,
     ranges = _unit_ranges(u) if split else [(0, u)]
     if len(ranges) == 1:
         return score(0, u)
-    chunks = _in_parallel([functools.partial(score, a, b) for a, b in ranges])
+    chunks = tiers.in_parallel([functools.partial(score, a, b) for a, b in ranges])
     return np.concatenate([i for i, _ in chunks]), np.concatenate([e for _, e in chunks])
 
 
@@ -151,7 +128,7 @@ def select_units(h: np.ndarray, J: np.ndarray, target: np.ndarray, width: int,
     if n == 1:
         one(0)
     else:
-        _in_parallel([functools.partial(one, i) for i in range(n)])
+        tiers.in_parallel([functools.partial(one, i) for i in range(n)])
     return mask
 
 
@@ -182,7 +159,7 @@ class UnitStats:
             args = (self.h[i], g, i, rows, c if 0 <= c < m else -1, self.s[i], self.top[i], self.acc[i],
                     self.jc[i], self._scratch)
             # each unit's sums are its own: a large layer's units are split across threads
-            _in_parallel([functools.partial(kernels.lse_accumulate, *args, a, b) for a, b in ranges])
+            tiers.in_parallel([functools.partial(kernels.lse_accumulate, *args, a, b) for a, b in ranges])
 
     def select(self, width: int) -> np.ndarray:
         """The kept-unit mask (n, u), by the rule of :func:`select_units`."""

@@ -23,8 +23,10 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
+from typing import Any
 
 from .errors import PathwiseError
 
@@ -63,3 +65,31 @@ def timed() -> Iterator[None]:
     finally:
         with _lock:
             _spent += time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------- threads for the kernels
+
+_pool: ThreadPoolExecutor | None = None
+_POOL_NAME = "onnx-pathwise"
+
+
+def workers() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def in_parallel(tasks: list[Callable[[], Any]]) -> list[Any]:
+    """Run independent tasks on the calling thread and ``workers() - 1`` pool threads, results
+    in order: for the kernels that release the GIL (numba's ``nogil``, numpy's large passes).
+    A task that calls this again runs its own tasks in turn (the pool never waits on itself)."""
+    global _pool
+    if len(tasks) <= 1 or workers() <= 1 or threading.current_thread().name.startswith(_POOL_NAME):
+        return [task() for task in tasks]
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=workers() - 1, thread_name_prefix=_POOL_NAME)
+    rest = [_pool.submit(task) for task in tasks[1:]]
+    return [tasks[0]()] + [f.result() for f in rest]

@@ -92,6 +92,42 @@ def test_integrated_gradients_steps_match_torch(case, baseline):
     close(B.integrated_gradients(ex, x, t, baseline=x0, steps=steps), ref)
 
 
+class _InputSkip(nn.Module):
+    """conv → BN → ReLU, plus a second conv of the input itself joined after the gate: the
+    sweep's linear base (below the first gate) and a stateless branch above it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.stem, self.bn, self.side = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(2, 4, 1)
+        self.body, self.head = nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4 * 8 * 8, 5)
+        self.bn.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.stem(x))) + self.side(x)
+        return self.head(torch.relu(self.body(h)).flatten(1))
+
+
+@pytest.mark.parametrize("chunk", [5, 64])
+def test_integrated_gradients_summed_at_the_linear_base(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """IG sums the points' cotangents where the sweep reaches the network's linear base and
+    sweeps the rest once per sample: equal to the per-point gradients and to autograd, with
+    chunks of points that cut across samples (5 rows, 7 points per sample) or hold them all."""
+    module = _InputSkip().eval()
+    x = np.random.default_rng(2).normal(size=(3, 2, 8, 8)).astype(np.float32)
+    ex = Explainer(export(module, torch.from_numpy(x)), device="cpu")
+    # the base is the stem alone (BatchNorm folded in); the side conv runs per point
+    assert ex.engine.linear_base == ex.engine.nodes[0].name
+    assert [n.op_type for n in ex.engine.nodes[:3]] == ["Conv", "Relu", "Conv"]
+    monkeypatch.setattr(B, "_row_chunk", lambda explainer: chunk)
+    t = targets(ex, x)
+    summed = B.integrated_gradients(ex, x, t, steps=7)
+    monkeypatch.setattr(ex.engine, "linear_base", None)
+    per_point = B.integrated_gradients(ex, x, t, steps=7)
+    close(summed, per_point, rtol=1e-5)
+    close(summed, x * torch_ig_mean(module.double(), np.zeros_like(x), x, t, 7))
+
+
 def test_exact_integrated_gradients_completeness_and_convergence(case):
     module, ex, x = case
     t = targets(ex, x)

@@ -18,7 +18,7 @@ import pytest
 import zoo
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_pathwise import Explainer, baselines, limits, runtime
+from onnx_pathwise import Explainer, baselines, limits, runtime, tiers
 from onnx_pathwise import sweep as explainer
 
 MODELS = [name for name in zoo.BUILDERS if name != "unsupported"]
@@ -514,7 +514,7 @@ def test_unit_sums_split_across_threads_are_the_same_bits(monkeypatch: pytest.Mo
     results = []
     for parallel_units, workers in ((1 << 30, 1), (100, 3)):
         monkeypatch.setattr(selection, "PARALLEL_UNITS", parallel_units)
-        monkeypatch.setattr(selection, "_workers", lambda w=workers: w)
+        monkeypatch.setattr(tiers, "workers", lambda w=workers: w)
         stats = selection.UnitStats(h, comp)
         for a, b in ((0, 9), (9, 10), (10, K)):
             stats.add(a, J[a:b])

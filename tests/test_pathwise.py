@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from helpers import export_torch
 from torch import nn
 
-from onnx_pathwise import Explainer, PathwiseError
+from onnx_pathwise import Explainer, PathwiseError, tiers
 from onnx_pathwise.pathwise import parse_width
 from onnx_pathwise.samples import tiny_mlp
 from onnx_pathwise.selection import select_units
@@ -425,7 +425,7 @@ def test_unit_scores_split_across_threads_are_the_same(monkeypatch: pytest.Monke
     whole = selection._candidates(h, J, 4)
     before = select_units(h[None], J[:, None], np.array([4]), 50)
     monkeypatch.setattr(selection, "PARALLEL_UNITS", 1000)
-    monkeypatch.setattr(selection, "_workers", lambda: 3)
+    monkeypatch.setattr(tiers, "workers", lambda: 3)
     split = selection._candidates(h, J, 4)
     assert whole[0].size > 100
     np.testing.assert_array_equal(split[0], whole[0])

@@ -722,18 +722,24 @@ def test_products_leave_out_only_all_zero_columns() -> None:
     ((7, 8), (3, 4), (2, 2), (2, 2), (2, 2), (0, 0, 0, 0)),  # dilated
 ])
 @pytest.mark.parametrize("kind", ["normal", "ties", "minus-inf", "int"])
-@pytest.mark.parametrize("tier", ["numpy", "compiled"])
+@pytest.mark.parametrize("tier", ["numpy", "compiled", "compiled-threads"])
 def test_max_pool_routing_and_adjoint_match_sequential_loops(geometry: tuple, kind: str, tier: str,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both forms of the max-pool routing (numpy, and the compiled loop: onnx_pathwise.tiers)
-    equal a plain loop (first maximum in window order, padding never wins), and their adjoints
-    equal a sequential scatter-add (np.add.at: unbuffered, in index order) bit for bit, shared
-    maxima of overlapping windows included."""
+    """Both forms of the max-pool routing (numpy, and the compiled loop: onnx_pathwise.tiers,
+    on one thread or with the channels split across threads) equal a plain loop (first maximum
+    in window order, padding never wins), and their adjoints equal a sequential scatter-add
+    (np.add.at: unbuffered, in index order) bit for bit, shared maxima of overlapping windows
+    included."""
     from types import SimpleNamespace
 
-    monkeypatch.setenv("ONNX_PATHWISE_KERNELS", tier)
-
+    from onnx_pathwise import tiers
+    from onnx_pathwise.rules import pooling
     from onnx_pathwise.rules.pooling import Routing, _scatter, _window_table, window_argmax
+
+    monkeypatch.setenv("ONNX_PATHWISE_KERNELS", tier.split("-")[0])
+    split = tier.endswith("threads")
+    monkeypatch.setattr(pooling, "PARALLEL_WINDOWS", 1 if split else 1 << 30)
+    monkeypatch.setattr(tiers, "workers", lambda: 2 if split else 1)
 
     spatial, out = geometry[0], geometry[1]
     table = _window_table(*geometry)

@@ -290,22 +290,30 @@ def _emit_scatter(node: Node, g: str | None, ctx: Ctx, b: Any) -> str:
     return b.op("Reshape", [dx, b.shape(in_shape)])
 
 
+#: window outputs (N·C·P) above which the compiled routing splits its channels across threads
+PARALLEL_WINDOWS = 1 << 16
+
+
 def window_argmax(x: Array, table: Array) -> Array:
     """Max-pool routing: x (N, C, S) flattened spatial, table (P, W) the flat index of each
     window's elements (-1 in padding) → (N, C, P) the flat index of each window's first
     maximum, per channel. Padding never wins: it reads as the lowest value, and a window whose
     elements all equal that value picks its first element. numpy, or the compiled loop (same
-    result, :mod:`onnx_pathwise.tiers`)."""
+    result, :mod:`onnx_pathwise.tiers`; channels split across threads on large tensors)."""
+    N, C, S = x.shape
+    out = np.empty((N, C, table.shape[0]), np.int64)
     kernels = tiers.compiled()
     if kernels is not None:
-        return kernels.window_argmax(x, table)
+        parts = max(1, min(tiers.workers(), C, out.size // PARALLEL_WINDOWS))
+        cuts = [C * p // parts for p in range(parts + 1)]
+        tiers.in_parallel([functools.partial(kernels.window_argmax, x[:, a:b], table, out[:, a:b])
+                           for a, b in zip(cuts[:-1], cuts[1:])])
+        return out
     with tiers.timed():
-        N, C, S = x.shape
         low = -np.inf if np.issubdtype(x.dtype, np.floating) else np.iinfo(x.dtype).min
         first = table[np.arange(table.shape[0]), (table < 0).argmin(axis=1)]  # first element in the image
         padded = np.empty((C, S + 1), x.dtype)
         padded[:, S] = low
-        out = np.empty((N, C, table.shape[0]), np.int64)
         for i in range(N):  # one sample at a time: the gathered windows are W× its size
             padded[:, :S] = x[i]
             pick = padded[:, table].argmax(axis=2)  # index -1 is the padding column
