@@ -52,8 +52,8 @@ def _profiled(folder: Path) -> Any:
     """runtime._options with onnxruntime's profiler on, its files in ``folder``."""
     plain = runtime._options
 
-    def options(threads: int = 0, device: str = "cpu") -> Any:
-        so = plain(threads, device)
+    def options(threads: int = 0, device: str = "cpu", arena: bool = False) -> Any:
+        so = plain(threads, device, arena)
         so.enable_profiling = True
         so.profile_file_prefix = str(folder / "session")
         return so

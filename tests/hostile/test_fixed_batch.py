@@ -122,10 +122,10 @@ def test_onnxruntime_only_ever_sees_groups_of_b(exported: dict[tuple[str, int], 
     real = rec._session
 
     class Spy:
-        def run(self, names: Any, feed: dict[str, np.ndarray]) -> Any:
+        def run(self, names: Any, feed: dict[str, np.ndarray], options: Any = None) -> Any:
             x = feed["x"]
             seen.append(x.shape)
-            return real.run(names, feed)
+            return real.run(names, feed, options)
 
     monkeypatch.setattr(rec, "_session", Spy())
     x = _x("mlp", 11)
