@@ -261,14 +261,20 @@ def integrated_gradients(
     return (total * d).astype(explainer.engine.dtype)
 
 
+def _points(x0: Array, d: Array, alphas: Array, owner: Array, a: int, b: int) -> Array:
+    """Points a … b − 1 of the segments: x0 + α d of each point's sample, in float64, cast back."""
+    own = owner[a:b]
+    pts = x0[own].astype(np.float64) + alphas[a:b].reshape((-1,) + (1,) * (x0.ndim - 1)) * d[own]
+    return pts.astype(x0.dtype)
+
+
 def _point_gradients(explainer: Explainer, chunks: Any, x0: Array, d: Array, alphas: Array, weights: Array,
                      owner: Array, tgt: Array) -> Array:
     """Σ_j weights[j] ∂y/∂x at x0 + alphas[j] d of sample owner[j], per sample (float64)."""
     total = np.zeros(x0.shape, np.float64)
     for a, b in chunks:
         own = owner[a:b]
-        pts = x0[own].astype(np.float64) + alphas[a:b].reshape((-1,) + (1,) * (x0.ndim - 1)) * d[own]
-        g = _sweep(explainer, pts.astype(x0.dtype), tgt[own])
+        g = _sweep(explainer, _points(x0, d, alphas, owner, a, b), tgt[own])
         for j, o in enumerate(own):  # row by row in order, as np.add.at adds (4× faster here)
             total[o] += g[j].astype(np.float64) * weights[a + j]
     return total
@@ -288,8 +294,7 @@ def _summed_gradients(explainer: Explainer, chunks: Any, x0: Array, d: Array, al
     sums: dict[int, dict[str, Array]] = {}
     for a, b in chunks:
         own = owner[a:b]
-        pts = x0[own].astype(np.float64) + alphas[a:b].reshape((-1,) + (1,) * (x0.ndim - 1)) * d[own]
-        rec = record_rows(explainer.sweep, pts.astype(x0.dtype))[0]
+        rec = record_rows(explainer.sweep, _points(x0, d, alphas, owner, a, b))[0]
         cut = eng.backward_to(target_seeds(explainer, tgt[own]), rec, eng.linear_base)
         for j, o in enumerate(own):
             acc = sums.setdefault(int(o), {})

@@ -14,6 +14,11 @@ then the kernels. Results never depend on the tier, only the speed does.
 
 ``ONNX_PATHWISE_KERNELS``: ``auto`` (the default), ``compiled`` (always the kernels) or
 ``numpy`` (never).
+
+:func:`in_parallel` runs independent pieces of such work (the kernels release the GIL, as do
+numpy's large passes) on the calling thread and a pool of one thread per further core: the
+unit scores of a large layer, the per-unit sums of a class chunk, the max-pool routing of many
+channels.
 """
 
 from __future__ import annotations

@@ -843,3 +843,30 @@ def test_kernels_load_once_the_work_pays_and_change_no_bit(monkeypatch: pytest.M
     monkeypatch.setenv("ONNX_PATHWISE_KERNELS", "fast")
     with pytest.raises(PathwiseError, match="ONNX_PATHWISE_KERNELS='fast': expected one of auto, compiled, numpy"):
         tiers.compiled()
+
+
+@pytest.mark.parametrize("lo, hi", [(0.0, 6.0), (-1.0, 1.0), (0.0, np.inf), (-np.inf, 0.0), (-2.0, 0.0), (0.5, 3.0)])
+@pytest.mark.parametrize("held", ["on every bound", "at zero bounds only"])
+def test_clip_gate_state_skips_the_offset_only_where_it_is_zero(lo: float, hi: float, held: str) -> None:
+    """A Clip gate's frozen state: the slope is 1 strictly inside the bounds, and the offset (the
+    bound a held unit sits at, ±0 inside) is the array clip(z)·[outside] bit for bit, or None
+    exactly when that array is all zeros (its shortcut tests only the nonzero bounds)."""
+    from types import SimpleNamespace
+
+    from onnx_pathwise.rules.elementwise import _gate_params
+
+    z = (np.random.default_rng(7).standard_normal((2, 300)) * 8).astype(np.float32)
+    if held == "on every bound":
+        z[0, :2] = [max(lo, -1e30), min(hi, 1e30)]
+    else:  # units below or above a nonzero bound are moved inside it
+        z = np.clip(z, lo + 0.25 if lo != 0 else -np.inf, hi - 0.25 if hi != 0 else np.inf).astype(np.float32)
+    node = SimpleNamespace(op_type="Clip", attrs={"min": lo, "max": hi})
+    slope, offset = _gate_params(node, z, SimpleNamespace())  # type: ignore[arg-type]
+    inside = (z > lo) & (z < hi)
+    assert np.array_equal(slope, inside.astype(np.float32))
+    full = np.clip(z, lo, hi) * ~inside
+    if np.any(full):
+        assert offset is not None and np.array_equal(offset.view(np.uint32), full.view(np.uint32))
+    else:
+        assert offset is None
+    assert (offset is None) == (held != "on every bound" or (lo == 0.0 and hi == np.inf) or (lo == -np.inf and hi == 0.0))
