@@ -294,8 +294,7 @@ def _summed_gradients(explainer: Explainer, chunks: Any, x0: Array, d: Array, al
     sums: dict[int, dict[str, Array]] = {}
     for a, b in chunks:
         own = owner[a:b]
-        rec = record_rows(explainer.sweep, _points(x0, d, alphas, owner, a, b))[0]
-        cut = eng.backward_to(target_seeds(explainer, tgt[own]), rec, eng.linear_base)
+        cut = _base_cotangents(explainer, _points(x0, d, alphas, owner, a, b), tgt[own])
         for j, o in enumerate(own):
             acc = sums.setdefault(int(o), {})
             for t, c in cut.items():
@@ -312,7 +311,17 @@ def _summed_gradients(explainer: Explainer, chunks: Any, x0: Array, d: Array, al
             total[done] = w[0]
             for o in done:
                 del sums[o]
+        del cut  # before the next chunk's record (ResNet-18's IG-32 peaked 65 MiB higher with it)
     return total
+
+
+def _base_cotangents(explainer: Explainer, x: Array, target: Array) -> dict[str, Array]:
+    """The cotangents (1, rows, *s) of the target scores at the network's linear base for rows
+    x, from their own record (dropped on return, before the next chunk records)."""
+    eng = explainer.engine
+    assert eng.linear_base is not None
+    rec = record_rows(explainer.sweep, x)[0]
+    return eng.backward_to(target_seeds(explainer, target), rec, eng.linear_base)
 
 
 # ---------------------------------------------------------------------- exact segment pieces
