@@ -414,6 +414,31 @@ def test_unit_excess_resolves_p_near_one_over_k() -> None:
     assert float(np.abs(e - ref).max()) < 1e-18
 
 
+def test_in_parallel_runs_nested_tasks_in_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tiers.in_parallel keeps results in order, and a task that calls it again runs its own
+    tasks in turn: with one pool thread a nested call that waited on the pool would hang."""
+    import threading
+
+    monkeypatch.setattr(tiers, "workers", lambda: 2)
+    threads: set[str] = set()
+
+    def inner(i: int) -> int:
+        threads.add(threading.current_thread().name)
+        return i * i
+
+    def outer(k: int) -> list[int]:
+        return tiers.in_parallel([lambda i=i: inner(10 * k + i) for i in range(3)])
+
+    done: list[list[list[int]]] = []
+    worker = threading.Thread(target=lambda: done.append(tiers.in_parallel([lambda k=k: outer(k) for k in range(4)])),
+                              daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "nested in_parallel hung"
+    assert done == [[[(10 * k + i) ** 2 for i in range(3)] for k in range(4)]]
+    assert any(name.startswith("onnx-pathwise") for name in threads)  # the pool did take part
+
+
 def test_unit_scores_split_across_threads_are_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
     """Large layers are scored in chunks on several threads: same candidates, same scores."""
     from onnx_pathwise import selection
