@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -268,8 +268,8 @@ def _points(x0: Array, d: Array, alphas: Array, owner: Array, a: int, b: int) ->
     return pts.astype(x0.dtype)
 
 
-def _point_gradients(explainer: Explainer, chunks: Any, x0: Array, d: Array, alphas: Array, weights: Array,
-                     owner: Array, tgt: Array) -> Array:
+def _point_gradients(explainer: Explainer, chunks: Iterable[tuple[int, int]], x0: Array, d: Array,
+                     alphas: Array, weights: Array, owner: Array, tgt: Array) -> Array:
     """Σ_j weights[j] ∂y/∂x at x0 + alphas[j] d of sample owner[j], per sample (float64)."""
     total = np.zeros(x0.shape, np.float64)
     for a, b in chunks:
@@ -280,8 +280,8 @@ def _point_gradients(explainer: Explainer, chunks: Any, x0: Array, d: Array, alp
     return total
 
 
-def _summed_gradients(explainer: Explainer, chunks: Any, x0: Array, d: Array, alphas: Array, weights: Array,
-                      owner: Array, tgt: Array) -> Array:
+def _summed_gradients(explainer: Explainer, chunks: Iterable[tuple[int, int]], x0: Array, d: Array,
+                      alphas: Array, weights: Array, owner: Array, tgt: Array) -> Array:
     """:func:`_point_gradients` with the sum taken where the sweep reaches the network's linear
     base (``Engine.linear_base``, e.g. the stem convolution below the first ReLU): the sweep
     from there to the input is the same linear map at every point, so it runs once per sample on
