@@ -426,11 +426,11 @@ class PathSweep:
                 blas_for(R * self.record.n):
             self._select_chunked(order, advance)
         result = self._final_sweep()
-        # hand back what the chunks freed (one trim after a sweep of many chunks costs nothing
-        # beside it): kept, it was where the next sample's sweep started from, and batches
-        # grew past the budget sample after sample (ResNet-50, 1,000 classes, batch 8, an 8 GiB
-        # budget: a 14.4 GiB peak)
-        limits.release_freed()
+        # hand back what the chunks freed once it is more than half the budget: kept whole, it
+        # was where the next sample's sweep started from, and batches grew past the budget
+        # sample after sample; kept below that, the next sweep reuses it instead of
+        # page-faulting it in again (limits.release_freed_if_large)
+        limits.release_freed_if_large()
         return result
 
     def _select_chunked(self, order: list[str], advance: Callable[[], None]) -> None:

@@ -279,6 +279,32 @@ def test_resident_trims_only_past_half_the_budget(monkeypatch: pytest.MonkeyPatc
     assert trims == [1]
 
 
+def test_a_sweep_keeps_freed_memory_only_below_half_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a chunked sweep, freed memory stays for the next sweep while the process holds at
+    most half the budget, and goes back above that, or when its size cannot be read."""
+    trims: list[int] = []
+    monkeypatch.setattr(limits, "memory_budget", lambda: 100)
+    monkeypatch.setattr(limits, "release_freed", lambda: trims.append(1))
+    for resident, trimmed in ((40, False), (50, False), (51, True), (0, True)):
+        trims.clear()
+        monkeypatch.setattr(limits, "resident_bytes", lambda r=resident: r)
+        limits.release_freed_if_large()
+        assert bool(trims) == trimmed, resident
+
+
+def test_the_chunked_sweep_ends_by_releasing_what_is_large(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A class-chunked explanation hands its freed memory back through release_freed_if_large
+    at the end of its chunked sweep (the policy above), never unconditionally."""
+    path = conv_deep(tmp_path / "deep.onnx", K=40, S=8)
+    ex = Explainer(path, device="cpu")
+    monkeypatch.setattr(explainer, "CLASS_CHUNK_ROWS", 7)
+    calls: list[str] = []
+    monkeypatch.setattr(limits, "release_freed_if_large", lambda: calls.append("if large"))
+    monkeypatch.setattr(limits, "release_freed", lambda: calls.append("always"))
+    ex.explain(np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(np.float32))
+    assert calls == ["if large"]
+
+
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="no /proc/self/statm here")
 def test_resident_size_follows_the_process_and_each_forked_child() -> None:
     """resident_bytes reads a descriptor it keeps open: it sees the process grow, and a forked
