@@ -158,8 +158,8 @@ def release_freed_if_large() -> None:
     After a class-chunked sweep the heap holds gigabytes of freed arrays. Handed back, the next
     sweep page-faults all of them in again: ResNet-18 with 1,000 classes, one sample per call,
     took 35.2 s with 1.16 M page faults against 25.4 s with 0.16 M when the heap was kept
-    (4.8 GiB resident of an 11.3 GiB budget); a batch of 2 under a 12 GiB budget 55.8 s against
-    67-72 s. Kept only up to half the budget: the next sweep's :class:`Resident` trims once it
+    (4.8 GiB resident of an 11.3 GiB budget); a batch of 2 under a 12 GiB budget 61.6 s with
+    1.11 M faults against 66.0 s with 2.19 M. Kept only up to half the budget: the next sweep's :class:`Resident` trims once it
     grows by another half, so a batch stays within the budget (without any trim, ResNet-50 at
     batch 8 under 8 GiB grew sample after sample to 14.4 GiB). With the default budget (half
     the available memory) a 24 GB machine often holds more than half of it after such a sweep
