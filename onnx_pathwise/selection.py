@@ -40,9 +40,7 @@ PARALLEL_UNITS = 1 << 15
 def _unit_ranges(u: int) -> list[tuple[int, int]]:
     """A layer's u units cut into one range per thread when it is large (PARALLEL_UNITS units
     per thread at least), else one range."""
-    parts = max(1, min(tiers.workers(), u // PARALLEL_UNITS))
-    cuts = [u * p // parts for p in range(parts + 1)]
-    return list(zip(cuts[:-1], cuts[1:]))
+    return tiers.ranges(u, u, PARALLEL_UNITS)
 
 
 def _candidates(h: np.ndarray, J: np.ndarray, c: int, split: bool = True,

@@ -86,6 +86,14 @@ def workers() -> int:
         return os.cpu_count() or 1
 
 
+def ranges(n: int, work: int, per_thread: int) -> list[tuple[int, int]]:
+    """[0, n) cut into one range per thread for :func:`in_parallel`: as many ranges as there are
+    cores, at most one per ``per_thread`` of ``work`` (and per item), one at least."""
+    parts = max(1, min(workers(), n, work // per_thread))
+    cuts = [n * p // parts for p in range(parts + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
 def in_parallel(tasks: list[Callable[[], Any]]) -> list[Any]:
     """Run independent tasks on the calling thread and ``workers() - 1`` pool threads, results
     in order: for the kernels that release the GIL (numba's ``nogil``, numpy's large passes).

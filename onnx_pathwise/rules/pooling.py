@@ -304,10 +304,8 @@ def window_argmax(x: Array, table: Array) -> Array:
     out = np.empty((N, C, table.shape[0]), np.int64)
     kernels = tiers.compiled()
     if kernels is not None:
-        parts = max(1, min(tiers.workers(), C, out.size // PARALLEL_WINDOWS))
-        cuts = [C * p // parts for p in range(parts + 1)]
         tiers.in_parallel([functools.partial(kernels.window_argmax, x[:, a:b], table, out[:, a:b])
-                           for a, b in zip(cuts[:-1], cuts[1:])])
+                           for a, b in tiers.ranges(C, out.size, PARALLEL_WINDOWS)])
         return out
     with tiers.timed():
         low = -np.inf if np.issubdtype(x.dtype, np.floating) else np.iinfo(x.dtype).min
