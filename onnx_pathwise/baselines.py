@@ -289,7 +289,6 @@ def _summed_gradients(explainer: Explainer, chunks: Iterable[tuple[int, int]], x
     decreases: a sample's sums are finished, swept down and dropped as soon as its last point
     is done, so they are held for a few samples at a time."""
     eng = explainer.engine
-    assert eng.linear_base is not None
     total = np.zeros(x0.shape, np.float64)
     sums: dict[int, dict[str, Array]] = {}
     for a, b in chunks:

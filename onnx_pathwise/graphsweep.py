@@ -381,8 +381,6 @@ class SelectionGraph:
         return out
 
 
-
-
 class AdjointGraph:
     """onnxruntime's own backward of the sweep, without any selection: the competing rows
     carried from the scores down to the lowest of the gate nodes ``layers`` by the graph forms

@@ -159,11 +159,12 @@ def release_freed_if_large() -> None:
     sweep page-faults all of them in again: ResNet-18 with 1,000 classes, one sample per call,
     took 35.2 s with 1.16 M page faults against 25.4 s with 0.16 M when the heap was kept
     (4.8 GiB resident of an 11.3 GiB budget); a batch of 2 under a 12 GiB budget 61.6 s with
-    1.11 M faults against 66.0 s with 2.19 M. Kept only up to half the budget: the next sweep's :class:`Resident` trims once it
-    grows by another half, so a batch stays within the budget (without any trim, ResNet-50 at
-    batch 8 under 8 GiB grew sample after sample to 14.4 GiB). With the default budget (half
-    the available memory) a 24 GB machine often holds more than half of it after such a sweep
-    (5.4 GiB of 9.2 GiB): then the memory goes back as before."""
+    1.11 M faults against 66.0 s with 2.19 M. Kept only up to half the budget: the next
+    sweep's :class:`Resident` trims once it grows by another half, so a batch stays within the
+    budget (without any trim, ResNet-50 at batch 8 under 8 GiB grew sample after sample to
+    14.4 GiB). With the default budget (half the available memory) a 24 GB machine often
+    holds more than half of it after such a sweep (5.4 GiB of 9.2 GiB): then the memory goes
+    back as before."""
     resident = resident_bytes()
     if not resident or resident > memory_budget() // 2:
         release_freed()
