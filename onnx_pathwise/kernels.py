@@ -1,15 +1,17 @@
-"""Compiled inner loops (numba) for the two jobs that numpy would do in many passes over
-large arrays: the class-chunked unit sums of a pathwise selection whose K cotangents do not
-fit the budget at once (``lse_accumulate``, ``lse_excess``: docs/design.md §4, "Bounded memory
-at any K"), and the piece bounds of exact Integrated Gradients (``gate_piece``,
-``window_piece``).
+"""Compiled inner loops (numba): the class-chunked unit sums of a pathwise selection whose K
+cotangents do not fit the budget at once (``lse_accumulate``, ``lse_excess``: docs/design.md §4,
+"Bounded memory at any K"), the piece bounds of exact Integrated Gradients (``gate_piece``,
+``window_piece``), and the twins of the numpy forms of a plain explanation's inner loops, which
+give the same bits (:mod:`onnx_pathwise.tiers`): keeping the selected units (``keep_units``),
+the unit scores' necessary test and centred rows (``excess_candidates``, ``excess_rows``), and
+max-pool routing and its adjoint (``window_argmax``, ``scatter_add``).
 
 Imported on first use only: numba's import and its first dispatch in a process cost about a
 second, and the first compilation after install a few more (compiled code is cached on disk,
-next to this file or in the user's cache directory). Everything a plain explanation needs (unit
-scores, masks, max-pool routing) is numpy (:mod:`onnx_pathwise.scores`, the pathwise hooks,
-:mod:`onnx_pathwise.rules.pooling`), so a command-line run without class chunks or exact
-Integrated Gradients never loads numba.
+next to this file or in the user's cache directory). A plain explanation runs the numpy forms
+until the process has spent a second in them (:data:`onnx_pathwise.tiers.COMPILE_AFTER`), so a
+command-line run on a few inputs without class chunks or exact Integrated Gradients never
+loads numba.
 """
 
 from __future__ import annotations
@@ -137,6 +139,43 @@ def lse_excess(h, s, top, acc, jc, K, idx, out):  # type: ignore[no-untyped-def]
                 out[n] = e
                 n += 1
     return n
+
+
+@_compiled()
+def excess_candidates(h, J, c, inv, s, idx):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """The necessary test of :func:`onnx_pathwise.scores.unit_excess`, compiled: h (u,), J (K, u)
+    any strides; ``s`` (u,) gets Σ_k J_k in float64 in row order, ``idx`` the units (ascending)
+    with (J_c − s·inv)·h > 0; returns how many. The numpy form's operations in its order, so
+    the same bits (no fast-math: no fused multiply-add)."""
+    K, u = J.shape
+    uu = np.uint64(u)  # unsigned: the row sums vectorise (see lse_accumulate)
+    for j in range(uu):
+        s[j] = np.float64(J[0, j])
+    for k in range(1, K):
+        for j in range(uu):
+            s[j] += np.float64(J[k, j])
+    m = 0
+    for j in range(u):
+        if (np.float64(J[c, j]) - s[j] * inv) * np.float64(h[j]) > 0.0:
+            idx[m] = j
+            m += 1
+    return m
+
+
+@_compiled()
+def excess_rows(h, J, s, inv, idx, hs, mean, D):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """The candidates' centred scores for :func:`onnx_pathwise.scores.unit_excess`, compiled:
+    hs[n] = h at unit idx[n], mean[n] = hs·(s·inv) and D (K, m)[k, n] = J_k·hs − mean, in
+    float64, as the numpy form computes them."""
+    K = J.shape[0]
+    m = idx.shape[0]
+    for n in range(m):
+        hj = np.float64(h[idx[n]])
+        hs[n] = hj
+        mean[n] = hj * (s[idx[n]] * inv)
+    for k in range(K):
+        for n in range(m):
+            D[k, n] = np.float64(J[k, idx[n]]) * hs[n] - mean[n]
 
 
 @_compiled()

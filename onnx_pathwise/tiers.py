@@ -1,8 +1,9 @@
 """When the compiled kernels are worth loading: numpy first, numba once a process has done enough.
 
-Three inner loops of a plain explanation exist twice, as numpy and as a numba kernel that
+Four inner loops of a plain explanation exist twice, as numpy and as a numba kernel that
 gives the same bits (``tests/test_rules.py`` and ``tests/test_pathwise.py`` check each pair):
-keeping the selected units' cotangents (:func:`onnx_pathwise.selection.keep_units`), max-pool
+keeping the selected units' cotangents (:func:`onnx_pathwise.selection.keep_units`), the unit
+scores' necessary test and centred rows (:func:`onnx_pathwise.scores.unit_excess`), max-pool
 routing (:func:`onnx_pathwise.rules.pooling.window_argmax`) and its adjoint. The compiled
 loops are 1.5–5× faster, but loading numba costs about a second per process (its import and
 first dispatch) and compiling them after an install a few more: more than a command-line run

@@ -396,6 +396,41 @@ def test_a_single_scores_implicit_zero_row_gives_the_bits_of_the_full_rows() -> 
         assert np.array_equal(select_units(off, J, target, 5, zero_row=True), select_units(off, full, target, 5))
 
 
+def test_unit_scores_are_the_same_bits_in_both_tiers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """unit_excess's necessary test and centred scores in numpy and compiled (onnx_pathwise.tiers):
+    the same candidates and the same bits of every score, float32 and float64, strided views,
+    off units, signed zeros, cut units, ties and scores past exp's range; the numpy form's row
+    sum has the bits of numpy's float64 reduction (but for the sign of a zero sum)."""
+    from onnx_pathwise import scores
+
+    rng = np.random.default_rng(17)
+    n, u = 2, 3001
+    for dtype in (np.float32, np.float64):
+        for K, scale in ((2, 1e-3), (10, 1.0), (10, 300.0), (37, 1e-7)):
+            h = rng.standard_normal((n, u)).astype(dtype)
+            h[:, ::5] = 0.0
+            h[:, 1::7] = -0.0
+            J = (rng.standard_normal((K, n, u)) * scale).astype(dtype)
+            J[:, :, ::9] *= 100
+            J[:, :, 10:20] = 0.0
+            J[:, :, 20:25] = -0.0
+            for i in range(n):
+                Ji = J[:, i]  # a strided view
+                s, ref = scores._row_sum(Ji), np.add.reduce(Ji, axis=0, dtype=np.float64)
+                nonzero = ref != 0  # numpy's reduction starts from +0: -0 + -0 comes out +0
+                assert np.array_equal(s, ref) and np.array_equal(s[nonzero].view(np.uint64),
+                                                                 ref[nonzero].view(np.uint64))
+                got = {}
+                for tier in ("numpy", "compiled"):
+                    monkeypatch.setenv("ONNX_PATHWISE_KERNELS", tier)
+                    assert (tiers.compiled() is None) == (tier == "numpy")
+                    got[tier] = scores.unit_excess(h[i], Ji, 1)
+                (ia, ea), (ib, eb) = got["numpy"], got["compiled"]
+                assert ia.size > 50
+                assert np.array_equal(ia, ib)
+                assert np.array_equal(ea.view(np.uint64), eb.view(np.uint64))
+
+
 def test_unit_excess_resolves_p_near_one_over_k() -> None:
     """Units whose P sits within 1e-12 of 1/K: the excess e = log(K·P) comes out to ~1e-19
     (checked against a long-double evaluation), far below log-sum-exp's ~4e-16 round-off of
