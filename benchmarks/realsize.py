@@ -1,7 +1,12 @@
 """Real-size models (224², random weights) side by side with the PyTorch references (issue 13).
 
 For each model, head size K and batch b, in one process, ours and the reference timed in turn,
-round after round (median of ``--repeat``), so drift of a shared machine cancels out of the ratios:
+round after round (median of ``--repeat``), so drift of a shared machine cancels out of the ratios.
+The timings in this process run the compiled forms of the tiered loops (``--kernels compiled``,
+the default: where a process doing real-size work is after its first second of it,
+:mod:`onnx_pathwise.tiers`; ``--kernels auto`` measures a short run's mix instead, whose first
+calls run the numpy forms). Its subprocesses (peak RSS, the command line) run in the
+environment the script was started with, as a user's process would:
 
 * ``grad``     — ours ``attribute(x, "gradient")`` ÷ torch autograd of the target logit;
 * ``ig32``     — ours ``attribute(x, "integrated_gradients", steps=32)`` ÷ Captum
@@ -39,6 +44,7 @@ Prints one table; paste it into benchmarks/README.md with the machine and thread
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -47,7 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +100,28 @@ def _torch_grad(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -
     xi = x.clone().requires_grad_(True)
     model(xi).gather(1, target[:, None]).sum().backward()
     return xi.grad
+
+
+TIER_VARIABLE = "ONNX_PATHWISE_KERNELS"
+
+
+@contextlib.contextmanager
+def _tier(mode: str | None) -> Iterator[None]:
+    """ONNX_PATHWISE_KERNELS = ``mode`` (unset: None) for the timings inside."""
+    saved = os.environ.pop(TIER_VARIABLE, None)
+    if mode is not None:
+        os.environ[TIER_VARIABLE] = mode
+    try:
+        yield
+    finally:
+        os.environ.pop(TIER_VARIABLE, None)
+        if saved is not None:
+            os.environ[TIER_VARIABLE] = saved
+
+
+#: The environment as the user started the script: its subprocesses (peak RSS, the command line)
+#: run with it, as a user's process would, whatever tier ``--kernels`` sets for the timings here.
+USER_ENV = dict(os.environ)
 
 
 def _medians(runs: list[Callable[[], Any]], repeat: int) -> list[float]:
@@ -161,7 +189,7 @@ print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(
 def pathwise_alone(path: str, batch: int, budget: str) -> dict[str, Any]:
     """``pathwise_rss``: full-depth pathwise in its own process under ``budget`` (the issue's
     "K = 1,000, batch 8, within 8 GB"): seconds and peak RSS (VmHWM) of that process."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    env = dict(USER_ENV, PYTHONPATH=os.pathsep.join([str(HERE.parent), USER_ENV.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", PATHWISE_CHILD, path, str(batch), budget],
                          stdout=subprocess.PIPE, text=True, check=True, env=env)
     seconds, peak = out.stdout.split()[-2:]
@@ -175,7 +203,7 @@ def _child_rss(args: list[str]) -> float:
         cmd = [sys.executable, "-c", OURS_CHILD, args[1], args[3]]
     else:
         cmd = [sys.executable, __file__, "--child", *args]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    env = dict(USER_ENV, PYTHONPATH=os.pathsep.join([str(HERE.parent), USER_ENV.get("PYTHONPATH", "")]))
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -194,8 +222,10 @@ def child(kind: str, model_path: str, torch_spec: str, batch: int) -> None:
 
 
 def cli_overhead(model_path: str, x_path: str, out: Path, repeat: int) -> dict[str, float]:
-    """Warm CLI explain against the API, and where the CLI's time goes."""
-    env = dict(os.environ, PYTHONPATH=str(HERE.parent))
+    """Warm CLI explain against the API, and where the CLI's time goes; both in the tier of the
+    user's environment (a short run: auto unless set), whatever ``--kernels`` says (run ``--what
+    cli`` alone: the API side is in-process, and numba loaded by earlier measurements stays)."""
+    env = dict(USER_ENV, PYTHONPATH=str(HERE.parent))
     cmd = [sys.executable, "-m", "onnx_pathwise", "explain", model_path, x_path, "--out", str(out),
            "--force", "--device", "cpu", "--no-png"]
     subprocess.run(cmd, env=env, capture_output=True, check=True)  # warm: kernel caches on disk
@@ -207,13 +237,14 @@ def cli_overhead(model_path: str, x_path: str, out: Path, repeat: int) -> dict[s
     t = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import onnx_pathwise.cli"], env=env, check=True)
     imports = time.perf_counter() - t
-    t = time.perf_counter()
-    ex = Explainer(model_path, device="cpu")
-    load = time.perf_counter() - t
-    x = np.load(x_path)
-    t = time.perf_counter()
-    e = ex.explain(x)
-    api = time.perf_counter() - t
+    with _tier(USER_ENV.get(TIER_VARIABLE)):  # the API side in the user's tier too
+        t = time.perf_counter()
+        ex = Explainer(model_path, device="cpu")
+        load = time.perf_counter() - t
+        x = np.load(x_path)
+        t = time.perf_counter()
+        e = ex.explain(x)
+        api = time.perf_counter() - t
     from onnx_pathwise.io import save_npz
     t = time.perf_counter()
     save_npz(out / "api.npz", {"attribution": e.attribution})
@@ -377,10 +408,15 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--what", default="grad,unwrap,ig32,pathwise,rss,cli,overlap")
     p.add_argument("--budget", default="8G", help="memory budget of the pathwise_rss process")
+    p.add_argument("--kernels", default="compiled", choices=("compiled", "auto", "numpy"),
+                   help="tier of the tiered loops for the timings in this process (ONNX_PATHWISE_KERNELS): "
+                        "compiled, where any process doing real-size work is after its first second of it "
+                        "(default); auto, a short run's mix")
     a = p.parse_args()
+    os.environ[TIER_VARIABLE] = a.kernels
     rows = run(a.models.split(","), [int(k) for k in a.classes.split(",")], [int(b) for b in a.batch.split(",")],
                a.repeat, set(a.what.split(",")), a.budget)
-    print(f"\nmachine: {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    print(f"\nmachine: {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, tiered loops: {a.kernels}")
     if {"ig32", "rss"} & set(a.what.split(",")):
         print(f"IG-32 reference: {_ig_reference()}")
     cols = [c for c in ("grad", "unwrap", "ig32", "ig32_lean", "pathwise", "pathwise_ort_bwd", "pathwise_s",
