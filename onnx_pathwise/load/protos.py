@@ -22,7 +22,8 @@ def all_tensors(
     """Every stored tensor of the model, with where it lives (for messages): initializers and
     sparse initializers (values and indices) of every graph, and tensor, tensors, sparse-tensor
     attributes of every node at any depth of If/Loop/Scan bodies, of local function bodies
-    and of training graphs. Attribute fields are read whatever the attribute's declared type."""
+    and of training graphs. Attribute fields are read whatever the attribute's declared type.
+    The main graph's initializers come first, in their order."""
     tensors: list[tuple[str, TensorProto]] = []
     sparse: list[tuple[str, onnx.SparseTensorProto]] = []
 

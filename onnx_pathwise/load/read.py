@@ -13,7 +13,7 @@ from onnx import TensorProto
 from ..errors import ModelError
 from ..io import open_regular
 from .external import external_references, load_external_data
-from .resources import MAX_PROTOBUF_BYTES, check_resources
+from .resources import MAX_PROTOBUF_BYTES, check_resources, raw_data_sizes
 
 
 def read_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -38,12 +38,13 @@ def read_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         model = onnx.load_model_from_string(data)
     except Exception as exc:  # protobuf raises DecodeError and friends
         raise ModelError(f"{path}: not a valid ONNX protobuf ({type(exc).__name__})") from None
+    raw_sizes = raw_data_sizes(data)
     del data
     if not model.graph.node and not model.graph.output:
         raise ModelError(f"{path}: not an ONNX model (no graph)")
     try:
         check_names(model)
-        check_resources(model)
+        check_resources(model, raw_sizes)
         load_external_data(model, path)
     except ModelError as exc:
         raise ModelError(f"{path}: {exc}") from None

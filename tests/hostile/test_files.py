@@ -724,6 +724,55 @@ def test_malformed_tensors_are_model_errors(site: Site, case: str, no_onnxruntim
     assert no_onnxruntime == []
 
 
+def _key(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field."""
+    out = bytearray()
+    for value in ((number << 3) | 2, len(payload)):
+        while value >= 0x80:
+            out.append(value & 0x7F | 0x80)
+            value >>= 7
+        out.append(value)
+    return bytes(out) + payload
+
+
+def _graph_in_two_parts(*raw: bytes) -> bytes:
+    """_relu_net's file with its weight ``w`` moved to a second occurrence of the model's graph
+    field (protobuf merges the two) and stored as one raw_data field per entry of ``raw`` (the
+    last one counts)."""
+    model = _relu_net()
+    del model.graph.initializer[:]
+    w = _typed("w", TensorProto.FLOAT, [2, 2]).SerializeToString() + b"".join(_key(9, r) for r in raw)
+    return model.SerializeToString() + _key(7, _key(5, w))
+
+
+@pytest.mark.parametrize("raw, fragment", [
+    ((W.tobytes(),), None),
+    ((b"\0" * 12, W.tobytes()), None),
+    ((W.tobytes(), b"\0" * 12), "(16 bytes of FLOAT) but stores 12 bytes"),
+    ((b"\0" * 20,), "(16 bytes of FLOAT) but stores 20 bytes"),
+])
+def test_raw_data_lengths_are_read_from_the_file_as_protobuf_parses_it(site: Site, raw: tuple[bytes, ...],
+                                                                      fragment: str | None) -> None:
+    """The file path reads the initializers' raw_data lengths from the file's bytes (reading them
+    from the parsed message copies every weight): a graph given in two parts is merged and a
+    later raw_data replaces an earlier one, as protobuf does, so a wrong length is refused and a
+    right one explained; the lengths equal the parsed message's, and bytes that end inside a
+    field give none (the message's are read then)."""
+    data = _graph_in_two_parts(*raw)
+    parsed = onnx.load_model_from_string(data)
+    assert load.resources.raw_data_sizes(data) == [len(t.raw_data) for t in parsed.graph.initializer]
+    assert load.resources.raw_data_sizes(data[:-3]) is None
+    site.model.write_bytes(data)
+    if fragment is None:  # the same model as _relu_net's plain file
+        x = np.array([[1.0, 2.0], [-3.0, 0.5]], np.float32)
+        got = Explainer(site.model, device="cpu").unwrap(x).weight
+        np.testing.assert_array_equal(got, Explainer(_relu_net(), device="cpu").unwrap(x).weight)
+    else:
+        with pytest.raises(ModelError) as info:
+            Explainer(site.model, device="cpu")
+        assert "initializer 'w'" in str(info.value) and fragment in str(info.value)
+
+
 def _rename_bytes(model: onnx.ModelProto, name: str) -> bytes:
     """The serialized model with the first byte of every occurrence of ``name`` set to 0xFF:
     a name that protobuf hands out as bytes, not str."""

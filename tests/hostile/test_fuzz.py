@@ -808,6 +808,31 @@ def test_mutants_in_process(tmp_path: Path) -> None:
     assert not problems, "\n".join(problems[:20])
 
 
+def test_raw_data_lengths_from_the_bytes_match_the_parsed_mutants() -> None:
+    """The loader reads the main graph's raw_data lengths from a file's bytes
+    (``load.resources.raw_data_sizes``) instead of copying each weight out of the parsed
+    message: on every mutant that protobuf parses, byte-level ones included, they are the
+    message's, or the walk gives up (None) and the loader reads the message."""
+    from onnx_pathwise.load.resources import raw_data_sizes
+
+    checked = walked = 0
+    for i in range(4 * BUDGET):
+        mu = make_mutant(i)
+        data = mu.model.SerializeToString()
+        if mu.edit_bytes is not None:
+            data = mu.edit_bytes(data)
+        try:
+            parsed = onnx.load_model_from_string(data)
+        except Exception:
+            continue
+        checked += 1
+        sizes = raw_data_sizes(data)
+        if sizes is not None:
+            walked += 1
+            assert sizes == [len(t.raw_data) if t.HasField("raw_data") else None for t in parsed.graph.initializer], i
+    assert walked > BUDGET, (checked, walked)
+
+
 def test_mutants_as_subprocesses(tmp_path: Path) -> None:
     """FIFO cases first, then a sample of the rest; each runs one command in a real process."""
     tally: collections.Counter[str] = collections.Counter()
