@@ -174,7 +174,7 @@ def load_external_data(model: onnx.ModelProto, path: Path) -> None:
             part.tensor.raw_data = data
             part.tensor.data_location = TensorProto.DEFAULT
             del part.tensor.external_data[:]
-            problem = tensor_problem(part.tensor)
+            problem = tensor_problem(part.tensor, len(data))
             if problem:
                 raise ModelError(f"{part.where}: the tensor {problem}")
     finally:
