@@ -173,13 +173,20 @@ def check_inferred_sizes(model: onnx.ModelProto) -> None:
 
 
 _MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9  # field numbers in onnx.proto
+#: Fields :func:`raw_data_sizes` walks before it gives up (a Python loop: a file of millions of
+#: empty fields would otherwise take minutes; the message's lengths are read then).
+MAX_WALKED_FIELDS = 1 << 18
 
 
-def _fields(data: bytes, start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
+def _fields(data: bytes, start: int, stop: int, budget: list[int]) -> Iterator[tuple[int, int, int, int]]:
     """The fields of the protobuf message in data[start:stop]: (number, wire type, where its
-    payload starts, where it ends; a length-delimited field's payload is its bytes)."""
+    payload starts, where it ends; a length-delimited field's payload is its bytes). Each
+    field spends one of ``budget[0]``."""
     i = start
     while i < stop:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise ValueError("too many fields to walk")
         key, i = _varint(data, i)
         number, wire = key >> 3, key & 7
         if wire == 0:
@@ -217,17 +224,19 @@ def raw_data_sizes(data: bytes) -> list[int | None] | None:
     none), from the model's serialized bytes: reading ``raw_data`` from the parsed message
     copies it (VGG-16's 537 MB: 0.3 s). As protobuf parses, the graph's occurrences are merged
     and a later raw_data replaces an earlier one. None when the bytes hold what ONNX does not
-    (groups) or end inside a field: the lengths are then read from the message."""
+    (groups), end inside a field or hold more than :data:`MAX_WALKED_FIELDS` fields on the
+    way: the lengths are then read from the message."""
+    budget = [MAX_WALKED_FIELDS]
     try:
         sizes: list[int | None] = []
-        for number, wire, a, b in _fields(data, 0, len(data)):
+        for number, wire, a, b in _fields(data, 0, len(data), budget):
             if number != _MODEL_GRAPH or wire != 2:
                 continue
-            for g_number, g_wire, ga, gb in _fields(data, a, b):
+            for g_number, g_wire, ga, gb in _fields(data, a, b, budget):
                 if g_number != _GRAPH_INITIALIZER or g_wire != 2:
                     continue
                 size = None
-                for t_number, t_wire, ta, tb in _fields(data, ga, gb):
+                for t_number, t_wire, ta, tb in _fields(data, ga, gb, budget):
                     if t_number == _TENSOR_RAW_DATA and t_wire == 2:
                         size = tb - ta
                 sizes.append(size)

@@ -773,6 +773,30 @@ def test_raw_data_lengths_are_read_from_the_file_as_protobuf_parses_it(site: Sit
         assert "initializer 'w'" in str(info.value) and fragment in str(info.value)
 
 
+def test_a_file_of_many_empty_fields_is_not_walked_field_by_field(site: Site) -> None:
+    """Walking a file's fields for the raw_data lengths is a Python loop: past
+    MAX_WALKED_FIELDS it gives up at once and the loader reads the message's lengths, so a file
+    of a million empty fields in its graph neither hangs the walk nor changes the verdict."""
+    import time
+
+    padding = _key(99, b"") * (load.resources.MAX_WALKED_FIELDS + 10)  # unknown graph fields
+    for raw, refused in ((W.tobytes(), False), (b"\0" * 12, True)):
+        model = _relu_net()
+        del model.graph.initializer[:]
+        w = _typed("w", TensorProto.FLOAT, [2, 2]).SerializeToString() + _key(9, raw)
+        data = model.SerializeToString() + _key(7, padding + _key(5, w))
+        start = time.perf_counter()
+        assert load.resources.raw_data_sizes(data) is None
+        assert time.perf_counter() - start < 5.0
+        site.model.write_bytes(data)
+        if refused:
+            with pytest.raises(ModelError) as info:
+                Explainer(site.model, device="cpu")
+            assert "(16 bytes of FLOAT) but stores 12 bytes" in str(info.value)
+        else:
+            Explainer(site.model, device="cpu").explain(np.array([[1.0, 2.0]], np.float32))
+
+
 def _rename_bytes(model: onnx.ModelProto, name: str) -> bytes:
     """The serialized model with the first byte of every occurrence of ``name`` set to 0xFF:
     a name that protobuf hands out as bytes, not str."""
