@@ -40,18 +40,26 @@ def path_setup(sweep: Sweep, width: Any, depth: int | None) -> tuple[list[Any], 
     return layers, {layer.name: parse_width(width, layer.units) for layer in layers}
 
 
+def _result_bytes(e: Explanation) -> int:
+    """Bytes an explanation holds: its arrays and every path layer's kept units."""
+    arrays = (e.attribution, e.weight, e.bias, e.output, e.target, e.masked_score, e.input_kept)
+    return sum(a.nbytes for a in arrays if a is not None) + sum(p.kept.nbytes for s in e.path for p in s)
+
+
 def path_sweep(sweep: Sweep, rec: Record, target: Any, width: Any, depth: int | None, input_width: Any,
                keep_at: str | None = None, classes: int | None = None, progress: bool = False,
-               ) -> tuple[list[Any], Any, np.ndarray, np.ndarray]:
+               held: int = 0) -> tuple[list[Any], Any, np.ndarray, np.ndarray]:
     """The pathwise sweep (every competing row down to the lowest path layer, in class
     chunks where they do not fit the memory budget): (path layers, the sweep with its
-    masks and targets, W_p (n, *in), b_p (n,) of each target)."""
+    masks and targets, W_p (n, *in), b_p (n,) of each target). ``held``: bytes of earlier
+    results the caller keeps meanwhile, taken from what class chunks may keep in memory."""
     layers, widths = path_setup(sweep, width, depth)
     D = int(np.prod(sweep.input_shape, dtype=np.int64))
     in_width = parse_width(input_width, D) if input_width is not None else None
     tgt = resolve_targets(target, rec.scores)
     competing = competing_set(rec.scores, tgt, classes)
     _, chunk, store = sweep.sweep_plan(competing.rows, rec.n)
+    store = max(0.0, store - held)
     graph = sweep.selection_graph(widths, competing.rows) if in_width is None and keep_at is None else None
     path = PathSweep(sweep.engine, layers, rec, tgt, competing, widths, in_width, keep_at=keep_at,
                      chunk=chunk, store_bytes=store, progress=progress, graph=graph)
@@ -69,26 +77,30 @@ def explain(
     record: Record | None = None,
     classes: int | str | None = None,
     progress: bool = False,
+    held: int = 0,
 ) -> Explanation:
     """Pathwise explanation of each sample, one backward sweep per chunk of samples (recorded
     once); the options as in :meth:`onnx_pathwise.Explainer.explain`, ``progress`` shows a
-    progress bar on stderr while a sweep goes in class chunks."""
+    progress bar on stderr while a sweep goes in class chunks. The explanations of the chunks
+    done so far (``held`` bytes from the caller's, plus this call's) are kept while the next
+    chunk is swept: the memory plan's checkpoint store gives them room."""
     ncls = parse_classes(classes)
     xb = sweep.check_input(x) if record is None else record.x
     step, _, _ = sweep.sweep_plan(competing_rows(ncls, sweep.num_classes), xb.shape[0])
     if xb.shape[0] > step:  # bounded memory: one sweep per chunk of samples, recorded once
         t = None if target is None else np.asarray(target)
-        return concat_batches([  # type: ignore[no-any-return]
-            explain(sweep, xb[s : s + step], t if t is None or t.ndim == 0 else t[s : s + step],
-                    width, depth, input_width,
-                    record=None if record is None else slice_record(record, s, s + step), classes=ncls,
-                    progress=progress)
-            for s in range(0, xb.shape[0], step)
-        ])
+        parts: list[Explanation] = []
+        for s in range(0, xb.shape[0], step):
+            parts.append(explain(sweep, xb[s : s + step], t if t is None or t.ndim == 0 else t[s : s + step],
+                                 width, depth, input_width,
+                                 record=None if record is None else slice_record(record, s, s + step),
+                                 classes=ncls, progress=progress,
+                                 held=held + sum(_result_bytes(e) for e in parts)))
+        return concat_batches(parts)  # type: ignore[no-any-return]
     rec = record if record is not None else sweep.record(xb)
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, not warned
         layers, path, weight, bias = path_sweep(sweep, rec, target, width, depth, input_width, classes=ncls,
-                                                progress=progress)
+                                                progress=progress, held=held)
         tgt = path.target
         n = rec.n
         xf = rec.x.astype(np.float64)
