@@ -352,8 +352,8 @@ def test_each_sample_sweep_leaves_room_for_the_explanations_already_made(tmp_pat
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch explained sample by sample keeps each sample's explanation while the next is
     swept: the memory plan's checkpoint store of sample i is the plan's less the bytes of the
-    explanations of samples 0 … i − 1 (kept units included; DenseNet-121 at K = 1,000, batch 8,
-    went 24 MiB past an 8 GiB budget without this), and the results do not change."""
+    explanations of samples 0 … i − 1 (kept units included: about 38 MB a sample on
+    DenseNet-121), and the results do not change."""
     from onnx_pathwise import explain as explain_mod
     from onnx_pathwise import pathwise
 
