@@ -90,12 +90,13 @@ def explain(
     if xb.shape[0] > step:  # bounded memory: one sweep per chunk of samples, recorded once
         t = None if target is None else np.asarray(target)
         parts: list[Explanation] = []
+        kept = held  # bytes of the explanations held while the next chunk is swept
         for s in range(0, xb.shape[0], step):
             parts.append(explain(sweep, xb[s : s + step], t if t is None or t.ndim == 0 else t[s : s + step],
                                  width, depth, input_width,
                                  record=None if record is None else slice_record(record, s, s + step),
-                                 classes=ncls, progress=progress,
-                                 held=held + sum(_result_bytes(e) for e in parts)))
+                                 classes=ncls, progress=progress, held=kept))
+            kept += _result_bytes(parts[-1])
         return concat_batches(parts)  # type: ignore[no-any-return]
     rec = record if record is not None else sweep.record(xb)
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, not warned

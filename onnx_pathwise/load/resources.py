@@ -257,7 +257,7 @@ def check_resources(model: onnx.ModelProto, raw_sizes: Sequence[int | None] | No
     _inlined_size(model)
     tensors, sparse = all_tensors(model)
     main = len(model.graph.initializer)  # all_tensors lists them first, in order
-    lengths = list(raw_sizes) if raw_sizes is not None and len(raw_sizes) == main else []
+    lengths = raw_sizes if raw_sizes is not None and len(raw_sizes) == main else ()
     for k, (where, t) in enumerate(tensors):
         problem = tensor_problem(t, lengths[k] if k < len(lengths) else None)
         if problem:
