@@ -735,14 +735,14 @@ def _key(number: int, payload: bytes) -> bytes:
     return bytes(out) + payload
 
 
-def _graph_in_two_parts(*raw: bytes) -> bytes:
+def _graph_in_two_parts(*raw: bytes, padding: bytes = b"") -> bytes:
     """_relu_net's file with its weight ``w`` moved to a second occurrence of the model's graph
-    field (protobuf merges the two) and stored as one raw_data field per entry of ``raw`` (the
-    last one counts)."""
+    field (protobuf merges the two), after ``padding`` (more graph fields), and stored as one
+    raw_data field per entry of ``raw`` (the last one counts)."""
     model = _relu_net()
     del model.graph.initializer[:]
     w = _typed("w", TensorProto.FLOAT, [2, 2]).SerializeToString() + b"".join(_key(9, r) for r in raw)
-    return model.SerializeToString() + _key(7, _key(5, w))
+    return model.SerializeToString() + _key(7, padding + _key(5, w))
 
 
 @pytest.mark.parametrize("raw, fragment", [
@@ -781,10 +781,7 @@ def test_a_file_of_many_empty_fields_is_not_walked_field_by_field(site: Site) ->
 
     padding = _key(99, b"") * (load.resources.MAX_WALKED_FIELDS + 10)  # unknown graph fields
     for raw, refused in ((W.tobytes(), False), (b"\0" * 12, True)):
-        model = _relu_net()
-        del model.graph.initializer[:]
-        w = _typed("w", TensorProto.FLOAT, [2, 2]).SerializeToString() + _key(9, raw)
-        data = model.SerializeToString() + _key(7, padding + _key(5, w))
+        data = _graph_in_two_parts(raw, padding=padding)
         start = time.perf_counter()
         assert load.resources.raw_data_sizes(data) is None
         assert time.perf_counter() - start < 5.0
