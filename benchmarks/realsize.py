@@ -124,6 +124,11 @@ def _tier(mode: str | None) -> Iterator[None]:
 USER_ENV = dict(os.environ)
 
 
+def _child_env() -> dict[str, str]:
+    """:data:`USER_ENV` with this checkout first on PYTHONPATH, for the measuring subprocesses."""
+    return dict(USER_ENV, PYTHONPATH=os.pathsep.join([str(HERE.parent), USER_ENV.get("PYTHONPATH", "")]))
+
+
 def _medians(runs: list[Callable[[], Any]], repeat: int) -> list[float]:
     """The median time of each of ``runs``, timed in turn round after round, after one warm-up
     round (kernel compilation, caches, allocator)."""
@@ -189,7 +194,7 @@ print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(
 def pathwise_alone(path: str, batch: int, budget: str) -> dict[str, Any]:
     """``pathwise_rss``: full-depth pathwise in its own process under ``budget`` (the issue's
     "K = 1,000, batch 8, within 8 GB"): seconds and peak RSS (VmHWM) of that process."""
-    env = dict(USER_ENV, PYTHONPATH=os.pathsep.join([str(HERE.parent), USER_ENV.get("PYTHONPATH", "")]))
+    env = _child_env()
     out = subprocess.run([sys.executable, "-c", PATHWISE_CHILD, path, str(batch), budget],
                          stdout=subprocess.PIPE, text=True, check=True, env=env)
     seconds, peak = out.stdout.split()[-2:]
@@ -203,7 +208,7 @@ def _child_rss(args: list[str]) -> float:
         cmd = [sys.executable, "-c", OURS_CHILD, args[1], args[3]]
     else:
         cmd = [sys.executable, __file__, "--child", *args]
-    env = dict(USER_ENV, PYTHONPATH=os.pathsep.join([str(HERE.parent), USER_ENV.get("PYTHONPATH", "")]))
+    env = _child_env()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
 
