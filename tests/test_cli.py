@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import ROOT, SAMPLES, invoke, make_model, one_error_line, run_module, vi
+from helpers import ROOT, SAMPLES, invoke, make_model, one_error_line, run_module, runner, vi
 from onnx import helper, numpy_helper
 
 import onnx_pathwise
 from onnx_pathwise import Explainer, InputError, runtime
-from onnx_pathwise.cli import EXIT_CODES
+from onnx_pathwise.cli import EXIT_CODES, app
 from onnx_pathwise.errors import (
     DeviceError,
     ModelError,
@@ -230,6 +230,23 @@ def test_help_and_version() -> None:
     assert result.exit_code == 0 and "inspect" in result.stdout and "unwrap" in result.stdout
     assert "Exit codes" in result.stdout
     assert invoke("--version").stdout.strip() == f"onnx-pathwise {onnx_pathwise.__version__}"
+
+
+@pytest.mark.parametrize("command", ["", "inspect", "unwrap", "explain", "decompose", "evaluate", "audit", "diff"])
+def test_help_reads_whole_at_80_columns(command: str) -> None:
+    """No help text is cut off with an ellipsis (a word longer than its column) and no paragraph
+    breaks mid-sentence where its docstring did (typer keeps a docstring's line breaks)."""
+    result = runner.invoke(app, [*command.split(), "--help"], env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    assert "…" not in result.stdout
+    # A description line that stops well short of the width while its paragraph goes on is a
+    # docstring's line break printed as it is.
+    text = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith(("│", "╭", "╰"))]
+    for line, following in zip(text, text[1:]):
+        if not line.startswith("Usage") and following[:1].islower():
+            assert len(line) > 60, (line, following)
 
 
 # --------------------------------------------------------------------------- the real entry point

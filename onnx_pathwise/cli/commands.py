@@ -301,7 +301,9 @@ def evaluate(
     inputs: InputArg,
     out: OutDirOpt,
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods, from: " + ", ".join(METHODS)
-                                         + ".")] = ",".join(m.name for m in baselines.METHODS.values() if m.evaluate),
+                                         + ". Default: all but " + ", ".join(m.name for m in baselines.METHODS.values() if not m.evaluate)
+                                         + ".", show_default=False)] = ",".join(
+        m.name for m in baselines.METHODS.values() if m.evaluate),
     width: Annotated[list[str] | None, width_option(
         "--width", help="Pathwise width(s); repeat for a sweep (e.g. --width 5% --width 20%).")] = None,
     depth: Annotated[list[int] | None, count_option("--depth", help="Pathwise depth(s); repeat for several",
@@ -389,7 +391,7 @@ def audit(
                          "default: 4 generated standard-normal inputs.",
         show_default=False)] = None,
     max_delta: Annotated[float, number_option(
-        "--max-delta", help="Largest completeness delta allowed, relative to the score scale (at least 1)",
+        "--max-delta", help="Largest completeness delta allowed, relative to the score scale: the largest |score|, or 1 if that is smaller",
         low=0.0, show_default=True)] = 1e-4,
     width: WidthOpt = None,
     report: Annotated[ReportFormat | None, typer.Option(

@@ -207,7 +207,7 @@ InputNameOpt = Annotated[str | None, typer.Option(
     "--input-name", help="Model input to explain; default: the only float input.", show_default=False)]
 OutputNameOpt = Annotated[str | None, typer.Option(
     "--output", help="Model output (or any tensor) to explain; default: the only float output. "
-                     "A final Softmax/LogSoftmax/Sigmoid is peeled: scores are the logits.",
+                     "A final Softmax, LogSoftmax or Sigmoid is peeled: scores are the logits.",
     show_default=False)]
 DeviceOpt = Annotated[Device, typer.Option(
     "--device", case_sensitive=False,

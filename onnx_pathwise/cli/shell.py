@@ -3,6 +3,7 @@ line and an exit code (:data:`EXIT_CODES`); see :mod:`onnx_pathwise.cli`."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import sys
@@ -150,13 +151,28 @@ def _out(text: str, err: bool = False) -> None:
     typer.echo(clean_block(text), err=err)
 
 
+def _reflow(text: str | None) -> str | None:
+    """``text`` with the lines of each paragraph joined: typer prints a docstring's single line
+    breaks as they are, and the terminal then wraps those lines again, mid-sentence."""
+    if not text:
+        return text
+    return "\n\n".join(p if p.startswith("\b") else " ".join(p.split("\n"))
+                       for p in inspect.cleandoc(text).split("\n\n"))
+
+
 class _Group(TyperGroup):
     """Turns a :class:`PathwiseError` raised by any command, a usage error and an interrupt into
     one line and its exit code.
 
     Notices held back while the command ran (the CPU fallback of ``--device auto``) are shown
     after it, unless it failed: a failed command prints its one error line and nothing else.
+    Every command's help is reflowed (:func:`_reflow`).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for command in self.commands.values():
+            command.help = _reflow(command.help)
 
     def make_context(self, info_name: str | None, args: list[str], parent: Any = None,  # type: ignore[override]
                      **extra: Any) -> Any:
