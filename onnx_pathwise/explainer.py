@@ -115,6 +115,12 @@ class Explainer:
         return self.sweep.record(x, preactivations)
 
     @limits.reused_heap()
+    def scores(self, x: Any) -> np.ndarray:
+        """The explained output of each sample, (N, K): a plain forward pass, which records
+        no gate (:meth:`onnx_pathwise.sweep.Sweep.scores`)."""
+        return self.sweep.scores(x)
+
+    @limits.reused_heap()
     def unwrap(self, x: Any, record: Record | None = None) -> UnwrapResult:
         """The local affine model W_x, b_x of every sample, checked against onnxruntime
         (:func:`onnx_pathwise.unwrap.unwrap`)."""

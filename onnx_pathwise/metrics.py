@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import PathwiseError
-from .pathwise import resolve_targets, target_scores
+from .pathwise import progress_bar, resolve_targets, target_scores
 
 if TYPE_CHECKING:
     from .explainer import Explainer, RadiusResult
@@ -148,7 +148,7 @@ def _curve(
         raise PathwiseError(f"step {step!r}: must be a positive integer")
     step = int(step)
     if target is None:
-        target = resolve_targets(None, explainer.record(x).scores)
+        target = resolve_targets(None, explainer.scores(x))
     tgt = resolve_targets(target, np.zeros((N, explainer.num_classes)))
     order = pixel_order(attribution, channel_axis)
     rank = np.empty_like(order)
@@ -182,8 +182,7 @@ def _curve(
         ii, jj = rows_i[s : s + chunk], rows_j[s : s + chunk]
         mask = rank[ii] < changed[jj][:, None]  # (r, P)
         batch = np.where(mask[..., None], fp[ii], sp[ii])
-        rec = explainer.record(from_pixels(batch))
-        scores[s : s + chunk] = target_probability(rec.scores, tgt[ii])
+        scores[s : s + chunk] = target_probability(explainer.scores(from_pixels(batch)), tgt[ii])
     return Curve(kind, scores.reshape(N, n), changed, order)
 
 
@@ -290,6 +289,7 @@ def evaluate(
     max_input_size: int = 4096,
     attributions: dict[str, np.ndarray] | None = None,
     classes: int | str | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Every applicable metric per method per sample, with mean and (population) std.
 
@@ -306,13 +306,13 @@ def evaluate(
     where a summary is {"values": [...], "mean", "std"}: mean and population std over the finite
     values, None when there are none (undefined; ``null`` in JSON).
     ``attributions``, when given, receives each method label's attribution array (N, *input shape).
+    ``progress`` shows a bar on stderr, one step per method run.
     """
     from . import baselines
 
     xb = explainer.check_input(x)
     rec = explainer.record(xb)
     tgt = resolve_targets(target, rec.scores)
-    idx = np.arange(xb.shape[0])
     shape = xb.shape[1:]
     used_step = default_step(shape, channel_axis) if step is None else step
     runs: list[tuple[str, dict[str, Any]]] = []
@@ -345,39 +345,56 @@ def evaluate(
         result["samples"]["certified_radius_linf"] = _summary(radius.linf)
     else:
         result["skipped"].append(f"certified radius: input has {D} elements > max_input_size {max_input_size}")
-    for name, opts in runs:
-        baselines.check_options(name, opts)
-        metrics: dict[str, Any] = {}
-        if baselines.METHODS[name].path:
-            e = explainer.explain(xb, tgt, record=rec, **opts)
-            attribution = e.attribution
-            metrics["masked_score"] = _summary(e.masked_score)
-            metrics["faithfulness"] = _summary(e.faithfulness)
-            metrics["sparsity"] = _summary(e.sparsity)
-        else:
-            attribution = baselines.METHODS[name].fn(explainer, xb, tgt, record=rec, **opts)
-        if name == "unwrap":
-            metrics["completeness_delta"] = _summary(explainer.unwrap(xb, record=rec).delta)
-        if name == "integrated_gradients":
-            x0 = baselines._baseline(explainer, xb, opts.get("baseline", "zeros"))
-            y0 = target_scores(explainer.record(x0).scores, tgt).astype(np.float64)
-            total = attribution.reshape(len(idx), -1).astype(np.float64).sum(axis=1)
-            metrics["completeness_delta"] = _summary(np.abs(total - (target_scores(rec.scores, tgt) - y0)))
-        ins = insertion(explainer, xb, attribution, tgt, used_step, channel_axis)
-        dele = deletion(explainer, xb, attribution, tgt, used_step, channel_axis)
-        metrics["insertion_auc"] = _summary(ins.auc)
-        metrics["deletion_auc"] = _summary(dele.auc)
-        label = _label(name, opts)
-        if attributions is not None:
-            attributions[label] = attribution
-        result["methods"][label] = {
-            "method": name,
-            "options": {k: _plain(v) for k, v in opts.items()},
-            "metrics": metrics,
-            "curves": {"changed": ins.changed.tolist(), "insertion": ins.scores.mean(axis=0).tolist(),
-                       "deletion": dele.scores.mean(axis=0).tolist()},
-        }
+    inner = explainer.progress  # a sweep's own bar cannot show inside this one (rich: one live display)
+    explainer.progress = inner and not progress
+    try:
+        with progress_bar(progress, len(runs), f"evaluating {len(runs)} method run(s) on {xb.shape[0]} sample(s)") \
+                as advance:
+            for name, opts in runs:
+                _run_method(explainer, xb, rec, tgt, name, opts, used_step, channel_axis, attributions, result)
+                advance()
+    finally:
+        explainer.progress = inner
     return result
+
+
+def _run_method(explainer: Explainer, xb: Array, rec: Any, tgt: Array, name: str, opts: dict[str, Any], step: int,
+                channel_axis: int | None, attributions: dict[str, np.ndarray] | None, result: dict[str, Any]) -> None:
+    """One method run of :func:`evaluate`: its attribution, its metrics into ``result``."""
+    from . import baselines
+
+    n = xb.shape[0]
+    baselines.check_options(name, opts)
+    metrics: dict[str, Any] = {}
+    if baselines.METHODS[name].path:
+        e = explainer.explain(xb, tgt, record=rec, **opts)
+        attribution = e.attribution
+        metrics["masked_score"] = _summary(e.masked_score)
+        metrics["faithfulness"] = _summary(e.faithfulness)
+        metrics["sparsity"] = _summary(e.sparsity)
+    else:
+        attribution = baselines.METHODS[name].fn(explainer, xb, tgt, record=rec, **opts)
+    if name == "unwrap":
+        metrics["completeness_delta"] = _summary(explainer.unwrap(xb, record=rec).delta)
+    if name == "integrated_gradients":
+        x0 = baselines._baseline(explainer, xb, opts.get("baseline", "zeros"))
+        y0 = target_scores(explainer.scores(x0), tgt).astype(np.float64)
+        total = attribution.reshape(n, -1).astype(np.float64).sum(axis=1)
+        metrics["completeness_delta"] = _summary(np.abs(total - (target_scores(rec.scores, tgt) - y0)))
+    ins = insertion(explainer, xb, attribution, tgt, step, channel_axis)
+    dele = deletion(explainer, xb, attribution, tgt, step, channel_axis)
+    metrics["insertion_auc"] = _summary(ins.auc)
+    metrics["deletion_auc"] = _summary(dele.auc)
+    label = _label(name, opts)
+    if attributions is not None:
+        attributions[label] = attribution
+    result["methods"][label] = {
+        "method": name,
+        "options": {k: _plain(v) for k, v in opts.items()},
+        "metrics": metrics,
+        "curves": {"changed": ins.changed.tolist(), "insertion": ins.scores.mean(axis=0).tolist(),
+                   "deletion": dele.scores.mean(axis=0).tolist()},
+    }
 
 
 def _plain(v: Any) -> Any:

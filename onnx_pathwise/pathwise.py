@@ -262,8 +262,9 @@ def _owned(cut: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 @contextlib.contextmanager
-def _progress(show: bool, total: int, what: str) -> Iterator[Callable[[], None]]:
-    """A rich progress bar on stderr while chunks are swept, only when asked for (``show``)."""
+def progress_bar(show: bool, total: int, what: str) -> Iterator[Callable[[], None]]:
+    """A rich progress bar on stderr while ``total`` steps run, only when asked for (``show``):
+    the chunks of a sweep, the method runs of ``metrics.evaluate``."""
     if not show:
         yield lambda: None
         return
@@ -381,7 +382,7 @@ class PathSweep:
         assert self.graph is not None
         comp, n = self.competing, self.record.n
         try:
-            with _progress(self.progress, n, f"pathwise selection on the device, {comp.rows} classes") as advance:
+            with progress_bar(self.progress, n, f"pathwise selection on the device, {comp.rows} classes") as advance:
                 self.masks = self.graph.masks(self.record, comp.classes, comp.count, comp.target_row, advance)
         except ModelError as exc:
             print(f"onnx-pathwise: {exc}; selecting on the host instead", file=sys.stderr)
@@ -422,7 +423,7 @@ class PathSweep:
         order = [node.name for node in reversed(self.engine.nodes) if node.name in self.widths]  # from the output
         steps = (len(order) + (1 if self.input_width else 0)) * -(-M // R)
         # every chunk's sweep has at most R rows per sample: their BLAS limit is set once
-        with _progress(self.progress, steps, f"pathwise, {M} classes in chunks of {R}") as advance, \
+        with progress_bar(self.progress, steps, f"pathwise, {M} classes in chunks of {R}") as advance, \
                 blas_for(R * self.record.n):
             self._select_chunked(order, advance)
         result = self._final_sweep()

@@ -94,16 +94,21 @@ def refuse_overflow(what: str, *arrays: np.ndarray) -> None:
                          "product of weights is too large)")
 
 
-def record_rows(sweep: Sweep, x: np.ndarray, preactivations: bool = False) -> tuple[Record, dict[str, np.ndarray]]:
-    """One onnxruntime forward pass over rows x (already checked): the record and the raw
-    recorded values (gate outputs, or inputs with ``preactivations``; max-pool inputs; scores)."""
-    values = sweep.recorder_for(preactivations).run(x)
-    for name, value in values.items():  # finite weights and inputs can still overflow
+def _refuse_nonfinite(values: Mapping[str, Any]) -> None:
+    """Finite weights and inputs can still overflow: a NaN or infinite recorded value is refused."""
+    for name, value in values.items():
         v = np.asarray(value)
         if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
             row = int(np.argwhere(~np.isfinite(v))[0][0]) if v.ndim else 0
             raise ModelError(f"tensor {name!r} is NaN or infinite on sample {row}: the model does not "
                              "compute finite values on this input (a float overflow, or a NaN attribute)")
+
+
+def record_rows(sweep: Sweep, x: np.ndarray, preactivations: bool = False) -> tuple[Record, dict[str, np.ndarray]]:
+    """One onnxruntime forward pass over rows x (already checked): the record and the raw
+    recorded values (gate outputs, or inputs with ``preactivations``; max-pool inputs; scores)."""
+    values = sweep.recorder_for(preactivations).run(x)
+    _refuse_nonfinite(values)
     states, pre = sweep.engine.states_from(values)
     scores = np.asarray(values[sweep.ir.output_name]).reshape(x.shape[0], -1)
     return Record(x=x, scores=scores, states=states, preactivations=pre), values
@@ -122,7 +127,8 @@ class Sweep:
         self.device = device
         self.kernels = runtime.OpKernels(self.device)
         self.engine = Engine(self.ir, kernels=self.kernels)
-        self._recorders: dict[bool, runtime.Recorder] = {}
+        #: the forward-record sessions by ``preactivations``, and (key None) the scores-only one
+        self._recorders: dict[bool | None, runtime.Recorder] = {}
         self._selection: dict[tuple[tuple[str, int], ...], graphsweep.SelectionGraph | None] = {}
         #: why the last selection graph asked for could not be built ("" when it could)
         self.selection_problem = ""
@@ -174,15 +180,27 @@ class Sweep:
             raise InputError(f"{name}: {bad} value(s) are NaN or infinite")
         return np.ascontiguousarray(x, dtype=self.ir.input_dtype)
 
-    def recorder_for(self, preactivations: bool = False) -> runtime.Recorder:
+    def recorder_for(self, preactivations: bool | None = False) -> runtime.Recorder:
+        """The cached session recording the gates' outputs (their inputs too with
+        ``preactivations``), or with None the scores alone."""
         rec = self._recorders.get(preactivations)
         if rec is None:
-            rec = runtime.Recorder(
-                self.proto, self.ir.input_name, self.engine.recorded_tensors(preactivations), self.device,
-                self.ir.fixed_batch or int(self.ir.batch_fixed), self.initializers,
-            )
+            names = ([self.ir.output_name] if preactivations is None
+                     else self.engine.recorded_tensors(preactivations))
+            rec = runtime.Recorder(self.proto, self.ir.input_name, names, self.device,
+                                   self.ir.fixed_batch or int(self.ir.batch_fixed), self.initializers)
             self._recorders[preactivations] = rec
         return rec
+
+    def scores(self, x: Any) -> np.ndarray:
+        """The explained output of each sample, (N, K), from a forward pass that records nothing
+        else: onnxruntime fuses and reuses memory as in a plain run, and no gate state is built
+        (for the metrics' curves, thousands of inputs; the scores' last bits may differ from a
+        record's, whose session keeps every gate's output)."""
+        x = self.check_input(x)
+        values = self.recorder_for(None).run(x)
+        _refuse_nonfinite(values)
+        return np.asarray(values[self.ir.output_name]).reshape(x.shape[0], -1)
 
     def record(self, x: Any, preactivations: bool = False) -> Record:
         """One onnxruntime forward pass: every gate's and max-pool's frozen state, the scores.

@@ -501,6 +501,33 @@ def test_progress_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     same(ex.explain(x), quiet, "with a progress bar")
 
 
+def test_evaluate_shows_its_own_bar_over_class_chunked_sweeps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`evaluate` with a bar runs its pathwise sweeps (class chunks, which have a bar of their
+    own) with theirs off: one bar on the terminal, not two drawn over each other (and before
+    rich 14, a LiveError). Same results; the explainer's setting is back afterwards."""
+    from onnx_pathwise import metrics, pathwise
+
+    ex = Explainer(mlp_many(tmp_path / "many.onnx", 100), device="cpu")
+    x = inputs(ex, 2)
+    monkeypatch.setattr(explainer, "CLASS_CHUNK_ROWS", 10)
+    quiet = metrics.evaluate(ex, x, ["pathwise"], step=4)
+    sweep_bars: list[bool] = []
+    real = pathwise.progress_bar
+
+    def spy(show: bool, total: int, what: str) -> Any:
+        sweep_bars.append(show)
+        return real(show, total, what)
+
+    monkeypatch.setattr(pathwise, "progress_bar", spy)
+    ex.progress = True
+    shown = metrics.evaluate(ex, x, ["pathwise"], step=4, progress=True)
+    assert sweep_bars and not any(sweep_bars)
+    assert ex.progress is True
+    assert shown["methods"] == quiet["methods"]
+    ex.explain(x)
+    assert sweep_bars[-1] is True
+
+
 def test_the_command_line_shows_the_class_chunk_progress_at_a_terminal(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI switches the class-chunk progress bar on when stderr is a terminal, off otherwise

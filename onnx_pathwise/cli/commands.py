@@ -344,7 +344,7 @@ def evaluate(
     class_names = _labels(labels, ex)
     attributions: dict[str, np.ndarray] | None = {} if report_format else None
     result = run_evaluation(ex, x, chosen, widths=widths, depths=list(depth) if depth else None, step=step,
-                            target=target, attributions=attributions, classes=ncls)
+                            target=target, attributions=attributions, classes=ncls, progress=ex.progress)
     result["model"] = str(model)
     result["input"] = source.describe()
     if class_names is not None:

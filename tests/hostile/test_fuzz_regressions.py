@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
+from onnx_pathwise import Explainer, ModelError
 from onnx_pathwise.cli import app
 
 PREFIX = "onnx-pathwise: error: "
@@ -62,6 +64,8 @@ def test_finite_weights_whose_output_overflows_are_refused_not_explained_as_nan(
     np.save(tmp_path / "x.npy", np.ones((2, 3), np.float32))
     _refused(tmp_path, "unwrap", "NaN or infinite", "overflow")
     _refused(tmp_path, "explain", "NaN or infinite", "overflow")
+    with pytest.raises(ModelError, match="NaN or infinite"):  # the scores-only pass of the metrics too
+        Explainer(_mlp(-3.4e38), device="cpu").scores(np.ones((2, 3), np.float32))
 
 
 def _chain(w1: float, w2: float) -> onnx.ModelProto:
