@@ -253,6 +253,46 @@ def test_audit_analyses_the_model_once_and_randomises_from_the_explainers_arrays
     assert set(before) == set(after) and len(changed) == 1
 
 
+def test_audit_explains_the_batch_once_and_fails_when_runs_differ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch's explanation is made once and shared by the per-sample, determinism and
+    randomisation checks (4 generated inputs: 1 batch + 4 single + 1 second run + 1 redrawn
+    model); a second run that differs in its attributions, or a sample whose path differs
+    from its batch's, fails its check."""
+    import dataclasses
+
+    from onnx_pathwise import audit as audit_mod
+
+    calls: list[int] = []
+    real = Explainer.explain
+    monkeypatch.setattr(Explainer, "explain", lambda self, x, *a, **k: calls.append(len(x)) or real(self, x, *a, **k))
+    report = audit_mod.audit(MLP, device="cpu")
+    assert report.passed and calls == [4, 1, 1, 1, 1, 4, 4]
+
+    def status(report: object) -> dict[str, str]:
+        return {c.name: c.status for c in report.checks}  # type: ignore[attr-defined]
+
+    def nudged(self, x, *a, **k):  # every run after the first gives other attributions
+        e = real(self, x, *a, **k)
+        calls.append(len(x))
+        return e if len(calls) == 1 else dataclasses.replace(e, attribution=e.attribution * (1 + 1e-3))
+
+    calls.clear()
+    monkeypatch.setattr(Explainer, "explain", nudged)
+    got = status(audit_mod.audit(MLP, device="cpu"))
+    assert got["deterministic"] == "fail" and got["batch equals per-sample"] == "fail"
+
+    def moved(self, x, *a, **k):  # a single sample's path loses a unit
+        e = real(self, x, *a, **k)
+        if len(x) > 1:
+            return e
+        layer = e.path[0][0]
+        return dataclasses.replace(e, path=[[dataclasses.replace(layer, kept=layer.kept[1:])] + e.path[0][1:]])
+
+    monkeypatch.setattr(Explainer, "explain", moved)
+    got = status(audit_mod.audit(MLP, device="cpu"))
+    assert got["batch equals per-sample"] == "fail" and got["deterministic"] == "pass"
+
+
 def test_audit_lists_the_blockers(blocked: Path) -> None:
     result = run("audit", blocked, "--device", "cpu", code=1)
     failed = [line for line in result.stdout.splitlines() if line.split()[:1] == ["FAIL"]]
