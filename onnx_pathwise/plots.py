@@ -77,7 +77,13 @@ def _heat(ax: Any, a: Array, title: str) -> None:
     im = ax.imshow(m, cmap=CMAP, vmin=-lim, vmax=lim)
     ax.set_title(title, fontsize=8)
     ax.axis("off")
-    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    _colour_bar(ax, im, pad=0.04)
+
+
+def _colour_bar(ax: Any, im: Any, pad: float) -> None:
+    """A colour bar beside ``ax`` whose ticks carry their own exponent ("2e-05"): matplotlib's
+    shared offset text ("1e-5") would sit on the panel's title."""
+    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=pad, format="%.2g")
 
 
 #: ColorBrewer's 11-class RdBu reversed (blue against, white 0, red for): the nodes matplotlib
@@ -290,7 +296,7 @@ def _draw_overlay(ax: Any, original: Array, attribution: Array, title: str,
     ax.set_ylim(h, 0)
     ax.set_title(title, fontsize=9)
     ax.axis("off")
-    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    _colour_bar(ax, im, pad=0.03)
     return im
 
 

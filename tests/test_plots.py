@@ -52,6 +52,24 @@ def test_overlay_uses_a_diverging_map_centred_at_zero_with_a_colour_bar() -> Non
     matplotlib.pyplot.close(fig)
 
 
+@pytest.mark.parametrize("scale", [1e-5, 1.0, 3e4])
+def test_colour_bars_have_no_offset_text_over_the_title(scale: float) -> None:
+    """A panel's colour bar writes each tick in full: matplotlib's shared exponent ("1e-5")
+    went above the bar, onto the title of a decomposition's part."""
+    fig, axes = plots._figure(1, 2)
+    a = (np.random.default_rng(0).normal(size=(3, 8, 8)) * scale).astype(np.float32)
+    plots._heat(axes[0, 0], a, "unit 15432: 0.00067")
+    plots._draw_overlay(axes[0, 1], photo(), a, "t", None)
+    fig.canvas.draw()
+    bars = fig.axes[2:]
+    assert len(bars) == 2
+    for bar in bars:
+        assert bar.yaxis.get_offset_text().get_text() == ""
+        labels = [t.get_text() for t in bar.get_yticklabels() if t.get_text()]
+        assert len(labels) >= 3 and all(len(text) <= 6 for text in labels), labels
+    matplotlib.pyplot.close(fig)
+
+
 def test_signed_limit_saturates_outliers_but_not_sparse_maps() -> None:
     m = np.ones(1000)
     m[0] = 1e6  # one extreme pixel
