@@ -74,6 +74,14 @@ def _ops_summary(ops: Sequence[str], limit: int = 5) -> str:
     return text + f" → … ({len(ops)} nodes)" if len(ops) > limit else text
 
 
+def _names_summary(names: Sequence[str], limit: int = 2) -> str:
+    """The first ``limit`` tensor names and how many there are: a DenseNet's Concat segment
+    reads 17 tensors, which made every row of the table a screen and a half wide (``--json``
+    lists them all)."""
+    text = ", ".join(names[:limit])
+    return text + f", … ({len(names)} tensors)" if len(names) > limit else text
+
+
 def _describe_text(info: Mapping[str, Any]) -> str:
     inp, out = info["input"], info["output"]
     producer = f"made by {info['producer']}, " if info["producer"] else ""
@@ -108,8 +116,8 @@ def _describe_text(info: Mapping[str, Any]) -> str:
     segs = info["segments"]
     lines.append(f"Segments: {len(segs)} (the affine pieces between gates, after folding constants and BatchNorm)")
     lines += _table(["#", "ops", "inputs", "outputs", "parameters"],
-                    [[s["index"], _ops_summary(s["op_types"]), ", ".join(s["inputs"]),
-                      ", ".join(s["outputs"]), f"{s['parameters']:,}"] for s in segs])
+                    [[s["index"], _ops_summary(s["op_types"]), _names_summary(s["inputs"]),
+                      _names_summary(s["outputs"]), f"{s['parameters']:,}"] for s in segs])
     lines.append("")
     lines.append(f"Parameters  {info['parameters']:,} on the explained path")
     return "\n".join(lines)

@@ -59,6 +59,30 @@ def test_inspect_text_cnn() -> None:
     assert "Parameters  2,276" in text
 
 
+def test_inspect_text_names_a_wide_segments_first_tensors_and_counts_them(tmp_path: Path) -> None:
+    """A segment that reads many tensors (a DenseNet's Concat) lists its first two and their
+    count in the text table, whose rows stay readable; the JSON lists every one."""
+    branches = 7
+    nodes, inits = [], []
+    for i in range(branches):
+        inits.append(numpy_helper.from_array(np.full((3, 2), 0.1 * (i + 1), np.float32), f"w{i}"))
+        nodes += [helper.make_node("Gemm", ["x", f"w{i}"], [f"branch_number_{i}_pre"], transB=1),
+                  helper.make_node("Relu", [f"branch_number_{i}_pre"], [f"branch_number_{i}_out"])]
+    inits.append(numpy_helper.from_array(np.ones((2, 3 * branches), np.float32), "wo"))
+    nodes += [helper.make_node("Concat", [f"branch_number_{i}_out" for i in range(branches)], ["cat"], axis=1),
+              helper.make_node("Gemm", ["cat", "wo"], ["y"], transB=1)]
+    path = tmp_path / "wide.onnx"
+    onnx.save(make_model(nodes, inits), str(path))
+    result = invoke("inspect", path)
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.stdout.splitlines() if "Concat" in line)
+    assert "branch_number_0_out, branch_number_1_out, … (7 tensors)" in row
+    assert "branch_number_2_out" not in result.stdout.split("Segments:")[1]
+    assert max(len(line) for line in result.stdout.splitlines()) < 160
+    info = json.loads(invoke("inspect", path, "--json").stdout)
+    assert max(len(seg["inputs"]) for seg in info["segments"]) == branches
+
+
 def test_inspect_json_mlp() -> None:
     result = invoke("inspect", SAMPLES / "mlp.onnx", "--json")
     assert result.exit_code == 0, result.output
