@@ -22,6 +22,9 @@ environment the script was started with, as a user's process would:
   batch plus K rows per sample of onnxruntime's own backward (``graphsweep.AdjointGraph``: the
   adjoint graph of every op from the scores down to the lowest gate layer, no selection; timed
   on min(K, 10) rows of one sample per round and scaled);
+* ``curves``   — ``evaluate``'s insertion and deletion curves of one attribution (default step:
+  one image row, so 2 × (224 + 1) points a sample) ÷ onnxruntime running as many rows through a
+  plain session of the file, in the same chunks: what the curves cost beyond their forward passes;
 * ``rss``      — peak RSS (VmHWM) of ours and Captum (default and lean) for IG-32, each in its own
   subprocess;
 * ``cli``      — a warm ``python -m onnx_pathwise explain`` ÷ the same explanation through the API,
@@ -46,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import resource
 import statistics
@@ -332,6 +336,32 @@ def devices(path: str, x: np.ndarray, repeat: int) -> dict[str, Any]:
     return out
 
 
+def curves_ratio(ex: Explainer, x: np.ndarray, path: str, repeat: int) -> float:
+    """`evaluate`'s insertion and deletion curves (of the gradient, default step: one image row)
+    ÷ onnxruntime running as many rows through a plain session, in the curves' chunks."""
+    from onnx_pathwise import metrics
+
+    attribution = ex.attribute(x, "gradient").attribution
+    size = int(np.prod(x.shape[1:]))
+    points = math.ceil(size // x.shape[1] / metrics.default_step(x.shape[1:])) + 1
+    rows = 2 * points * x.shape[0]
+    chunk = max(1, metrics.MAX_CURVE_ELEMENTS // size)
+    plain = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    name_in = plain.get_inputs()[0].name
+    batch = np.repeat(x[:1], chunk, axis=0)
+
+    def reference() -> None:
+        for start in range(0, rows, chunk):
+            plain.run(None, {name_in: batch[: min(chunk, rows - start)]})
+
+    def curves() -> None:
+        metrics.insertion(ex, x, attribution)
+        metrics.deletion(ex, x, attribution)
+
+    o, r = _median_pair(curves, reference, repeat)
+    return o / r
+
+
 def measure(ex: Explainer, model: torch.nn.Module, x: np.ndarray, path: str, name: str, K: int, repeat: int,
             what: set[str], tmp: Path, budget: str = "8G") -> dict[str, Any]:
     """One row of the table: the chosen comparisons for one model, head and batch."""
@@ -364,6 +394,8 @@ def measure(ex: Explainer, model: torch.nn.Module, x: np.ndarray, path: str, nam
         row["pathwise_s"] = o
         # the second limit: the forward pass and K rows per sample of onnxruntime's own backward
         row["pathwise_ort_bwd"] = o / (r + a * K * b / min(K, ADJOINT_ROWS))
+    if "curves" in what:
+        row["curves"] = curves_ratio(ex, x, path, repeat)
     if "rss" in what:
         ours = _child_rss(["ours", path, f"{name}:{K}", str(b)])
         ref = _child_rss(["ref", path, f"{name}:{K}", str(b)])
@@ -424,7 +456,7 @@ def main() -> None:
     print(f"\nmachine: {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, tiered loops: {a.kernels}")
     if {"ig32", "rss"} & set(a.what.split(",")):
         print(f"IG-32 reference: {_ig_reference()}")
-    cols = [c for c in ("grad", "unwrap", "ig32", "ig32_lean", "pathwise", "pathwise_ort_bwd", "pathwise_s",
+    cols = [c for c in ("grad", "unwrap", "ig32", "ig32_lean", "pathwise", "pathwise_ort_bwd", "pathwise_s", "curves",
                         "rss_ig32", "rss_ig32_lean")
             if any(c in r for r in rows)]
     print("| model | K | batch | " + " | ".join(cols) + " |")
