@@ -148,7 +148,8 @@ def _curve(
         raise PathwiseError(f"step {step!r}: must be a positive integer")
     step = int(step)
     if target is None:
-        target = resolve_targets(None, explainer.scores(x))
+        # the record's scores, as the attribution methods pick their default target from
+        target = resolve_targets(None, explainer.record(x).scores)
     tgt = resolve_targets(target, np.zeros((N, explainer.num_classes)))
     order = pixel_order(attribution, channel_axis)
     rank = np.empty_like(order)

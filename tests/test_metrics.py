@@ -136,8 +136,8 @@ def test_curves_run_plain_forward_passes(monkeypatch):
         raise AssertionError("a curve recorded the gates")
 
     monkeypatch.setattr("onnx_pathwise.sweep.record_rows", no_record)
-    for kind in ("insertion", "deletion"):
-        assert np.isfinite(getattr(M, kind)(ex, x, attribution, step=3).auc).all()
+    for kind in ("insertion", "deletion"):  # (without a target, one record picks it)
+        assert np.isfinite(getattr(M, kind)(ex, x, attribution, target=[0, 1], step=3).auc).all()
 
 
 def test_other_metrics_and_evaluate():
