@@ -379,7 +379,7 @@ def _run_method(explainer: Explainer, xb: Array, rec: Any, tgt: Array, name: str
         metrics["completeness_delta"] = _summary(explainer.unwrap(xb, record=rec).delta)
     if name == "integrated_gradients":
         x0 = baselines._baseline(explainer, xb, opts.get("baseline", "zeros"))
-        y0 = target_scores(explainer.scores(x0), tgt).astype(np.float64)
+        y0 = target_scores(explainer.record(x0).scores, tgt).astype(np.float64)  # as y(x): a record's
         total = attribution.reshape(n, -1).astype(np.float64).sum(axis=1)
         metrics["completeness_delta"] = _summary(np.abs(total - (target_scores(rec.scores, tgt) - y0)))
     ins = insertion(explainer, xb, attribution, tgt, step, channel_axis)
