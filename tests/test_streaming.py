@@ -170,7 +170,8 @@ print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 def peak_rss_kb(tmp: Path, n: int, *extra: str) -> int:
     """Peak RSS of `explain` over ``n`` tiny images (a list file naming 8 PNGs over and over:
     each sample's input, weight and attribution take ~10 kB, so holding them all would show),
-    in a fresh process."""
+    in a fresh process. Both sizes run the compiled loops from the start: with the default
+    tiers a long run loads numba part-way (about 100 MiB more) and a short one never does."""
     from data_helpers import conv_model
     from PIL import Image
 
@@ -183,7 +184,8 @@ def peak_rss_kb(tmp: Path, n: int, *extra: str) -> int:
     model = conv_model(folder / "m.onnx", size=16)
     res = subprocess.run([sys.executable, "-c", RSS_SCRIPT, "explain", str(model), str(folder / "list.txt"), "--out",
                           str(folder / "out"), "--device", "cpu", "--no-png", "--preprocess", "unit", "--batch-size", "64", *extra],
-                         cwd=ROOT, capture_output=True, text=True, timeout=1200)
+                         cwd=ROOT, capture_output=True, text=True, timeout=1200,
+                         env={**os.environ, "ONNX_PATHWISE_KERNELS": "compiled"})
     assert res.returncode == 0, res.stderr
     assert json.loads((folder / "out" / "index.json").read_text())["count"] == n
     return int(res.stdout.split("PEAK_KB")[-1])
