@@ -116,8 +116,8 @@ class Explainer:
 
     @limits.reused_heap()
     def scores(self, x: Any) -> np.ndarray:
-        """The explained output of each sample, (N, K): a plain forward pass, which records
-        no gate (:meth:`onnx_pathwise.sweep.Sweep.scores`)."""
+        """The explained output of each sample, (N, K): the record's forward pass without the
+        gate states (:meth:`onnx_pathwise.sweep.Sweep.scores`); the same bits as ``record(x).scores``."""
         return self.sweep.scores(x)
 
     @limits.reused_heap()

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 Array = np.ndarray
 
-#: Input elements (curve points × sample size) recorded at once, at most.
+#: Input elements (curve points × sample size) scored at once, at most.
 MAX_CURVE_ELEMENTS = 8_000_000
 
 
@@ -148,8 +148,7 @@ def _curve(
         raise PathwiseError(f"step {step!r}: must be a positive integer")
     step = int(step)
     if target is None:
-        # the record's scores, as the attribution methods pick their default target from
-        target = resolve_targets(None, explainer.record(x).scores)
+        target = resolve_targets(None, explainer.scores(x))
     tgt = resolve_targets(target, np.zeros((N, explainer.num_classes)))
     order = pixel_order(attribution, channel_axis)
     rank = np.empty_like(order)
@@ -183,7 +182,10 @@ def _curve(
         ii, jj = rows_i[s : s + chunk], rows_j[s : s + chunk]
         mask = rank[ii] < changed[jj][:, None]  # (r, P)
         batch = np.where(mask[..., None], fp[ii], sp[ii])
-        scores[s : s + chunk] = target_probability(explainer.scores(from_pixels(batch)), tgt[ii])
+        # the record session's arena is kept between chunks and given back after the last
+        last = s + chunk >= N * n
+        out = explainer.sweep.scores(from_pixels(batch), shrink=last)
+        scores[s : s + chunk] = target_probability(out, tgt[ii])
     return Curve(kind, scores.reshape(N, n), changed, order)
 
 
@@ -346,7 +348,7 @@ def evaluate(
         result["samples"]["certified_radius_linf"] = _summary(radius.linf)
     else:
         result["skipped"].append(f"certified radius: input has {D} elements > max_input_size {max_input_size}")
-    inner = explainer.progress  # a sweep's own bar cannot show inside this one (rich: one live display)
+    inner = explainer.progress  # a sweep's own bar would be drawn over this one: off meanwhile
     explainer.progress = inner and not progress
     try:
         with progress_bar(progress, len(runs), f"evaluating {len(runs)} method run(s) on {xb.shape[0]} sample(s)") \
@@ -379,7 +381,7 @@ def _run_method(explainer: Explainer, xb: Array, rec: Any, tgt: Array, name: str
         metrics["completeness_delta"] = _summary(explainer.unwrap(xb, record=rec).delta)
     if name == "integrated_gradients":
         x0 = baselines._baseline(explainer, xb, opts.get("baseline", "zeros"))
-        y0 = target_scores(explainer.record(x0).scores, tgt).astype(np.float64)  # as y(x): a record's
+        y0 = target_scores(explainer.scores(x0), tgt).astype(np.float64)
         total = attribution.reshape(n, -1).astype(np.float64).sum(axis=1)
         metrics["completeness_delta"] = _summary(np.abs(total - (target_scores(rec.scores, tgt) - y0)))
     ins = insertion(explainer, xb, attribution, tgt, step, channel_axis)

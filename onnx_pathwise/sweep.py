@@ -127,8 +127,7 @@ class Sweep:
         self.device = device
         self.kernels = runtime.OpKernels(self.device)
         self.engine = Engine(self.ir, kernels=self.kernels)
-        #: the forward-record sessions by ``preactivations``, and (key None) the scores-only one
-        self._recorders: dict[bool | None, runtime.Recorder] = {}
+        self._recorders: dict[bool, runtime.Recorder] = {}
         self._selection: dict[tuple[tuple[str, int], ...], graphsweep.SelectionGraph | None] = {}
         #: why the last selection graph asked for could not be built ("" when it could)
         self.selection_problem = ""
@@ -180,25 +179,24 @@ class Sweep:
             raise InputError(f"{name}: {bad} value(s) are NaN or infinite")
         return np.ascontiguousarray(x, dtype=self.ir.input_dtype)
 
-    def recorder_for(self, preactivations: bool | None = False) -> runtime.Recorder:
+    def recorder_for(self, preactivations: bool = False) -> runtime.Recorder:
         """The cached session recording the gates' outputs (their inputs too with
-        ``preactivations``), or with None the scores alone."""
+        ``preactivations``) and the scores."""
         rec = self._recorders.get(preactivations)
         if rec is None:
-            names = ([self.ir.output_name] if preactivations is None
-                     else self.engine.recorded_tensors(preactivations))
-            rec = runtime.Recorder(self.proto, self.ir.input_name, names, self.device,
-                                   self.ir.fixed_batch or int(self.ir.batch_fixed), self.initializers)
+            rec = runtime.Recorder(self.proto, self.ir.input_name, self.engine.recorded_tensors(preactivations),
+                                   self.device, self.ir.fixed_batch or int(self.ir.batch_fixed), self.initializers)
             self._recorders[preactivations] = rec
         return rec
 
-    def scores(self, x: Any) -> np.ndarray:
-        """The explained output of each sample, (N, K), from a forward pass that records nothing
-        else: onnxruntime fuses and reuses memory as in a plain run, and no gate state is built
-        (for the metrics' curves, thousands of inputs; the scores' last bits may differ from a
-        record's, whose session keeps every gate's output)."""
+    def scores(self, x: Any, shrink: bool = True) -> np.ndarray:
+        """The explained output of each sample, (N, K): the forward record's pass, of which
+        only the scores are copied out and checked, and no gate state is built (for the
+        metrics' curves, thousands of inputs: the states were a third of their time). The same
+        session as :meth:`record`, so the same bits and no second copy of the model's sessions
+        (:meth:`runtime.Recorder.run` for ``shrink``)."""
         x = self.check_input(x)
-        values = self.recorder_for(None).run(x)
+        values = self.recorder_for().run(x, [self.ir.output_name], shrink=shrink)
         _refuse_nonfinite(values)
         return np.asarray(values[self.ir.output_name]).reshape(x.shape[0], -1)
 

@@ -126,8 +126,8 @@ def test_curves_match_loop_over_onnxruntime(model, step):
 
 
 def test_curves_run_plain_forward_passes(monkeypatch):
-    """A curve's points need the scores only: no gate is recorded for them (ResNet-18 at 224²:
-    the records' gate states were a third of `evaluate`'s time)."""
+    """A curve's points need the scores only: no gate state is built for them (ResNet-18 at
+    224²: the records' gate states were a third of `evaluate`'s time)."""
     ex = Explainer(tiny_cnn(), device="cpu")
     x = np.random.default_rng(5).normal(size=(2, 1, 4, 4)).astype(np.float32)
     attribution = np.random.default_rng(6).normal(size=x.shape)
@@ -136,8 +136,8 @@ def test_curves_run_plain_forward_passes(monkeypatch):
         raise AssertionError("a curve recorded the gates")
 
     monkeypatch.setattr("onnx_pathwise.sweep.record_rows", no_record)
-    for kind in ("insertion", "deletion"):  # (without a target, one record picks it)
-        assert np.isfinite(getattr(M, kind)(ex, x, attribution, target=[0, 1], step=3).auc).all()
+    for kind in ("insertion", "deletion"):
+        assert np.isfinite(getattr(M, kind)(ex, x, attribution, step=3).auc).all()
 
 
 def test_other_metrics_and_evaluate():
