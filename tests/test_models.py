@@ -263,6 +263,38 @@ def test_unwrap_reproduces_onnxruntime_and_jacobian(models: Zoo, name: str) -> N
     assert rel_err(res.weight, ref_jac) < TOL, f"W differs from the Jacobian by {rel_err(res.weight, ref_jac):.2e}"
 
 
+@pytest.mark.parametrize("name", ["cnn", "residual", "fixed_batch", "sklearn_mlp"])
+def test_completeness_delta_without_w_sweeps_the_rows_asked_for(models: Zoo, name: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """`unwrap.delta` (the audit's completeness check) is exact to round-off like unwrap's own,
+    and sweeps every class, or each sample's top N: a bias made wrong on one class shows in
+    the delta of exactly the samples whose rows include that class."""
+    from onnx_pathwise import unwrap as unwrap_mod
+
+    ex = models.explainer(name)
+    x = sample(name, seed=2)
+    d, scores = unwrap_mod.delta(ex.sweep, x)
+    np.testing.assert_array_equal(scores, ex.record(x).scores)
+    assert d.shape == (N,) and np.all(d < TOL * max(1.0, np.abs(scores).max()))
+    K = scores.shape[1]
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :2]
+    # a class in some samples' top 2 and not in others', else in none (or, at K = 2, in all)
+    counts = [sum(c in t for t in top.tolist()) for c in range(K)]
+    bad = next((c for c in range(K) if 0 < counts[c] < N), counts.index(min(counts)))
+    real = ex.engine.backward
+
+    def wrong_bias(seeds, record, *args, **kwargs):
+        w, b = real(seeds, record, *args, **kwargs)
+        rows = next(iter(seeds.values())).reshape(len(b), -1, K)[:, 0].argmax(axis=1)
+        return w, b + (rows == bad)[:, None]
+
+    monkeypatch.setattr(ex.engine, "backward", wrong_bias)
+    every, _ = unwrap_mod.delta(ex.sweep, x)
+    np.testing.assert_allclose(every, 1.0, atol=1e-3)
+    some, _ = unwrap_mod.delta(ex.sweep, x, classes=2)
+    np.testing.assert_allclose(some, [1.0 if bad in t else 0.0 for t in top.tolist()], atol=1e-3)
+
+
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_batch_equals_per_sample(models: Zoo, name: str) -> None:
     ex = models.explainer(name)

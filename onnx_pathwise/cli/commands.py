@@ -399,6 +399,7 @@ def audit(
         show_default=False)] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to write the report (default: stdout).",
                                              show_default=False)] = None,
+    classes: ClassesOpt = None,
     device: DeviceOpt = Device.auto,
     force: ForceOpt = False,
     data: _DataOptions = NO_DATA_OPTIONS,  # the data options, packed by @data_options
@@ -420,7 +421,7 @@ def audit(
     if inputs is not None:
         x = _read_inputs(inputs, model, data)
     result = run_audit(model, inputs=x, max_delta=max_delta, device=_resolve_device(device), width=width,
-                       inputs_name=str(inputs))
+                       inputs_name=str(inputs), classes=classes)
     text = result.to_text()
     machine = None
     if report is ReportFormat.json:
@@ -457,6 +458,7 @@ def diff(
         "--max-changes", help="Fail when more predictions than this change", low=0)] = None,
     width: WidthOpt = None,
     depth: DepthOpt = None,
+    classes: ClassesOpt = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the full report as JSON here.",
                                                   show_default=False)] = None,
     report_format: Annotated[PageFormat | None, typer.Option(
@@ -484,7 +486,7 @@ def diff(
     x = _read_inputs(inputs, old, data)
     result = run_diff(old, new, x, width=width, depth=depth, device=_resolve_device(device),
                       min_correlation=fail_below, min_jaccard=min_overlap, max_prediction_changes=max_changes,
-                      inputs_name=str(inputs))
+                      inputs_name=str(inputs), classes=classes)
     if json_out is not None:
         _write_json(json_out, result.to_json(), force)
     if out is not None:

@@ -393,8 +393,10 @@ def audit_page(
         f"<tr><td>{_badge(c.status)}</td><td>{_e(c.name)}</td><td>{_e(c.detail)}</td>"
         f'<td class="num">{c.seconds:.3f}</td></tr>' for c in report.checks)
     failed = sum(c.status == "fail" for c in report.checks)
+    classes = getattr(report, "options", {}).get("classes", "all")
     verdict = (f'<p class="verdict">{_badge("pass" if report.passed else "fail")} '
-               f"{len(report.checks) - failed} of {len(report.checks)} checks passed or skipped</p>")
+               f"{len(report.checks) - failed} of {len(report.checks)} checks passed or skipped"
+               + (f"; pathwise with {_e(classes)} competing classes" if classes != "all" else "") + "</p>")
     checks = (f'<section id="checks"><h2>Checks</h2>{verdict}<table><thead><tr><th>status</th><th>check</th>'
               f"<th>detail</th><th>seconds</th></tr></thead><tbody>{rows}</tbody></table></section>")
     return _page("onnx-pathwise audit", f"{report.model} · {'PASSED' if report.passed else 'FAILED'}",
@@ -417,7 +419,8 @@ def diff_page(
     pairs = [("old model", report.old), ("new model", report.new),
              ("predictions changed", f"{report.prediction_changes} of {n}"),
              ("attribution correlation (mean)", _num(report.mean_correlation)),
-             ("path overlap (mean Jaccard)", _num(report.mean_jaccard))]
+             ("path overlap (mean Jaccard)", _num(report.mean_jaccard)),
+             ("competing classes", str(getattr(report, "classes", "all")))]
     layers = (_table(["gate layer", "mean Jaccard"], [[k, _num(v)] for k, v in report.layers.items()], numeric=(1,))
               if report.layers else '<p class="muted">No gate layer matches by name and shape.</p>')
     rows, classes = [], []
