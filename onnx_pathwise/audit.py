@@ -41,7 +41,7 @@ class Check:
 class AuditReport:
     model: str
     checks: list[Check]
-    #: the explanations' options (``width``, ``classes``: None or "all" is every class)
+    #: the explanations' options: ``width`` (None: the default) and ``classes`` ("all" or N)
     options: dict[str, Any] = field(default_factory=dict)
 
     @property
