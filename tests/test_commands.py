@@ -166,6 +166,15 @@ def test_decompose_channels_image(tmp_path: Path, cnn: Explainer) -> None:
         assert all(set(p) == {"channel", "score", "active"} for p in s["parts"])
 
 
+def test_decompose_figure_names_a_unit_by_channel_and_position() -> None:
+    from onnx_pathwise.cli.commands import _part_name
+
+    assert _part_name("unit", 15432, (512, 7, 7)) == "unit 15432 (c 314, 6, 4)"
+    assert 15432 == 314 * 49 + 6 * 7 + 4
+    assert _part_name("channel", 3, (16, 8, 8)) == "channel 3"
+    assert _part_name("unit", 5, (24,)) == "unit 5"
+
+
 def test_decompose_units_tabular(tmp_path: Path) -> None:
     out = tmp_path / "dec"
     run("decompose", MLP, MLP_X, "--out", out, "--top", "2", "--layer", MLP_GATES[0], "--device", "cpu")

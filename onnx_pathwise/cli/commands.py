@@ -283,12 +283,24 @@ def decompose(
               "classes": ncls if ncls is not None else "all", "samples": samples}
     pngs = {}
     if png and plots.is_image(ex.input_shape):
+        shape = next(g.shape for g in ex.gate_layers if g.name == d.layer)
         for i in range(x.shape[0]):
-            labels = [f"{group} {int(d.part_index[i, j])}: {d.part_score[i, j]:.3g}" for j in range(d.parts.shape[1])]
+            labels = [f"{_part_name(group, int(d.part_index[i, j]), shape)}: {d.part_score[i, j]:.3g}"
+                      for j in range(d.parts.shape[1])]
             pngs[f"sample_{i}.png"] = plots.parts_grid(x[i], d.attribution[i], d.parts[i], labels)
     written = _write_dir(out, {"decomposition.npz": arrays}, {"decomposition.json": report}, pngs, force)
     _out(f"wrote {len(written)} file(s) to {out}: {x.shape[0]} sample(s), layer {d.layer!r}, "
                f"max |parts + rest + bypass - attribution| {float(d.delta.max()):.2g}")
+
+
+def _part_name(group: str, index: int, shape: tuple[int, ...]) -> str:
+    """A part's panel title: a unit of a layer with channels and positions also by where it
+    sits, since its flat index alone says little on a figure ("unit 15432 (c 314, 6, 4)" in a
+    512 × 7 × 7 layer)."""
+    if group != "unit" or len(shape) < 2:
+        return f"{group} {index}"
+    where = np.unravel_index(index, shape)
+    return f"unit {index} (c {int(where[0])}, {', '.join(str(int(v)) for v in where[1:])})"
 
 
 # --------------------------------------------------------------------------- evaluate
