@@ -60,11 +60,19 @@ def unwrap(sweep: Sweep, x: Any, record: Record | None = None) -> UnwrapResult:
             bs.append(b)
         W = np.concatenate(ws).swapaxes(0, 1)  # (n, K, *in)
         b = np.concatenate(bs).T.astype(np.float64)
-        fx = np.einsum("nkd,nd->nk", W.reshape(n, K, -1).astype(np.float64),
-                       rec.x.reshape(n, -1).astype(np.float64)) + b
-    refuse_overflow("the local affine model", W, fx)
-    delta = np.abs(fx - rec.scores).max(axis=1)
-    return UnwrapResult(W, b.astype(W.dtype), rec.scores, delta)
+    return UnwrapResult(W, b.astype(W.dtype), rec.scores, _residual(W, b, rec.x, rec.scores))
+
+
+def _residual(w: np.ndarray, b: np.ndarray, x: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """The completeness delta of rows of the local affine model: max |W x + b − scores| of each
+    sample over its rows (w (n, k, *in), b and scores (n, k)), in float64. An overflow of W or
+    of W x + b is refused."""
+    n, k = b.shape
+    with np.errstate(over="ignore", invalid="ignore"):  # refused below, not warned
+        fx = np.einsum("nkd,nd->nk", w.reshape(n, k, -1).astype(np.float64),
+                       x.reshape(n, -1).astype(np.float64)) + b.astype(np.float64)
+    refuse_overflow("the local affine model", w, fx)
+    return np.abs(fx - scores).max(axis=1)  # type: ignore[no-any-return]
 
 
 def delta(sweep: Sweep, x: Any, classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -81,11 +89,9 @@ def delta(sweep: Sweep, x: Any, classes: int | None = None) -> tuple[np.ndarray,
             one = slice_record(rec, i, i + 1)
             rows = (np.arange(K) if classes is None or classes >= K
                     else np.argsort(-rec.scores[i], kind="stable")[:classes])
-            xi = one.x.reshape(-1).astype(np.float64)
             for s in range(0, len(rows), step):
                 chosen = rows[s : s + step]
                 w, b = sweep.engine.backward(sweep.score_seeds(chosen, 1), one)  # (c, 1, *in), (c, 1)
-                fx = w.reshape(len(chosen), -1).astype(np.float64) @ xi + b.reshape(-1).astype(np.float64)
-                refuse_overflow("the local affine model", w, fx)
-                out[i] = max(out[i], float(np.abs(fx - rec.scores[i, chosen]).max()))
+                worst = _residual(w.swapaxes(0, 1), b.T, one.x, rec.scores[i : i + 1, chosen])
+                out[i] = max(out[i], float(worst[0]))
     return out, rec.scores
