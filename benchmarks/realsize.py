@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import resource
 import statistics
@@ -342,10 +341,9 @@ def curves_ratio(ex: Explainer, x: np.ndarray, path: str, repeat: int) -> float:
     from onnx_pathwise import metrics
 
     attribution = ex.attribute(x, "gradient").attribution
-    size = int(np.prod(x.shape[1:]))
-    points = math.ceil(size // x.shape[1] / metrics.default_step(x.shape[1:])) + 1
-    rows = 2 * points * x.shape[0]
-    chunk = max(1, metrics.MAX_CURVE_ELEMENTS // size)
+    # as many rows as the two curves score (their points, from a first run of them)
+    rows = sum(curve(ex, x, attribution).scores.size for curve in (metrics.insertion, metrics.deletion))
+    chunk = max(1, metrics.MAX_CURVE_ELEMENTS // int(np.prod(x.shape[1:])))
     plain = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     name_in = plain.get_inputs()[0].name
     batch = np.repeat(x[:1], chunk, axis=0)
